@@ -1,0 +1,1 @@
+from neurosim.errors import UserError, DataError
