@@ -1,0 +1,245 @@
+"""Circuits: a graph of neuron populations joined by synapses and identity pathways."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn as nn
+
+from neurosim.kinds import Conv2d, Dense
+from neurosim.population import NeuronPopulation
+from neurosim.rules.base import PlasticityRule
+from neurosim.synapse import Synapse
+
+MODES = ("engaged", "sleep", "eval")
+
+
+@attrs.frozen
+class _Step:
+    """One population of the lowered circuit: where its drives come from, what can be freed."""
+
+    target: int
+    population: NeuronPopulation
+    incoming: tuple  # ((synapse or None for identity, source index), ...)
+    free: tuple  # indices of activities no later step reads
+
+
+class Circuit(nn.Module):
+    """A graph of ``NeuronPopulation``s joined by plastic ``Synapse``s and identity pathways.
+
+    Build it in a few lines::
+
+        c = Circuit(rule=KolenPollack(decay=1e-3))
+        c.input("x", 64)
+        c.population("h", 100, activation="relu")
+        c.population("y", 10)
+        c.dense("x", "h"); c.dense("h", "y")
+
+    Calling the circuit runs the *compiled* execution: populations in topological order, each
+    synapse a custom autograd function whose backward applies its rule, so ``loss.backward()``
+    leaves every local update in ``.grad``. ``reference_backward`` runs the same circuit
+    literally instead (see ``neurosim.reference``). Modes: ``engaged`` (learning from data),
+    ``sleep`` (noise-driven feedback learning), ``eval``.
+    """
+
+    def __init__(self, rule: PlasticityRule | None = None, seed: int = 0):
+        super().__init__()
+        self.rule = rule
+        self.populations = nn.ModuleDict()
+        self.synapses = nn.ModuleDict()
+        self.identities: list[tuple[str, str]] = []
+        self.input_name: str | None = None
+        self.output_name: str | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._plan_cache = None
+        self.mode = "engaged"
+
+    # -- building ---------------------------------------------------------------------------
+    def input(self, name: str, shape) -> NeuronPopulation:
+        """The population whose activity is the data."""
+        if self.input_name is not None:
+            raise ValueError(f"circuit already has input population {self.input_name!r}")
+        pop = self.population(name, shape)
+        self.input_name = name
+        return pop
+
+    def population(self, name: str, shape, activation: str = "identity", norm: str | None = None,
+                   pool: str = "none") -> NeuronPopulation:
+        """Add a population; the last one added is the output unless ``output_name`` is set."""
+        if name in self.populations:
+            raise ValueError(f"population {name!r} already exists")
+        if not name or "." in name:
+            raise ValueError(f"population name {name!r} must be non-empty and contain no '.'")
+        pop = NeuronPopulation(name, shape, activation, norm, pool)
+        self.populations[name] = pop
+        self.output_name = name
+        self._plan_cache = None
+        return pop
+
+    def connect(self, pre: str, post: str, kind: Dense | Conv2d, rule: PlasticityRule | None = None,
+                bias: bool = True, init: str = "default", name: str | None = None) -> Synapse:
+        """Add a plastic synapse ``pre → post`` of the given kind under ``rule`` (default: the circuit's)."""
+        rule = rule or self.rule
+        if rule is None:
+            raise ValueError("no plasticity rule: pass rule= to Circuit or to connect")
+        src, dst = self._pop(pre), self._pop(post)
+        dst.drive_shape(kind.out_shape(src.shape))
+        name = name or f"{pre}->{post}"
+        if name in self.synapses:
+            raise ValueError(f"synapse {name!r} already exists")
+        syn = Synapse(name, pre, post, kind, rule, bias, init, self._generator)
+        self.synapses[name] = syn
+        self._plan_cache = None
+        return syn
+
+    def dense(self, pre: str, post: str, **kw) -> Synapse:
+        """A fully connected synapse between two populations (a spatial ``pre`` is flattened)."""
+        return self.connect(pre, post, Dense(self._pop(pre).size, self._pop(post).size), **kw)
+
+    def conv(self, pre: str, post: str, kernel_size: int, stride: int = 1, padding: int = 0,
+             groups: int = 1, **kw) -> Synapse:
+        """A 2-D convolutional synapse; channel counts come from the two populations."""
+        kind = Conv2d(self._pop(pre).shape[0], self._pop(post).shape[0], kernel_size, stride, padding, groups)
+        return self.connect(pre, post, kind, **kw)
+
+    def identity(self, pre: str, post: str) -> None:
+        """A non-plastic pathway that adds ``pre``'s activity to ``post``'s drive (residuals, pooling)."""
+        self._pop(post).drive_shape(self._pop(pre).shape)
+        self.identities.append((pre, post))
+        self._plan_cache = None
+
+    def _pop(self, name: str) -> NeuronPopulation:
+        if name not in self.populations:
+            raise ValueError(f"no population {name!r}; have {list(self.populations)}")
+        return self.populations[name]
+
+    # -- lowering -----------------------------------------------------------------------------
+    def incoming(self, name: str) -> list[tuple[Synapse | None, str]]:
+        """The pathways into a population: ``(synapse, pre)`` pairs, ``None`` for identities."""
+        ins = [(s, s.pre) for s in self.synapses.values() if s.post == name]
+        return ins + [(None, pre) for pre, post in self.identities if post == name]
+
+    def order(self) -> list[str]:
+        """Populations in topological order, input first."""
+        return [self.input_name] + [self._names[s.target] for s in self._plan()]
+
+    def _plan(self) -> list[_Step]:
+        if self._plan_cache is not None:
+            return self._plan_cache
+        if self.input_name is None:
+            raise ValueError("circuit has no input population; add one with circuit.input(name, shape)")
+        names = list(self.populations)
+        index = {n: i for i, n in enumerate(names)}
+        preds = {n: {pre for _, pre in self.incoming(n)} for n in names}
+        for n in names:
+            if n != self.input_name and not preds[n]:
+                raise ValueError(f"population {n!r} receives no pathway")
+        order, done = [], {self.input_name}
+        while len(done) < len(names):
+            ready = [n for n in names if n not in done and preds[n] <= done]
+            if not ready:
+                raise ValueError(f"circuit has a cycle among {sorted(set(names) - done)}")
+            for n in ready:
+                order.append(n)
+                done.add(n)
+        last_use = {}
+        for i, n in enumerate(order):
+            for pre in preds[n]:
+                last_use[pre] = i
+        steps = []
+        for i, n in enumerate(order):
+            free = tuple(index[p] for p, j in last_use.items() if j == i and p != self.output_name)
+            incoming = tuple((s, index[pre]) for s, pre in self.incoming(n))
+            steps.append(_Step(index[n], self.populations[n], incoming, free))
+        self._names = names
+        self._ends = (index[self.input_name], index[self.output_name])
+        self._plan_cache = steps
+        return steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self._plan()
+        first, last = self._ends
+        acts = [None] * len(self.populations)
+        acts[first] = x
+        for step in steps:
+            drive = None
+            for syn, src in step.incoming:
+                d = acts[src] if syn is None else syn(acts[src])
+                drive = d if drive is None else drive + d
+            acts[step.target] = step.population(drive)
+            for f in step.free:
+                acts[f] = None
+        return acts[last]
+
+    # -- modes and phases ---------------------------------------------------------------------
+    def set_mode(self, mode: str) -> "Circuit":
+        """``engaged`` and ``sleep`` keep batch norm in training mode; ``eval`` freezes it."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        self.mode = mode
+        super().train(mode != "eval")
+        return self
+
+    def train(self, mode: bool = True):
+        return self.set_mode("engaged" if mode else "eval")
+
+    def sleeping_synapses(self) -> list[Synapse]:
+        return [s for s in self.synapses.values() if s.rule.sleeps]
+
+    def sleep(self, batch: int, generator: torch.Generator | None = None, literal: bool = False) -> None:
+        """One mirror batch for every synapse whose rule sleeps: writes feedback ``.grad``.
+
+        No data and no forward pass through the circuit: each synapse's presynaptic population
+        fires noise and its feedback weight learns from that noise and the response it drives.
+        """
+        previous, self.mode = self.mode, "sleep"
+        for syn in self.sleeping_synapses():
+            g = syn.sleep_update(self.populations[syn.pre].shape, batch, generator, literal)
+            syn.feedback.grad = g if syn.feedback.grad is None else syn.feedback.grad + g
+        self.mode = previous
+
+    # -- parameters ---------------------------------------------------------------------------
+    def engaged_parameters(self) -> list[nn.Parameter]:
+        """Everything an engaged step updates: forward weights, biases, norms, and feedback
+        weights whose rule learns them from the task (KP)."""
+        params = [p for n, p in self.named_parameters() if not n.endswith(".feedback")]
+        params += [s.feedback for s in self.synapses.values() if s.rule.feedback_learns == "engaged"]
+        return params
+
+    def sleep_parameters(self) -> list[nn.Parameter]:
+        """Feedback weights that learn in sleep (WM)."""
+        return [s.feedback for s in self.sleeping_synapses()]
+
+    # -- inspection ---------------------------------------------------------------------------
+    def plausibility(self) -> dict[str, str]:
+        """What each synapse's feedback path reads from forward weights."""
+        return {n: s.rule.transports for n, s in self.synapses.items()}
+
+    def transports_weights(self) -> bool:
+        return any(t == "weights" for t in self.plausibility().values())
+
+    @torch.no_grad()
+    def alignment_angles(self) -> dict[str, float]:
+        """Angle in degrees between each ``W`` and its feedback matrix ``Bᵀ`` (flattened)."""
+        from neurosim.analysis import angle_deg
+
+        return {n: float(angle_deg(s.weight, s.feedback_matrix())) for n, s in self.synapses.items()}
+
+    def __repr__(self) -> str:
+        lines = [f"Circuit(mode={self.mode!r})", "  populations:"]
+        try:
+            order = self.order()
+        except ValueError:
+            order = list(self.populations)
+        for n in order:
+            p = self.populations[n]
+            tag = " [input]" if n == self.input_name else " [output]" if n == self.output_name else ""
+            lines.append(f"    {p.extra_repr()}{tag}")
+        lines.append("  synapses:")
+        for s in self.synapses.values():
+            lines.append(f"    {s.name}: W{tuple(s.weight.shape)} {s.extra_repr()}")
+        for pre, post in self.identities:
+            lines.append(f"    {pre}->{post}: identity")
+        t = sorted(set(self.plausibility().values()))
+        lines.append(f"  feedback transports: {', '.join(t) if t else 'nothing'}")
+        return "\n".join(lines)

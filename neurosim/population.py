@@ -1,0 +1,78 @@
+"""Neuron populations: where synaptic drives meet, are normalised and pass a nonlinearity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "identity": None,
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+POOLS = ("none", "global_avg")
+
+
+class NeuronPopulation(nn.Module):
+    """A population of neurons with a per-sample ``shape`` (``(n,)`` or ``(C, H, W)``).
+
+    Its activity is ``f(norm(pool(Σ drives)))``: the sum of every incoming pathway's drive,
+    optionally pooled (``global_avg`` turns ``C×H×W`` into ``C``), optionally batch-normalised
+    (population-local state), through the nonlinearity ``activation``. An input population has
+    no incoming pathways; its activity is the data.
+    """
+
+    def __init__(self, name: str, shape, activation: str = "identity", norm: str | None = None,
+                 pool: str = "none"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose from {POOLS}")
+        if norm not in (None, "batch"):
+            raise ValueError(f"unknown norm {norm!r}; choose None or 'batch'")
+        self.name = name
+        self.shape = tuple(int(s) for s in ((shape,) if isinstance(shape, int) else shape))
+        self.activation = activation
+        self.pool = pool
+        self.norm_kind = norm
+        self._act = ACTIVATIONS[activation]
+        channels = self.shape[0]
+        if norm == "batch":
+            self.norm = nn.BatchNorm2d(channels) if len(self.shape) == 3 else nn.BatchNorm1d(channels)
+        else:
+            self.norm = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def drive_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The population's own shape given the shape of the drives it receives (checks them)."""
+        expect = self.shape if self.pool == "none" else None
+        if self.pool == "global_avg":
+            if len(shape) != 3 or shape[0] != self.shape[0] or len(self.shape) != 1:
+                raise ValueError(f"population {self.name!r} pools {shape} to {self.shape}: channels must match")
+            return self.shape
+        if tuple(shape) != expect:
+            raise ValueError(f"population {self.name!r} has shape {self.shape} but receives drive of shape {shape}")
+        return self.shape
+
+    def forward(self, drive: torch.Tensor) -> torch.Tensor:
+        if self.pool == "global_avg":
+            drive = drive.mean((2, 3))
+        if self.norm is not None:
+            drive = self.norm(drive)
+        return drive if self._act is None else self._act(drive)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.name!r}", f"shape={self.shape}", self.activation]
+        if self.pool != "none":
+            parts.append(f"pool={self.pool}")
+        if self.norm is not None:
+            parts.append("batchnorm")
+        return ", ".join(parts)

@@ -1,0 +1,89 @@
+"""What every plasticity rule is written against: the signals present at one synapse."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+
+@attrs.define
+class LocalSignals:
+    """The signals at one synapse, as the matrix being updated sees them.
+
+    ``pre`` is the presynaptic activity (or sleep noise), ``post`` the postsynaptic error (or the
+    response the noise drives), ``own`` the weight being updated (``W`` for the forward synapse,
+    the feedback weight for the feedback synapse) — nothing else. A feedback update therefore
+    cannot read ``W``: it is not among its signals.
+
+    ``product()`` is the Hebbian correlation ``Σ post ⊗ pre`` in the layout of ``W``. In the
+    compiled execution it arrives already formed (by the same backward call that forms the
+    feedback drive) and is shared by every update that needs it; in the reference execution it
+    is recomputed literally on every call, so each update is visibly built from its own signals.
+    """
+
+    kind: object
+    pre: torch.Tensor
+    post: torch.Tensor
+    own: torch.Tensor | None
+    formed: torch.Tensor | None = None
+
+    def product(self) -> torch.Tensor:
+        if self.formed is not None:
+            return self.formed
+        return self.kind.ref_product(self.post, self.pre)
+
+    def mean_product(self) -> torch.Tensor:
+        """The correlation averaged over co-activation events (batch × positions)."""
+        return self.product() / self.kind.events(self.pre)
+
+
+@attrs.frozen
+class PlasticityRule:
+    """Base of the rules: which matrix carries feedback, and the local updates of W and B.
+
+    Updates are returned as gradients in the optimizer's convention (``p ← p − lr·grad``), so any
+    ``torch.optim`` optimizer applies them. ``transports`` says what the feedback path reads from
+    the forward weights: ``"weights"`` (not biologically plausible), ``"signs"``, or ``"nothing"``.
+    """
+
+    name: ClassVar[str] = "rule"
+    transports: ClassVar[str] = "nothing"
+    # When the feedback weight learns: None (never, or has none), "engaged" or "sleep".
+    feedback_learns: ClassVar[str | None] = None
+
+    def init_feedback(self, w: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor | None:
+        """The synapse's feedback state at construction (None when the rule keeps none)."""
+        return None
+
+    def feedback_matrix(self, w: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
+        """The matrix (in ``W``'s layout) through which post errors reach presynaptic neurons."""
+        raise NotImplementedError
+
+    def forward_update(self, s: LocalSignals) -> torch.Tensor:
+        """Gradient for ``W`` from the forward synapse's local signals; default: ``δ_y ⊗ x``."""
+        return s.product()
+
+    def feedback_update(self, s: LocalSignals) -> torch.Tensor | None:
+        """Gradient for the feedback weight in an engaged step (None: it does not learn then)."""
+        return None
+
+    def sleep_update(self, s: LocalSignals) -> torch.Tensor | None:
+        """Gradient for the feedback weight in a sleep step (None: the rule does not sleep)."""
+        return None
+
+    @property
+    def sleeps(self) -> bool:
+        return self.feedback_learns == "sleep"
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{a.name}={getattr(self, a.name)!r}" for a in attrs.fields(type(self)))
+        return f"{type(self).__name__}({fields})"
+
+
+def random_feedback(w: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor:
+    """A feedback weight drawn independently of ``W`` from the same distribution."""
+    b = torch.empty_like(w)
+    init(b, generator)
+    return b

@@ -1,0 +1,20 @@
+"""Feedback alignment (Lillicrap et al. 2016): a fixed random feedback matrix."""
+
+from typing import ClassVar
+
+import attrs
+
+from neurosim.rules.base import PlasticityRule, random_feedback
+
+
+@attrs.frozen
+class FeedbackAlignment(PlasticityRule):
+    """Errors return through a random ``B`` drawn at construction (seeded) that never changes."""
+
+    name: ClassVar[str] = "fa"
+
+    def init_feedback(self, w, init, generator):
+        return random_feedback(w, init, generator)
+
+    def feedback_matrix(self, w, feedback):
+        return feedback

@@ -1,0 +1,36 @@
+"""Kolen-Pollack: forward and feedback synapses learn from the same local product and decay."""
+
+from typing import ClassVar
+
+import attrs
+
+from neurosim.rules.base import PlasticityRule, random_feedback
+
+
+@attrs.frozen
+class KolenPollack(PlasticityRule):
+    """``ΔW = −η δ_y xᵀ − λW`` at the forward synapse, ``ΔB = −η x δ_yᵀ − λB`` at the feedback one.
+
+    Each synapse multiplies the two signals present at it: the forward synapse its input ``x``
+    and its postsynaptic error ``δ_y``; the feedback synapse its input ``δ_y`` and the activity
+    ``x`` of the neuron it returns to. Neither reads the other's weight; ``W`` and ``B`` start as
+    independent draws. Because both see the same product and the same decay (and the optimizer
+    treats them alike), ``W − Bᵀ`` shrinks by ``(1 − ηλ)`` every step and ``B`` comes to mirror
+    ``W``. An optimizer's own weight decay, applied to both, adds to ``decay``.
+    """
+
+    name: ClassVar[str] = "kp"
+    feedback_learns: ClassVar[str] = "engaged"
+    decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+
+    def init_feedback(self, w, init, generator):
+        return random_feedback(w, init, generator)
+
+    def feedback_matrix(self, w, feedback):
+        return feedback
+
+    def forward_update(self, s):
+        return s.product() if self.decay == 0 else s.product() + self.decay * s.own
+
+    # The feedback synapse obeys the same law, applied to its own signals and its own weight.
+    feedback_update = forward_update

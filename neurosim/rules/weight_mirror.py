@@ -1,0 +1,70 @@
+"""Weight mirror (Akrout et al. 2019): feedback weights learn in a sleep phase driven by noise."""
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from neurosim.rules.base import PlasticityRule, random_feedback
+
+
+@attrs.frozen
+class SleepSchedule:
+    """When the circuit sleeps: ``before`` mirror batches before training, then ``batches``
+    mirror batches after every ``every`` engaged steps."""
+
+    before: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+
+    def due(self, step: int) -> int:
+        """How many mirror batches follow engaged step number ``step`` (counted from 1)."""
+        return self.batches if step % self.every == 0 else 0
+
+
+@attrs.frozen
+class WeightMirror(PlasticityRule):
+    """Engaged: errors return through ``B``; ``B`` is untouched. Sleep: every synapse's
+    presynaptic neurons fire zero-mean noise ``ξ`` (std ``sigma``), the forward weights drive a
+    response ``r = f(Wξ)``, and the feedback synapse learns Hebbian-ly from the two signals at it:
+
+        ``ΔB = η_m (⟨ξ rᵀ⟩ / σ²  −  decay · B)``
+
+    with ``⟨·⟩`` the mean over the batch's co-activations. Since ``E[ξ (Wξ)ᵀ] = σ² Wᵀ`` the
+    expected update is ``η_m (Wᵀ − decay·B)``: ``B`` turns toward ``Wᵀ``.
+
+    Size control: the decay. It bounds ``B`` at the fixed point ``B* = f'(0)·Wᵀ / decay`` for any
+    ``W``, and with the default ``decay = 1`` and a linear response ``B`` converges to ``Wᵀ``
+    itself in size as well as direction — so errors keep their scale through deep circuits.
+    Dividing by ``σ²`` uses only the known variance of the noise source, not ``W``.
+    ``response = "sigmoid"`` passes ``Wξ`` through a sigmoid, as in the authors' NumPy code.
+    """
+
+    name: ClassVar[str] = "wm"
+    feedback_learns: ClassVar[str] = "sleep"
+    sigma: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
+    noise: str = attrs.field(default="gaussian", validator=attrs.validators.in_(("gaussian", "uniform")))
+    decay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
+    response: str = attrs.field(default="linear", validator=attrs.validators.in_(("linear", "sigmoid")))
+    schedule: SleepSchedule = attrs.field(factory=SleepSchedule)
+
+    def init_feedback(self, w, init, generator):
+        return random_feedback(w, init, generator)
+
+    def feedback_matrix(self, w, feedback):
+        return feedback
+
+    def draw_noise(self, shape, generator, device, dtype) -> torch.Tensor:
+        """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons."""
+        if self.noise == "gaussian":
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma
+        half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
+        return (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1) * half
+
+    def respond(self, drive: torch.Tensor) -> torch.Tensor:
+        """The postsynaptic response to the noise drive ``Wξ``."""
+        return torch.sigmoid(drive) if self.response == "sigmoid" else drive
+
+    def sleep_update(self, s):
+        hebb = s.mean_product() / self.sigma**2
+        return self.decay * s.own - hebb if self.decay else -hebb

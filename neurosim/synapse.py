@@ -1,0 +1,165 @@
+"""Synapses: plastic pathways from one population to another, and their compiled execution."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from neurosim.kinds import Conv2d, Dense
+from neurosim.rules.base import LocalSignals, PlasticityRule
+
+INITS = ("default", "kaiming_normal", "xavier_sum")
+
+
+def weight_init(name: str, fan_in: int, fan_out: int):
+    """An in-place initialiser ``init(tensor, generator)`` for forward and feedback weights.
+
+    ``default``: PyTorch's ``nn.Linear``/``nn.Conv2d`` draw, U(±1/√fan_in);
+    ``kaiming_normal``: N(0, 2/fan_out), torchvision's ResNet convolutions;
+    ``xavier_sum``: N(0, 1/(fan_in+fan_out)), the weight-mirror authors' MLP.
+    """
+    if name == "default":
+        bound = 1 / math.sqrt(fan_in)
+    elif name == "kaiming_normal":
+        std = math.sqrt(2 / fan_out)
+    elif name == "xavier_sum":
+        std = math.sqrt(1 / (fan_in + fan_out))
+    else:
+        raise ValueError(f"unknown init {name!r}; choose from {INITS}")
+
+    def init(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with torch.no_grad():
+            if name == "default":
+                return t.uniform_(-bound, bound, generator=generator)
+            return t.normal_(0.0, std, generator=generator)
+
+    return init
+
+
+class _SynapseFunction(torch.autograd.Function):
+    """Compiled synapse: forward ``W x + b``; backward sends the post error through the rule's
+    feedback matrix and writes the rule's local updates of ``W`` (and ``B``) as gradients.
+
+    One fused backward call forms the feedback drive, the product ``δ_y ⊗ x`` and the bias sum,
+    exactly the work native autograd does for the layer; every update that needs the product
+    shares that one tensor (KP's ``ΔB`` is not recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, feedback, kind, rule):
+        ctx.save_for_backward(x, w, feedback)
+        ctx.kind, ctx.rule = kind, rule
+        return kind.forward(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, feedback = ctx.saved_tensors
+        kind, rule = ctx.kind, ctx.rule
+        need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
+        need_fb = need_fb and rule.feedback_learns == "engaged"
+        m = rule.feedback_matrix(w, feedback) if need_x else w
+        gx, product, gb = kind.fused_backward(grad_y, x, m, need_x, need_w or need_fb, need_b)
+        gw = rule.forward_update(LocalSignals(kind, x, grad_y, w, product)) if need_w else None
+        gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product)) if need_fb else None
+        if gfb is not None and gw is not None and gfb.data_ptr() == gw.data_ptr():
+            # Two parameters must not share one gradient tensor: accumulation would double up.
+            gfb = gfb.clone()
+        return gx, gw, gb, gfb, None, None
+
+
+def _autocast_dtype(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class Synapse(nn.Module):
+    """A plastic pathway ``pre → post`` with forward weight ``W`` and, where the rule keeps one,
+    a feedback weight (stored in ``W``'s layout, i.e. the design's ``Bᵀ``).
+
+    ``feedback`` is a parameter when the rule learns it (KP in engaged steps, WM in sleep), a
+    buffer when it is fixed (FA's random matrix, SS's scale) and absent for backprop.
+    """
+
+    def __init__(self, name: str, pre: str, post: str, kind: Dense | Conv2d, rule: PlasticityRule,
+                 bias: bool = True, init: str = "default", generator: torch.Generator | None = None):
+        super().__init__()
+        self.name, self.pre, self.post, self.kind, self.rule = name, pre, post, kind, rule
+        self.init_name = init
+        shape = kind.weight_shape()
+        fan_in = kind.fan_in()
+        fan_out = shape[0] * math.prod(shape[2:])
+        init_fn = weight_init(init, fan_in, fan_out)
+        generator = generator or torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(init_fn(torch.empty(shape), generator))
+        if bias:
+            b = torch.zeros(shape[0])
+            if init != "kaiming_normal":  # torchvision's ResNet has no conv biases to copy
+                init_fn(b, generator)
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
+        fb = rule.init_feedback(self.weight.detach(), init_fn, generator)
+        if fb is None:
+            self.register_buffer("feedback", None)
+        elif rule.feedback_learns is not None:
+            self.feedback = nn.Parameter(fb)
+        else:
+            self.register_buffer("feedback", fb)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b, fb = self.weight, self.bias, self.feedback
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is None:
+            return _SynapseFunction.apply(x, w, b, fb, self.kind, self.rule)
+        # Cast as native autocast would (the casts are ordinary autograd ops), then run the
+        # synapse in that precision; gradients flow back to the float32 master weights.
+        with torch.autocast(x.device.type, enabled=False):
+            def cast(t):  # a 0-d gain (sign symmetry's scale) keeps its precision
+                return t if t is None or t.dim() == 0 else t.to(dtype)
+            return _SynapseFunction.apply(cast(x), cast(w), cast(b), cast(fb), self.kind, self.rule)
+
+    def feedback_matrix(self) -> torch.Tensor:
+        """The matrix the feedback path uses now, in ``W``'s layout."""
+        return self.rule.feedback_matrix(self.weight, self.feedback)
+
+    # -- reference execution: literal, synapse by synapse --------------------------------
+    def ref_forward(self, x):
+        return self.kind.ref_forward(x, self.weight, self.bias)
+
+    def ref_feedback(self, post_error, pre_shape):
+        return self.kind.ref_feedback(post_error, self.feedback_matrix(), pre_shape)
+
+    def ref_updates(self, pre, post_error):
+        """The local updates ``(ΔW, Δb, ΔB)`` from this synapse's own signals, formed literally."""
+        gw = self.rule.forward_update(LocalSignals(self.kind, pre, post_error, self.weight))
+        gb = None
+        if self.bias is not None:
+            gb = post_error.sum(0) if post_error.dim() == 2 else post_error.sum((0, 2, 3))
+        gfb = None
+        if self.rule.feedback_learns == "engaged":
+            gfb = self.rule.feedback_update(LocalSignals(self.kind, pre, post_error, self.feedback))
+        return gw, gb, gfb
+
+    # -- sleep -------------------------------------------------------------------------------
+    def sleep_update(self, pre_shape, batch: int, generator: torch.Generator, literal: bool = False):
+        """One mirror batch: noise at the presynaptic side, the response it drives, and the
+        feedback weight's Hebbian update from those two signals alone."""
+        w = self.weight.detach()
+        xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype)
+        if literal:
+            r = self.rule.respond(self.kind.ref_forward(xi, w, None))
+            return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach()))
+        r = self.rule.respond(self.kind.forward(xi, w, None))
+        return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach(), self.kind.product(r, xi)))
+
+    def extra_repr(self) -> str:
+        k = self.kind
+        if isinstance(k, Dense):
+            what = f"dense {k.in_features}->{k.out_features}"
+        else:
+            what = (f"conv{k.kernel_size}x{k.kernel_size} {k.in_channels}->{k.out_channels}"
+                    f" stride={k.stride} pad={k.padding}" + (f" groups={k.groups}" if k.groups > 1 else ""))
+        return f"{self.pre!r} -> {self.post!r}, {what}, bias={self.bias is not None}, rule={self.rule.describe()}"
