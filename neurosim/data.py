@@ -1,0 +1,481 @@
+"""Datasets held on the training device as uint8 tensors, and the batches a training run draws from them.
+
+`load_dataset` turns a short spec ("digits", "cifar10", "cifar100", "synthetic" or a folder of
+class subfolders) into an `ImageData`: whole train and test splits as uint8 N×C×H×W tensors on
+the device, with the per-channel statistics needed to normalise them.
+
+`BatchStream` cuts those tensors into batches with random crops and flips done as batched tensor
+ops on the device. Every batch is a pure function of (seed, epoch, index), so a run restarted from
+a checkpoint taken mid-epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurosim.errors import DataError
+
+__all__ = [
+    "DATASET_NAMES",
+    "ImageData",
+    "load_dataset",
+    "Augmentation",
+    "BatchStream",
+    "crop_and_flip",
+]
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic")
+
+# Bump when the layout of the decoded-folder cache changes, so old caches are not misread.
+_CACHE_FORMAT = 1
+# Below this many files a process pool costs more to start than it saves.
+_POOL_MIN_FILES = 2048
+
+
+def _tensor_repr(t: torch.Tensor) -> str:
+    return f"<{t.dtype} {tuple(t.shape)} on {t.device}>"
+
+
+@attrs.frozen(eq=False)
+class ImageData:
+    """A labelled image dataset resident on one device, ready for `BatchStream`.
+
+    Images are uint8 N×C×H×W; labels are int64 class indices into `classes`. `mean` and `std`
+    are per-channel statistics of the train split in [0, 1] pixel units, used to normalise
+    inputs.
+    """
+
+    name: str
+    train_x: torch.Tensor = attrs.field(repr=_tensor_repr)
+    train_y: torch.Tensor = attrs.field(repr=_tensor_repr)
+    test_x: torch.Tensor = attrs.field(repr=_tensor_repr)
+    test_y: torch.Tensor = attrs.field(repr=_tensor_repr)
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the size of the output population)."""
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def load_dataset(
+    spec: str,
+    data_dir: str | os.PathLike = "data",
+    val_per_class: int | None = None,
+    synthetic_size: tuple[int, int] = (1024, 256),
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    download: bool = True,
+) -> ImageData:
+    """Load a dataset named by `spec` onto `device`.
+
+    `spec` is one of:
+
+    - ``"digits"``: scikit-learn's 8×8 handwritten digits, 1 channel, with a stratified 20 %
+      test split drawn with `seed`.
+    - ``"cifar10"`` / ``"cifar100"``: torchvision's CIFAR files under `data_dir`, downloaded
+      there when `download` is true; the test split is the official test set.
+    - ``"synthetic"``: `synthetic_size` = (n_train, n_test) random 3×32×32 images in 10
+      classes, each class with its own colour and pattern under noise; for tests and smoke runs.
+    - anything else: a folder of class subfolders of images (the `ImageFolder` layout). The last
+      `val_per_class` images of each class in sorted file order form the test split (default
+      10 % of each class, at least one). Decoded images are cached under
+      ``<data_dir>/cache/`` so later loads skip decoding.
+
+    `val_per_class` applies to folders only. Problems the user can fix raise `DataError`.
+    """
+    device = torch.device(device)
+    data_dir = Path(data_dir)
+    if spec == "digits":
+        name, tx, ty, vx, vy, classes = "digits", *_load_digits(seed)
+    elif spec in ("cifar10", "cifar100"):
+        name, tx, ty, vx, vy, classes = spec, *_load_cifar(spec, data_dir, download)
+    elif spec == "synthetic":
+        name, tx, ty, vx, vy, classes = "synthetic", *_make_synthetic(synthetic_size, seed)
+    else:
+        root = _folder_root(spec)
+        name, tx, ty, vx, vy, classes = str(root), *_load_folder(root, data_dir, val_per_class)
+    if len(tx) == 0:
+        raise DataError(f"dataset {name!r} has no training images")
+    tx, ty, vx, vy = (t.to(device) for t in (tx, ty, vx, vy))
+    mean, std = channel_stats(tx)
+    return ImageData(name, tx, ty, vx, vy, tuple(classes), mean, std)
+
+
+def channel_stats(x: torch.Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of uint8 images, in [0, 1] units.
+
+    Accumulates in float64 over chunks so that large datasets need no float copy of themselves.
+    """
+    c = x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64, device=x.device)
+    total_sq = torch.zeros(c, dtype=torch.float64, device=x.device)
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk].to(torch.float64)
+        total += part.sum(dim=(0, 2, 3))
+        total_sq += part.square().sum(dim=(0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp_min(0.0)
+    mean, std = (mean / 255.0).tolist(), (var.sqrt() / 255.0).tolist()
+    return tuple(mean), tuple(std)
+
+
+# --- built-in datasets -------------------------------------------------------------------------
+
+def _load_digits(seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = digits.target.astype(np.int64)
+    tr_x, te_x, tr_y, te_y = train_test_split(
+        images, labels, test_size=0.2, stratify=labels, random_state=seed
+    )
+    classes = tuple(str(c) for c in digits.target_names)
+    return (torch.from_numpy(tr_x), torch.from_numpy(tr_y),
+            torch.from_numpy(te_x), torch.from_numpy(te_y), classes)
+
+
+def _load_cifar(spec: str, data_dir: Path, download: bool):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if spec == "cifar10" else CIFAR100
+    folder = data_dir / cls.base_folder
+    files = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    try:
+        train = cls(root=str(data_dir), train=True, download=download)
+        test = cls(root=str(data_dir), train=False, download=False)
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError, tarfile errors ...
+        why = "download=False" if not download else f"download failed: {type(exc).__name__}: {exc}"
+        raise DataError(
+            f"{spec} not found or incomplete in {folder.resolve()}/ ({why}). "
+            f"Put the files {', '.join(files)} in {folder.resolve()}/, e.g. by extracting "
+            f"{cls.filename} (from {cls.url}) inside {data_dir.resolve()}/."
+        ) from None
+
+    def split(ds):
+        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    return (*split(train), *split(test), tuple(train.classes))
+
+
+def _make_synthetic(size: tuple[int, int], seed: int, num_classes: int = 10):
+    n_train, n_test = (int(n) for n in size)
+    if n_train < 1 or n_test < 0:
+        raise DataError(f"synthetic_size must be (n_train >= 1, n_test >= 0), got {size}")
+    # Generated on the CPU so the images do not depend on the device they end up on.
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.rand(num_classes, 3, 1, 1, generator=g) * 128 + 64
+    coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
+    pattern = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False) * 32
+
+    def draw(n):
+        y = torch.randperm(n, generator=g) % num_classes
+        x = colour[y] + pattern[y] + torch.randn(n, 3, 32, 32, generator=g) * 48
+        return x.round_().clamp_(0, 255).to(torch.uint8), y.to(torch.int64)
+
+    classes = tuple(f"class{i}" for i in range(num_classes))
+    return (*draw(n_train), *draw(n_test), classes)
+
+
+# --- folders of class subfolders ---------------------------------------------------------------
+
+def _folder_root(spec: str) -> Path:
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"unknown dataset {spec!r}: not one of {', '.join(DATASET_NAMES)}, and not a folder. "
+            "A path must be a folder of class subfolders of images (e.g. train/cat/0001.png)."
+        )
+    return root.resolve()
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """Classes, image paths and labels of an ImageFolder tree, in torchvision's sorted order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(
+            f"{root} is not a folder of class subfolders of images ({exc}). Valid dataset names "
+            f"are {', '.join(DATASET_NAMES)}; a path must be a folder of class subfolders "
+            "(e.g. train/cat/0001.png)."
+        ) from None
+    paths = [p for p, _ in samples]
+    labels = [c for _, c in samples]
+    return classes, paths, labels
+
+
+def _cache_path(root: Path, data_dir: Path, paths: Sequence[str], labels: Sequence[int]) -> Path:
+    h = hashlib.sha256(f"neurosim-folder-cache-v{_CACHE_FORMAT}\n".encode())
+    for path, label in zip(paths, labels):
+        st = os.stat(path)
+        h.update(f"{os.path.relpath(path, root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "_", str(root)).strip("_")[-80:]
+    return data_dir / "cache" / f"{tag}-{h.hexdigest()[:16]}.npz"
+
+
+def _read_cache(path: Path, n: int) -> np.ndarray | None:
+    try:
+        with np.load(path) as z:
+            images = z["images"]
+    except (OSError, KeyError, ValueError):
+        return None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
+        return None
+    return images
+
+
+def _write_cache(path: Path, images: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=images)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        warnings.warn(f"could not cache decoded images at {path}: {exc}", stacklevel=3)
+
+
+def _load_folder(root: Path, data_dir: Path, val_per_class: int | None):
+    classes, paths, labels = _scan_folder(root)
+    cache = _cache_path(root, data_dir, paths, labels)
+    images = _read_cache(cache, len(paths))
+    if images is None:
+        images = _decode_images(paths)
+        _write_cache(cache, images)
+    x = torch.from_numpy(images)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+
+    # Samples are grouped by class in sorted order, so each class is one contiguous run.
+    counts = torch.bincount(y, minlength=len(classes)).tolist()
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    start = 0
+    for cls_name, count in zip(classes, counts):
+        k = max(1, count // 10) if val_per_class is None else int(val_per_class)
+        if k < 0 or k >= count:
+            raise DataError(
+                f"class {cls_name!r} in {root} has {count} images; cannot hold out {k} of them "
+                "for validation and still train on it (choose a smaller val_per_class)"
+            )
+        is_test[start + count - k:start + count] = True
+        start += count
+    return x[~is_test], y[~is_test], x[is_test], y[is_test], tuple(classes)
+
+
+def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray]:
+    """Decode images to H×W (greyscale 'L') or H×W×3 (everything else, as RGB) uint8 arrays."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                out.append(np.asarray(im if im.mode == "L" else im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+    return out
+
+
+def _decode_images(paths: Sequence[str]) -> np.ndarray:
+    """Decode every image once into one uint8 N×C×H×W array (C = 1 if all are greyscale, else 3).
+
+    Large trees are decoded by a pool of forked processes; PIL holds the GIL for too much of the
+    work on small images for threads to help.
+    """
+    if not paths:
+        raise DataError("no images to decode")
+    arrays = None
+    workers = min(os.cpu_count() or 1, 16)
+    if len(paths) >= _POOL_MIN_FILES and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        chunk = max(256, math.ceil(len(paths) / (workers * 8)))
+        chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                arrays = [a for part in pool.map(_decode_chunk, chunks) for a in part]
+        except (BrokenProcessPool, OSError):
+            arrays = None  # a pool that cannot start or dies falls back to decoding here
+    if arrays is None:
+        arrays = _decode_chunk(paths)
+
+    h, w = arrays[0].shape[:2]
+    for path, a in zip(paths, arrays):
+        if a.shape[:2] != (h, w):
+            raise DataError(
+                f"image {path} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {w}x{h}; "
+                "all images of a folder dataset must have the same size"
+            )
+    channels = 1 if all(a.ndim == 2 for a in arrays) else 3
+    out = np.empty((len(arrays), channels, h, w), dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        out[i] = a if a.ndim == 2 else a.transpose(2, 0, 1)  # 'L' broadcasts to 3 channels
+    return out
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit generator seed that depends on every part, so nearby tuples give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@attrs.frozen(eq=False)
+class Augmentation:
+    """The random choices for one batch: crop offsets into the padded image and horizontal flips."""
+
+    offset_y: torch.Tensor  # int64 (n,), in [0, 2 * padding]
+    offset_x: torch.Tensor  # int64 (n,), in [0, 2 * padding]
+    flip: torch.Tensor      # bool (n,)
+
+
+def crop_and_flip(x: torch.Tensor, padding: int, offset_y: torch.Tensor, offset_x: torch.Tensor,
+                  flip: torch.Tensor) -> torch.Tensor:
+    """Zero-pad each image by `padding`, cut its H×W window at its own offset, flip where asked.
+
+    One gather over the whole batch: the flip is folded into the column index grid.
+    """
+    n, c, h, w = x.shape
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    dev = x.device
+    rows = offset_y.to(dev)[:, None] + torch.arange(h, device=dev)
+    cols_fwd = torch.arange(w, device=dev)
+    cols = offset_x.to(dev)[:, None] + torch.where(flip.to(dev)[:, None], cols_fwd.flip(0), cols_fwd)
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
+    return x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchStream:
+    """Batches of normalised float images from device-resident uint8 images.
+
+    `batch(epoch, index)` is a pure function of (seed, epoch, index): the epoch's order comes from
+    a generator seeded with (seed, epoch) and the batch's crops and flips from one seeded with
+    (seed, epoch, index), both on the data's device. A run resumed at (epoch, index) therefore
+    sees the same batches as one that never stopped (on the same kind of device).
+    Without `shuffle`, batches follow the stored order.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float], shuffle: bool, seed: int,
+                 crop_padding: int = 0, flip: bool = False, drop_last: bool = False,
+                 channels_last: bool = False):
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"x must be uint8 N×C×H×W, got {x.dtype} {tuple(x.shape)}")
+        if len(y) != len(x):
+            raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+        if batch_size < 1 or crop_padding < 0:
+            raise ValueError("batch_size must be >= 1 and crop_padding >= 0")
+        c = x.shape[1]
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean and std need {c} values, one per channel")
+        self.x, self.y = x, y
+        self.batch_size = int(batch_size)
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.crop_padding, self.flip = int(crop_padding), bool(flip)
+        self.drop_last, self.channels_last = bool(drop_last), bool(channels_last)
+        std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+        # (x/255 - mean)/std as one multiply-add per element.
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+        self._perm_epoch: int | None = None  # memo only; the permutation is a function of the epoch
+        self._perm: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.x.device).manual_seed(seed)
+
+    def permutation(self, epoch: int) -> torch.Tensor | None:
+        """The epoch's sample order (int64 on the data's device), or None without shuffling."""
+        if not self.shuffle:
+            return None
+        if self._perm_epoch != epoch:
+            g = self._generator(_derive_seed(self.seed, epoch))
+            self._perm = torch.randperm(len(self.x), generator=g, device=self.x.device)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _span(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range for {len(self)} batches per epoch")
+        start = index * self.batch_size
+        return start, min(start + self.batch_size, len(self.x))
+
+    def indices(self, epoch: int, index: int) -> torch.Tensor:
+        """Positions in `x` of the samples in batch `index` of `epoch`."""
+        start, end = self._span(index)
+        perm = self.permutation(epoch)
+        if perm is None:
+            return torch.arange(start, end, device=self.x.device)
+        return perm[start:end]
+
+    def augmentation(self, epoch: int, index: int) -> Augmentation:
+        """The crop offsets and flips that batch `index` of `epoch` uses."""
+        start, end = self._span(index)
+        n, dev = end - start, self.x.device
+        g = self._generator(_derive_seed(self.seed, epoch, index, 1))
+        span = 2 * self.crop_padding + 1
+        offset_y = torch.randint(0, span, (n,), generator=g, device=dev)
+        offset_x = torch.randint(0, span, (n,), generator=g, device=dev)
+        flip = torch.randint(0, 2, (n,), generator=g, device=dev).bool()
+        if not self.flip:
+            flip = torch.zeros_like(flip)
+        return Augmentation(offset_y, offset_x, flip)
+
+    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `index` of `epoch`: float32 normalised images and int64 labels, on the data's device."""
+        start, end = self._span(index)
+        if self.shuffle:
+            idx = self.indices(epoch, index)
+            xb, yb = self.x[idx], self.y[idx]
+        else:
+            xb, yb = self.x[start:end], self.y[start:end]
+        if self.crop_padding or self.flip:
+            aug = self.augmentation(epoch, index)
+            xb = crop_and_flip(xb, self.crop_padding, aug.offset_y, aug.offset_x, aug.flip)
+        out = xb.to(torch.float32).mul_(self._scale).add_(self._shift)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out, yb
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from batch `start` on (for resuming mid-epoch)."""
+        for index in range(start, len(self)):
+            yield self.batch(epoch, index)
