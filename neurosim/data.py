@@ -16,7 +16,7 @@ import math
 import multiprocessing
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +45,8 @@ DATASET_NAMES = ("digits", "cifar10", "cifar100", "synthetic")
 _CACHE_FORMAT = 1
 # Below this many files a process pool costs more to start than it saves.
 _POOL_MIN_FILES = 2048
+# torchvision.datasets.folder.IMG_EXTENSIONS
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def _tensor_repr(t: torch.Tensor) -> str:
@@ -125,22 +127,21 @@ def load_dataset(
     return ImageData(name, tx, ty, vx, vy, tuple(classes), mean, std)
 
 
-def channel_stats(x: torch.Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of uint8 images, in [0, 1] units.
 
-    Accumulates in float64 over chunks so that large datasets need no float copy of themselves.
+    Counts each channel's 256 pixel values exactly and takes the moments of that histogram in
+    float64, which is exact and needs no float copy of the images.
     """
-    c = x.shape[1]
-    total = torch.zeros(c, dtype=torch.float64, device=x.device)
-    total_sq = torch.zeros(c, dtype=torch.float64, device=x.device)
-    for start in range(0, len(x), chunk):
-        part = x[start:start + chunk].to(torch.float64)
-        total += part.sum(dim=(0, 2, 3))
-        total_sq += part.square().sum(dim=(0, 2, 3))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0.0)
-    mean, std = (mean / 255.0).tolist(), (var.sqrt() / 255.0).tolist()
+    values = torch.arange(256, dtype=torch.float64, device=x.device)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = hist.sum()
+        m = (hist * values).sum() / n
+        var = ((hist * values.square()).sum() / n - m.square()).clamp_min(0.0)
+        mean.append(float(m) / 255.0)
+        std.append(float(var.sqrt()) / 255.0)
     return tuple(mean), tuple(std)
 
 
@@ -217,28 +218,44 @@ def _folder_root(spec: str) -> Path:
 
 
 def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
-    """Classes, image paths and labels of an ImageFolder tree, in torchvision's sorted order."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Classes, image paths and labels of an ImageFolder tree, in torchvision's ImageFolder order.
 
+    Same rules as `torchvision.datasets.folder.make_dataset` (sorted class folders, sorted walk
+    following links, the same image extensions), without importing torchvision for it.
+    """
+    hint = (f"Valid dataset names are {', '.join(DATASET_NAMES)}; a path must be a folder of "
+            "class subfolders of images (e.g. train/cat/0001.png).")
     try:
-        classes, class_to_idx = find_classes(root)
-        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, OSError) as exc:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        paths, labels, empty = [], [], []
+        for label, name in enumerate(classes):
+            found = 0
+            for folder, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                for fname in sorted(fnames):
+                    if fname.lower().endswith(_IMG_EXTENSIONS):
+                        paths.append(os.path.join(folder, fname))
+                        labels.append(label)
+                        found += 1
+            if not found:
+                empty.append(name)
+    except OSError as exc:
+        raise DataError(f"cannot read {root}: {exc}. {hint}") from None
+    if not classes:
+        raise DataError(f"{root} has no class subfolders. {hint}")
+    if empty:
         raise DataError(
-            f"{root} is not a folder of class subfolders of images ({exc}). Valid dataset names "
-            f"are {', '.join(DATASET_NAMES)}; a path must be a folder of class subfolders "
-            "(e.g. train/cat/0001.png)."
-        ) from None
-    paths = [p for p, _ in samples]
-    labels = [c for _, c in samples]
+            f"{root}: class folder(s) {', '.join(empty)} hold no images "
+            f"({', '.join(_IMG_EXTENSIONS)}). {hint}"
+        )
     return classes, paths, labels
 
 
 def _cache_path(root: Path, data_dir: Path, paths: Sequence[str], labels: Sequence[int]) -> Path:
     h = hashlib.sha256(f"neurosim-folder-cache-v{_CACHE_FORMAT}\n".encode())
+    prefix = len(str(root)) + 1  # paths are os.path.join(root, ...)
     for path, label in zip(paths, labels):
         st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{path[prefix:]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     tag = re.sub(r"[^A-Za-z0-9._-]+", "_", str(root)).strip("_")[-80:]
     return data_dir / "cache" / f"{tag}-{h.hexdigest()[:16]}.npz"
 
@@ -255,16 +272,17 @@ def _read_cache(path: Path, n: int) -> np.ndarray | None:
 
 
 def _write_cache(path: Path, images: np.ndarray) -> None:
+    # Written under a unique temporary name and renamed, so a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 np.savez(f, images=images)
             os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     except OSError as exc:
         warnings.warn(f"could not cache decoded images at {path}: {exc}", stacklevel=3)
 

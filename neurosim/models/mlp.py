@@ -1,0 +1,25 @@
+"""Multilayer perceptron circuits."""
+
+from __future__ import annotations
+
+from neurosim.circuit import Circuit
+from neurosim.rules.base import PlasticityRule
+
+
+def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activation: str = "relu",
+              init: str = "default", seed: int = 0) -> Circuit:
+    """``input → hidden[0] → … → output``, every pathway a dense plastic synapse under ``rule``.
+
+    Populations are named ``x``, ``h1``, ``h2``, …, ``y``; the output population is linear
+    (its activity is the logits).
+    """
+    c = Circuit(rule=rule, seed=seed)
+    c.input("x", in_shape)
+    pre = "x"
+    for i, width in enumerate(hidden, start=1):
+        c.population(f"h{i}", width, activation=activation)
+        c.dense(pre, f"h{i}", init=init)
+        pre = f"h{i}"
+    c.population("y", num_classes)
+    c.dense(pre, "y", init=init)
+    return c

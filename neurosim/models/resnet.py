@@ -1,0 +1,81 @@
+"""ResNet circuits (CIFAR variant): every convolution and the classifier is a plastic synapse.
+
+Layout follows the standard CIFAR ResNet: a 3×3 stride-1 stem without max-pool, four stages of
+widths 64-128-256-512 (times ``width``), global average pooling and a linear classifier. Batch
+norm lives in the populations; residual merges are populations fed by identity pathways.
+Synapse names mirror torchvision's module names (``layer2_0_conv1``, ``layer2_0_shortcut``, …).
+"""
+
+from __future__ import annotations
+
+from neurosim.circuit import Circuit
+from neurosim.rules.base import PlasticityRule
+
+DEPTHS = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+
+
+def build_resnet(depth: str, rule: PlasticityRule, num_classes: int = 100, in_shape=(3, 32, 32),
+                 width: float = 1.0, seed: int = 0) -> Circuit:
+    """A CIFAR ResNet circuit; ``depth`` is ``resnet18``, ``resnet34`` or ``resnet50``."""
+    if depth not in DEPTHS:
+        raise ValueError(f"unknown ResNet {depth!r}; choose from {sorted(DEPTHS)}")
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+    block, counts = DEPTHS[depth]
+    expansion = 4 if block == "bottleneck" else 1
+    ch = lambda n: max(1, round(n * width))
+    c = Circuit(rule=rule, seed=seed)
+    c.input("x", in_shape)
+    channels, size = ch(64), in_shape[1:]
+    c.population("stem", (channels, *size), activation="relu", norm="batch")
+    c.conv("x", "stem", 3, padding=1, bias=False, init="kaiming_normal", name="conv1")
+    pre = "stem"
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), counts), start=1):
+        for i in range(n):
+            stride = 2 if stage > 1 and i == 0 else 1
+            size = tuple((s - 1) // stride + 1 for s in size)
+            prefix = f"layer{stage}_{i}"
+            out = ch(planes) * expansion
+            if block == "basic":
+                _basic(c, prefix, pre, ch(planes), size, stride)
+                last = f"{prefix}_b"
+            else:
+                _bottleneck(c, prefix, pre, ch(planes), out, size, stride)
+                last = f"{prefix}_c"
+            c.population(prefix, (out, *size), activation="relu")
+            c.identity(last, prefix)
+            if stride != 1 or channels != out:
+                c.population(f"{prefix}_sc", (out, *size), norm="batch")
+                c.conv(pre, f"{prefix}_sc", 1, stride=stride, bias=False, init="kaiming_normal",
+                       name=f"{prefix}_shortcut")
+                c.identity(f"{prefix}_sc", prefix)
+            else:
+                c.identity(pre, prefix)
+            pre, channels = prefix, out
+    c.population("pool", (channels,), pool="global_avg")
+    c.identity(pre, "pool")
+    c.population("logits", (num_classes,))
+    c.dense("pool", "logits", name="fc")
+    return c
+
+
+def _basic(c, prefix, pre, planes, size, stride):
+    c.population(f"{prefix}_a", (planes, *size), activation="relu", norm="batch")
+    c.conv(pre, f"{prefix}_a", 3, stride=stride, padding=1, bias=False, init="kaiming_normal", name=f"{prefix}_conv1")
+    c.population(f"{prefix}_b", (planes, *size), norm="batch")
+    c.conv(f"{prefix}_a", f"{prefix}_b", 3, padding=1, bias=False, init="kaiming_normal", name=f"{prefix}_conv2")
+
+
+def _bottleneck(c, prefix, pre, planes, out, size, stride):
+    in_size = c.populations[pre].shape[1:]
+    c.population(f"{prefix}_a", (planes, *in_size), activation="relu", norm="batch")
+    c.conv(pre, f"{prefix}_a", 1, bias=False, init="kaiming_normal", name=f"{prefix}_conv1")
+    c.population(f"{prefix}_b", (planes, *size), activation="relu", norm="batch")
+    c.conv(f"{prefix}_a", f"{prefix}_b", 3, stride=stride, padding=1, bias=False, init="kaiming_normal",
+           name=f"{prefix}_conv2")
+    c.population(f"{prefix}_c", (out, *size), norm="batch")
+    c.conv(f"{prefix}_b", f"{prefix}_c", 1, bias=False, init="kaiming_normal", name=f"{prefix}_conv3")

@@ -1,0 +1,335 @@
+"""The training loop: engaged steps, sleep on the rule's schedule, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from neurosim.checkpoint import load_checkpoint, save_checkpoint
+from neurosim.circuit import Circuit
+from neurosim.config import RunConfig
+from neurosim.data import BatchStream, ImageData, load_dataset
+from neurosim.errors import UserError
+
+
+class RunInterrupted(UserError):
+    """Training stopped on request (Ctrl-C); the checkpoint holds the position reached."""
+from neurosim.models import build_mlp, build_resnet
+from neurosim.reference import reference_backward
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def build_circuit(cfg: RunConfig, image_shape, num_classes: int) -> Circuit:
+    """The circuit a configuration describes, for data of the given shape."""
+    rule = cfg.make_rule()
+    if cfg.model == "mlp":
+        return build_mlp(rule, image_shape, cfg.hidden, num_classes, cfg.activation, cfg.init, cfg.seed)
+    return build_resnet(cfg.model, rule, num_classes, image_shape, cfg.width, cfg.seed)
+
+
+def loss_function(name: str):
+    if name == "cross_entropy":
+        return F.cross_entropy
+
+    def sigmoid_bce(logits, target):
+        # Sigmoid cross-entropy on one-hot targets, summed over classes, averaged over the batch.
+        onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / logits.shape[0]
+
+    return sigmoid_bce
+
+
+class Run:
+    """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
+
+    Holds the circuit, the device-resident data streams, the engaged optimizer (SGD over
+    forward weights, norms and task-learned feedback weights), the sleep optimizer (WM's
+    feedback weights), the learning-rate schedule and the position ``(epoch, batch)``.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: ImageData | None = None, quiet: bool = False):
+        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.device = resolve_device(cfg.device)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        self.data = data or load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
+                                         (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
+        c = self.data.image_shape[0]
+        mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
+        self.train_stream = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std,
+                                        shuffle=cfg.shuffle, seed=cfg.seed, crop_padding=cfg.crop_padding,
+                                        flip=cfg.flip, channels_last=self.channels_last)
+        self.test_stream = BatchStream(self.data.test_x, self.data.test_y, max(cfg.batch_size, 256), mean, std,
+                                       shuffle=False, seed=cfg.seed, channels_last=self.channels_last)
+        self.circuit = build_circuit(cfg, self.data.image_shape, self.data.num_classes).to(self.device)
+        if self.channels_last:
+            self.circuit.to(memory_format=torch.channels_last)
+        self.model = torch.compile(self.circuit) if cfg.compile else self.circuit
+        self.loss_fn = loss_function(cfg.loss)
+        self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        sleepers = self.circuit.sleep_parameters()
+        self.sleep_optimizer = torch.optim.SGD(sleepers, lr=cfg.wm_lr) if sleepers else None
+        self.schedule = self.circuit.rule.schedule if self.sleep_optimizer else None
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
+        self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.epoch = 0  # completed epochs
+        self.batch = 0  # batches completed in the current epoch
+        self.step = 0  # engaged steps completed
+        self.slept_before = False
+        self.best = -math.inf
+        self.stop_requested = False  # set by a signal handler; honoured between steps
+        self._reset_stats()
+
+    # -- state ----------------------------------------------------------------------------------
+    def _reset_stats(self):
+        self.stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss·n, correct, n
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1, "config": self.cfg.to_dict(), "circuit": self.circuit.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
+            "best": self.best, "stats": self.stats.cpu(), "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.circuit.load_state_dict(state["circuit"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sleep_optimizer:
+            self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.slept_before, self.best = state["slept_before"], state["best"]
+        self.stats = state["stats"].to(self.device)
+        torch.set_rng_state(state["rng"]["torch"])
+        self.sleep_generator.set_state(state["rng"]["sleep"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, best: bool = False) -> None:
+        state = self.state_dict()
+        save_checkpoint(state, self.run_dir / "last.pt")
+        if best:
+            save_checkpoint(state, self.run_dir / "best.pt")
+
+    # -- steps ----------------------------------------------------------------------------------
+    def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward, feedback and local updates on one batch; statistics stay on the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.execution == "reference":
+            out_holder = []
+
+            def loss_of(out):
+                out_holder.append(out.detach())
+                return self.loss_fn(out, y)
+
+            loss = reference_backward(self.circuit, x, loss_of)
+            out = out_holder[0]
+        else:
+            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(x)
+                loss = self.loss_fn(out.float(), y)
+            loss.backward()
+        self.optimizer.step()
+        n = y.shape[0]
+        self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                                   torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        self.step += 1
+
+    def sleep(self, batches: int) -> None:
+        """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
+        bs = self.cfg.sleep_batch_size or self.cfg.batch_size
+        for _ in range(batches):
+            self.sleep_optimizer.zero_grad(set_to_none=True)
+            self.circuit.sleep(bs, self.sleep_generator, literal=self.cfg.execution == "reference")
+            self.sleep_optimizer.step()
+
+    @torch.no_grad()
+    def evaluate(self, stream: BatchStream | None = None) -> dict:
+        """Loss, top-1 and top-5 accuracy (percent) over a stream, in eval mode."""
+        stream = stream or self.test_stream
+        self.circuit.set_mode("eval")
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for x, y in stream.epoch(0):
+            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(x).float()
+            k = min(5, out.shape[1])
+            top = out.topk(k, 1).indices
+            totals += torch.stack([self.loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
+                                   (top == y[:, None]).any(1).sum().double(),
+                                   torch.tensor(float(y.shape[0]), device=self.device, dtype=torch.float64)])
+        self.circuit.set_mode("engaged")
+        loss, top1, top5, n = totals.tolist()
+        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, on_step=None) -> dict:
+        """Train to ``cfg.epochs``; returns the last metrics. ``on_step(run)`` is called after
+        every engaged step (used by tests to interrupt a run)."""
+        cfg = self.cfg
+        metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.epoch)
+        if self.epoch == 0 and self.batch == 0 and not self.slept_before:
+            self._log_metrics(metrics_path, self._epoch_metrics(0, 0.0, None))
+            if self.schedule is not None:
+                before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
+                self.sleep(before)
+            self.slept_before = True
+        self.circuit.set_mode("engaged")
+        last = None
+        try:
+            while self.epoch < cfg.epochs:
+                last = self._train_epoch(metrics_path, on_step)
+        except RunInterrupted:
+            self.save()
+            raise
+        return last
+
+    def _train_epoch(self, metrics_path, on_step) -> dict:
+        cfg, stream = self.cfg, self.train_stream
+        total = len(stream)
+        log_every = cfg.log_every or max(1, total // 20)
+        t0, start = time.perf_counter(), self.batch
+        for x, y in stream.epoch(self.epoch, start=self.batch):
+            self.engaged_step(x, y)
+            if self.schedule is not None:
+                due = self.schedule.due(self.step)
+                if due:
+                    self.sleep(due)
+            self.batch += 1
+            if on_step is not None:
+                on_step(self)
+            if self.stop_requested:
+                raise RunInterrupted(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}/{total}; "
+                                     f"checkpoint saved. Continue with --resume {self.run_dir}")
+            if not self.quiet and (self.batch % log_every == 0 or self.batch == total):
+                self._progress(total, start, t0)
+        train = self.stats.tolist()
+        elapsed = time.perf_counter() - t0
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.scheduler.step()
+        m = self._epoch_metrics(self.epoch, elapsed, train)
+        if not math.isfinite(m["train_loss"]):
+            raise UserError(f"training diverged in epoch {self.epoch} (loss {m['train_loss']}); the last "
+                            f"good checkpoint is kept in {self.run_dir}. Lower --lr and start again.")
+        self._reset_stats()
+        improved = m["test_acc"] > self.best
+        self.best = max(self.best, m["test_acc"])
+        self.save(best=improved)
+        self._log_metrics(metrics_path, m)
+        if not self.quiet:
+            print(f"\repoch {self.epoch}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
+                  f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
+                  f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s", file=sys.stderr)
+        return m
+
+    def _epoch_metrics(self, epoch: int, elapsed: float, train) -> dict:
+        test = self.evaluate()
+        angles = self.circuit.alignment_angles()
+        m = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"]}
+        if train is not None:
+            loss_sum, correct, n = train
+            m.update(train_loss=loss_sum / max(n, 1), train_acc=100 * correct / max(n, 1),
+                     time_s=elapsed, images_per_s=n / elapsed if elapsed > 0 else 0.0)
+        m.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
+                 mean_angle=sum(angles.values()) / max(len(angles), 1), angles=angles)
+        return m
+
+    def _log_metrics(self, path: Path, m: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _progress(self, total: int, start: int, t0: float) -> None:
+        loss_sum, correct, n = self.stats.tolist()  # one host sync per progress line
+        done = self.batch - start
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        eta = (total - self.batch) / max(rate, 1e-9)
+        line = (f"epoch {self.epoch + 1}/{self.cfg.epochs} [{self.batch:>{len(str(total))}}/{total}]"
+                f" loss {loss_sum / max(n, 1):.4f} acc {100 * correct / max(n, 1):.2f}%"
+                f" {rate * self.cfg.batch_size:.0f} img/s ETA {_hms(eta)}")
+        end = "" if sys.stderr.isatty() else "\n"
+        print("\r" + line if end == "" else line, end=end, file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only lines for epochs the checkpoint holds (a crash may leave one more)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+
+def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
+    """A new run in a fresh directory (never reusing one that holds a run)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
+                        f"another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, run_dir, quiet=quiet)
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(cfg.to_json() + "\n")
+    os.replace(tmp, run_dir / "config.json")
+    return run
+
+
+def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict | None = None,
+               quiet: bool = False) -> Run:
+    """Reopen a run from its last checkpoint; refuse one of another rule or model."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt")
+    saved = RunConfig.from_dict(state["config"])
+    if expect is not None:
+        for key in ("rule", "model"):
+            if getattr(expect, key) != getattr(saved, key):
+                raise UserError(f"{run_dir} holds a {saved.rule}_{saved.model} run ({key}="
+                                f"{getattr(saved, key)!r}), not {expect.rule}_{expect.model}; resume it with "
+                                f"its own preset {saved.preset}")
+    changeable = {"epochs", "log_every", "device", "data_dir", "compile"}
+    for key, value in (overrides or {}).items():
+        if key not in changeable and getattr(saved, key) != value:
+            raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
+                            f"{getattr(saved, key)!r}); only {', '.join(sorted(changeable))} can")
+    import attrs
+
+    cfg = attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in changeable})
+    run = Run(cfg, run_dir, quiet=quiet)
+    run.load_state_dict(state)
+    return run

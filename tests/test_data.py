@@ -1,0 +1,457 @@
+"""Tests for dataset loading and device-resident batching (neurosim.data)."""
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import neurosim.data as data
+from neurosim.data import BatchStream, ImageData, crop_and_flip, load_dataset
+from neurosim.errors import DataError
+
+SHARED_CIFAR_JPG = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg/train"
+
+
+# --- digits and synthetic ----------------------------------------------------------------------
+
+def test_digits_shapes_split_and_determinism():
+    d = load_dataset("digits", seed=3)
+    assert isinstance(d, ImageData)
+    assert d.num_classes == 10 and d.classes == tuple(str(i) for i in range(10))
+    assert d.image_shape == (1, 8, 8)
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
+    assert len(d.train_x) + len(d.test_x) == 1797
+    assert len(d.test_x) == pytest.approx(0.2 * 1797, abs=1)
+    assert int(d.train_x.max()) == 255 and int(d.train_x.min()) == 0
+    # Stratified: every class is in the test split in about its share.
+    assert torch.bincount(d.test_y, minlength=10).min() >= 30
+    again = load_dataset("digits", seed=3)
+    assert torch.equal(d.train_x, again.train_x) and torch.equal(d.test_y, again.test_y)
+    other = load_dataset("digits", seed=4)
+    assert not torch.equal(d.test_y, other.test_y)
+    assert len(d.mean) == len(d.std) == 1
+
+
+def test_mean_std_match_float64_reference():
+    d = load_dataset("digits")
+    x = d.train_x.to(torch.float64) / 255
+    assert d.mean[0] == pytest.approx(float(x.mean()), abs=1e-12)
+    assert d.std[0] == pytest.approx(float(x.std(unbiased=False)), abs=1e-12)
+
+
+def test_synthetic_is_deterministic_and_class_dependent():
+    d = load_dataset("synthetic", synthetic_size=(200, 50), seed=1)
+    assert d.train_x.shape == (200, 3, 32, 32) and d.test_x.shape == (50, 3, 32, 32)
+    assert d.num_classes == 10
+    assert torch.equal(d.train_x, load_dataset("synthetic", synthetic_size=(200, 50), seed=1).train_x)
+    assert not torch.equal(d.train_x, load_dataset("synthetic", synthetic_size=(200, 50), seed=2).train_x)
+    # A nearest-class-mean classifier on the train split beats chance on the test split.
+    tx, vx = d.train_x.float().flatten(1), d.test_x.float().flatten(1)
+    centres = torch.stack([tx[d.train_y == c].mean(0) for c in range(10)])
+    acc = (torch.cdist(vx, centres).argmin(1) == d.test_y).float().mean()
+    assert acc > 0.5
+
+
+def test_unknown_name_lists_valid_names(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tmp_path / "nope"), data_dir=tmp_path)
+    msg = str(err.value)
+    for name in ("digits", "cifar10", "cifar100", "synthetic", "class subfolders"):
+        assert name in msg
+
+
+# --- CIFAR through torchvision's own loader ----------------------------------------------------
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _dump(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def _fake_cifar(root: Path, monkeypatch, hundred: bool):
+    """Write tiny CIFAR files in torchvision's on-disk format and point its md5 list at them.
+
+    torchvision verifies fixed md5 sums of the real files; the test replaces those class
+    attributes with the sums of the fake files, so the integrity check itself still runs.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if hundred else CIFAR10
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n_classes = 100 if hundred else 10
+    label_key = "fine_labels" if hundred else "labels"
+    names = {}
+    pixels, labels = {}, {}
+    files = [n for n, _ in cls.train_list + cls.test_list]
+    for i, fname in enumerate(files):
+        n = 4 + i
+        pixels[fname] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels[fname] = rng.integers(0, n_classes, n).tolist()
+        entry = {"batch_label": fname, "data": pixels[fname], label_key: labels[fname],
+                 "filenames": [f"img{j}.png" for j in range(n)]}
+        if hundred:
+            entry["coarse_labels"] = [0] * n
+        _dump(folder / fname, entry)
+        names[fname] = _md5(folder / fname)
+    class_names = [f"c{i}" for i in range(n_classes)]
+    meta_key = cls.meta["key"]
+    meta_obj = {meta_key: class_names}
+    if hundred:
+        meta_obj["coarse_label_names"] = ["all"]
+    _dump(folder / cls.meta["filename"], meta_obj)
+    monkeypatch.setattr(cls, "train_list", [[f, names[f]] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, names[f]] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / cls.meta["filename"])})
+    train_files = [f for f, _ in cls.train_list]
+    test_files = [f for f, _ in cls.test_list]
+    return pixels, labels, train_files, test_files, class_names
+
+
+@pytest.mark.parametrize("spec", ["cifar10", "cifar100"])
+def test_cifar_files_round_trip(tmp_path, monkeypatch, spec):
+    pixels, labels, train_files, test_files, names = _fake_cifar(tmp_path, monkeypatch, spec == "cifar100")
+    d = load_dataset(spec, data_dir=tmp_path, download=False)
+    assert d.name == spec and d.classes == tuple(names)
+    assert d.image_shape == (3, 32, 32)
+
+    def expect(files):
+        flat = np.concatenate([pixels[f] for f in files])
+        return flat.reshape(-1, 3, 32, 32), sum((labels[f] for f in files), [])
+
+    tx, ty = expect(train_files)
+    vx, vy = expect(test_files)
+    assert np.array_equal(d.train_x.numpy(), tx) and d.train_y.tolist() == ty
+    assert np.array_equal(d.test_x.numpy(), vx) and d.test_y.tolist() == vy
+    assert d.train_x.dtype == torch.uint8 and d.train_y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("spec,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_cifar_names_the_folder(tmp_path, spec, folder):
+    with pytest.raises(DataError) as err:
+        load_dataset(spec, data_dir=tmp_path, download=False)
+    msg = str(err.value)
+    assert str(tmp_path / folder) in msg and ".tar.gz" in msg
+    assert "\n" not in msg
+
+
+def test_corrupt_cifar_is_a_data_error(tmp_path, monkeypatch):
+    _fake_cifar(tmp_path, monkeypatch, hundred=False)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+# --- folders of class subfolders ---------------------------------------------------------------
+
+def _write_tree(root: Path, per_class: dict[str, int], mode: str = "RGB", size=(6, 5), seed=0):
+    """Write PNGs root/<class>/<i>.png; return {class: [arrays in file order]}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for cls_name, n in per_class.items():
+        (root / cls_name).mkdir(parents=True)
+        out[cls_name] = []
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            a = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(a, mode).save(root / cls_name / f"{i:03d}.png")
+            out[cls_name].append(a)
+    return out
+
+
+def test_folder_rgb_decoding_order_and_split(tmp_path):
+    tree = tmp_path / "tree"
+    arrays = _write_tree(tree, {"zebra": 5, "ant": 4, "mole": 3})
+    d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    assert d.classes == ("ant", "mole", "zebra")
+    assert d.image_shape == (3, 5, 6)
+    assert d.train_y.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert d.test_y.tolist() == [0, 1, 2]
+    expect_train = [a for c in d.classes for a in arrays[c][:-1]]
+    expect_test = [arrays[c][-1] for c in d.classes]
+    assert np.array_equal(d.train_x.numpy(), np.stack(expect_train).transpose(0, 3, 1, 2))
+    assert np.array_equal(d.test_x.numpy(), np.stack(expect_test).transpose(0, 3, 1, 2))
+
+
+def test_folder_order_matches_torchvision_imagefolder(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"b": 3, "a": 2})
+    (tree / "a" / "sub").mkdir()
+    Image.new("RGB", (6, 5)).save(tree / "a" / "sub" / "000.PNG")
+    (tree / "a" / "notes.txt").write_text("not an image")
+    classes, paths, labels = data._scan_folder(tree)
+    ref = ImageFolder(str(tree))
+    assert classes == ref.classes
+    assert list(zip(paths, labels)) == ref.samples
+
+
+def test_folder_default_split_is_a_tenth_at_least_one(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 25, "b": 3}, size=(2, 2))
+    d = load_dataset(str(tree), data_dir=tmp_path / "data")
+    assert torch.bincount(d.test_y).tolist() == [2, 1]
+
+
+def test_folder_greyscale_keeps_one_channel_and_mixed_becomes_rgb(tmp_path):
+    grey = tmp_path / "grey"
+    arrays = _write_tree(grey, {"a": 2, "b": 2}, mode="L")
+    d = load_dataset(str(grey), data_dir=tmp_path / "data", val_per_class=1)
+    assert d.image_shape == (1, 5, 6)
+    assert np.array_equal(d.train_x[0, 0].numpy(), arrays["a"][0])
+
+    mixed = tmp_path / "mixed"
+    _write_tree(mixed, {"a": 2}, mode="L")
+    rgb = _write_tree(mixed / "b_parent", {"b": 2}, mode="RGB")  # nested below a class folder
+    d = load_dataset(str(mixed), data_dir=tmp_path / "data", val_per_class=1)
+    assert d.image_shape == (3, 5, 6)
+    grey_img = d.train_x[0]
+    assert torch.equal(grey_img[0], grey_img[1]) and torch.equal(grey_img[0], grey_img[2])
+    assert np.array_equal(d.train_x[1].numpy(), rgb["b"][0].transpose(2, 0, 1))
+
+
+def test_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 3, "b": 3})
+    first = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    cached = list((tmp_path / "data" / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".npz"
+
+    def no_decoding(paths):
+        raise AssertionError("decoded again although cached")
+
+    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    second = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=2)
+    assert torch.equal(first.train_x[[0, 2]], second.train_x[:2])
+    assert not list(tree.rglob("*.npz"))
+
+    # Changing a file changes the key, so the stale cache is not used.
+    img = tree / "a" / "000.png"
+    Image.new("RGB", (6, 5)).save(img)
+    os.utime(img, ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+
+
+def test_folder_mixed_sizes_name_the_file(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2, "b": 2})
+    Image.new("RGB", (7, 7)).save(tree / "b" / "009.png")
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+    assert "009.png" in str(err.value) and "7x7" in str(err.value) and "6x5" in str(err.value)
+
+
+def test_folder_that_is_not_a_tree(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "x.png")
+    with pytest.raises(DataError, match="class subfolders"):
+        load_dataset(str(tmp_path / "flat"), data_dir=tmp_path / "data")
+    (tmp_path / "flat" / "empty_class").mkdir()
+    with pytest.raises(DataError, match="empty_class"):
+        load_dataset(str(tmp_path / "flat"), data_dir=tmp_path / "data")
+
+
+def test_folder_unreadable_image(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2})
+    (tree / "a" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the decoding pool needs two CPUs")
+def test_folder_pool_decoding_matches_serial(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 6, "b": 5})
+    paths = data._scan_folder(tree)[1]
+    serial = data._decode_images(paths)
+    monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
+    assert np.array_equal(data._decode_images(paths), serial)
+    (tree / "b" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        data._decode_images(data._scan_folder(tree)[1])
+
+
+def test_folder_val_per_class_too_large(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2})
+    with pytest.raises(DataError, match="val_per_class"):
+        load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=2)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR_JPG.is_dir(), reason=f"real CIFAR-10 JPEGs not present at {SHARED_CIFAR_JPG}")
+def test_real_cifar10_jpegs(tmp_path):
+    """A few real JPEGs per class, linked into a small tree so the test stays fast."""
+    classes = sorted(p.name for p in SHARED_CIFAR_JPG.iterdir() if p.is_dir())
+    tree = tmp_path / "tree"
+    for c in classes:
+        (tree / c).mkdir(parents=True)
+        for src in sorted((SHARED_CIFAR_JPG / c).iterdir())[:3]:
+            (tree / c / src.name).symlink_to(src)
+    d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    assert d.classes == tuple(classes) and len(classes) == 10
+    assert d.image_shape == (3, 32, 32)
+    assert d.train_x.shape[0] == 20 and d.test_x.shape[0] == 10
+    first = sorted((SHARED_CIFAR_JPG / classes[0]).iterdir())[0]
+    with Image.open(first) as im:
+        assert np.array_equal(d.train_x[0].numpy(), np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+    assert all(0.2 < m < 0.8 for m in d.mean)
+
+
+# --- BatchStream -------------------------------------------------------------------------------
+
+def _images(n=23, c=3, h=6, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+
+
+def _stream(x, **kw):
+    args = dict(batch_size=5, mean=(0.5,) * x.shape[1], std=(0.25,) * x.shape[1], shuffle=True, seed=7)
+    args.update(kw)
+    return BatchStream(x, torch.arange(len(x)), **args)
+
+
+def _normalise(x_uint8, mean, std):
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x_uint8.float() / 255 - m) / s
+
+
+def test_stream_length_and_drop_last():
+    x = _images(23)
+    assert len(_stream(x)) == 5
+    assert len(_stream(x, drop_last=True)) == 4
+    assert len(_stream(x, batch_size=23)) == 1
+    with pytest.raises(IndexError):
+        _stream(x, drop_last=True).batch(0, 4)
+
+
+def test_stream_is_stateless_and_deterministic():
+    x = _images()
+    s = _stream(x, crop_padding=2, flip=True)
+    forward = [s.batch(e, i) for e in range(3) for i in range(len(s))]
+    backward = [s.batch(e, i) for e in reversed(range(3)) for i in reversed(range(len(s)))][::-1]
+    fresh = _stream(x, crop_padding=2, flip=True)
+    fresh_out = [fresh.batch(e, i) for e in range(3) for i in range(len(s))]
+    for (a, ya), (b, yb), (c, yc) in zip(forward, backward, fresh_out):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(ya, yb) and torch.equal(ya, yc)
+    # Resuming mid-epoch yields the remaining batches exactly.
+    resumed = list(fresh.epoch(1, start=2))
+    assert len(resumed) == len(s) - 2
+    for (a, ya), (b, yb) in zip(resumed, forward[len(s) + 2:2 * len(s)]):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    # A different seed gives a different stream.
+    other = _stream(x, crop_padding=2, flip=True, seed=8)
+    assert not torch.equal(other.batch(0, 0)[1], forward[0][1])
+
+
+def test_stream_permutation_covers_every_sample_once():
+    s = _stream(_images(23))
+    orders = []
+    for e in range(3):
+        ys = torch.cat([y for _, y in s.epoch(e)])
+        assert sorted(ys.tolist()) == list(range(23))
+        orders.append(ys.tolist())
+    assert orders[0] != orders[1] != orders[2]
+    dropped = _stream(_images(23), drop_last=True)
+    ys = torch.cat([y for _, y in dropped.epoch(0)])
+    assert len(ys) == 20 and len(set(ys.tolist())) == 20
+
+
+def test_stream_without_shuffle_keeps_stored_order():
+    x = _images(23)
+    s = _stream(x, shuffle=False)
+    for e in range(2):
+        ys = [y.tolist() for _, y in s.epoch(e)]
+        assert ys == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
+    xb, _ = s.batch(0, 4)
+    assert torch.allclose(xb, _normalise(x[20:], (0.5,) * 3, (0.25,) * 3), atol=1e-6)
+
+
+def test_stream_normalisation_values():
+    x = torch.stack([torch.full((2, 3, 3), v, dtype=torch.uint8) for v in (0, 51, 255)])
+    s = BatchStream(x, torch.zeros(3, dtype=torch.int64), 3, mean=(0.2, 0.4), std=(0.5, 0.1),
+                    shuffle=False, seed=0)
+    xb, _ = s.batch(0, 0)
+    assert xb.dtype == torch.float32
+    for i, v in enumerate((0, 51, 255)):
+        assert torch.allclose(xb[i, 0], torch.full((3, 3), (v / 255 - 0.2) / 0.5), atol=1e-6)
+        assert torch.allclose(xb[i, 1], torch.full((3, 3), (v / 255 - 0.4) / 0.1), atol=1e-5)
+
+
+def _naive_crop_flip(x, p, oy, ox, flip):
+    """Per-image reference: numpy zero pad, slice, mirror."""
+    out = []
+    h, w = x.shape[2:]
+    for img, dy, dx, f in zip(x.numpy(), oy.tolist(), ox.tolist(), flip.tolist()):
+        padded = np.pad(img, ((0, 0), (p, p), (p, p)))
+        crop = padded[:, dy:dy + h, dx:dx + w]
+        out.append(crop[:, :, ::-1] if f else crop)
+    return torch.from_numpy(np.ascontiguousarray(np.stack(out)))
+
+
+def test_crop_and_flip_matches_naive_reference():
+    x = _images(40, h=7, w=6)
+    g = torch.Generator().manual_seed(1)
+    for p in (0, 1, 3):
+        oy = torch.randint(0, 2 * p + 1, (40,), generator=g)
+        ox = torch.randint(0, 2 * p + 1, (40,), generator=g)
+        flip = torch.rand(40, generator=g) < 0.5
+        assert torch.equal(crop_and_flip(x, p, oy, ox, flip), _naive_crop_flip(x, p, oy, ox, flip))
+
+
+def test_stream_batch_uses_its_augmentation():
+    x = _images(23, h=7, w=6)
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    s = _stream(x, crop_padding=3, flip=True, mean=mean, std=std)
+    for e, i in [(0, 0), (2, 4), (5, 1)]:
+        aug = s.augmentation(e, i)
+        idx = s.indices(e, i)
+        assert aug.offset_y.min() >= 0 and aug.offset_y.max() <= 6
+        ref = _naive_crop_flip(x[idx], 3, aug.offset_y, aug.offset_x, aug.flip)
+        xb, yb = s.batch(e, i)
+        assert torch.equal(yb, idx)
+        assert torch.allclose(xb, _normalise(ref, mean, std), atol=1e-5)
+    # Offsets cover the whole range over many batches.
+    big = _stream(_images(2000, h=4, w=4), batch_size=2000, crop_padding=2)
+    assert set(big.augmentation(0, 0).offset_x.tolist()) == set(range(5))
+
+
+def test_stream_flip_only():
+    x = _images(400, h=4, w=5)
+    s = _stream(x, batch_size=400, shuffle=False, flip=True, mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    xb, _ = s.batch(0, 0)
+    flip = s.augmentation(0, 0).flip
+    assert 120 < int(flip.sum()) < 280
+    expect = torch.where(flip[:, None, None, None], x.flip(-1), x).float()
+    assert torch.allclose(xb, expect, atol=1e-3)
+    no_flip = _stream(x, batch_size=400, shuffle=False, flip=False).augmentation(0, 0).flip
+    assert not no_flip.any()
+
+
+def test_stream_channels_last():
+    x = _images(10)
+    s = _stream(x, channels_last=True, crop_padding=1, flip=True)
+    xb, _ = s.batch(0, 0)
+    assert xb.is_contiguous(memory_format=torch.channels_last)
+    plain, _ = _stream(x, crop_padding=1, flip=True).batch(0, 0)
+    assert torch.equal(xb, plain)
+
+
+def test_stream_rejects_bad_input():
+    with pytest.raises(ValueError):
+        BatchStream(torch.zeros(2, 1, 3, 3), torch.zeros(2), 1, (0.0,), (1.0,), False, 0)
+    with pytest.raises(ValueError):
+        BatchStream(_images(2), torch.zeros(2), 1, (0.0,), (1.0,), False, 0)
