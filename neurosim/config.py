@@ -73,7 +73,7 @@ class RunConfig:
     compile: bool = False
     execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")))
     # observation
-    log_every: int = attrs.field(default=0, validator=_v.ge(0))  # 0: about twenty lines per epoch
+    log_every: int = attrs.field(default=0, validator=_v.ge(0))  # steps between progress lines; 0: by time
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)
@@ -112,8 +112,10 @@ _DIGITS = dict(model="mlp", data="digits", hidden=(128, 64), activation="relu", 
 _DIGITS_RULE = {
     "bp": {}, "fa": {}, "ss": {},
     "kp": dict(kp_decay=0.02),
-    # Every engaged step is followed by two mirror batches, after twenty before training.
-    "wm": dict(sleep_before=20, sleep_batches=2, wm_lr=0.05, sleep_batch_size=256),
+    # Twenty mirror batches before training, then one after every engaged step. The mirror
+    # rate must let B keep pace with W: at wm_lr=0.05 B lags W by ~20 steps and training with
+    # momentum diverges even though the angle stays small (docs/design.md).
+    "wm": dict(sleep_before=20, sleep_batches=1, wm_lr=0.2, sleep_batch_size=256),
 }
 
 # The weight-mirror authors' NumPy experiments (MLP, MNIST/CIFAR-10): sigmoid units, sigmoid

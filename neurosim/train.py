@@ -214,8 +214,11 @@ class Run:
     def _train_epoch(self, metrics_path, on_step) -> dict:
         cfg, stream = self.cfg, self.train_stream
         total = len(stream)
-        log_every = cfg.log_every or max(1, total // 20)
+        # Progress lines cost a host sync each: by default at most one per half second on a
+        # terminal, one per 30 s in a log file.
+        period = 0.5 if sys.stderr.isatty() else 30.0
         t0, start = time.perf_counter(), self.batch
+        shown = t0
         for x, y in stream.epoch(self.epoch, start=self.batch):
             self.engaged_step(x, y)
             if self.schedule is not None:
@@ -228,8 +231,11 @@ class Run:
             if self.stop_requested:
                 raise RunInterrupted(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}/{total}; "
                                      f"checkpoint saved. Continue with --resume {self.run_dir}")
-            if not self.quiet and (self.batch % log_every == 0 or self.batch == total):
-                self._progress(total, start, t0)
+            if not self.quiet:
+                now = time.perf_counter()
+                if (self.batch % cfg.log_every == 0) if cfg.log_every else (now - shown > period):
+                    self._progress(total, start, t0)
+                    shown = now
         train = self.stats.tolist()
         elapsed = time.perf_counter() - t0
         self.epoch, self.batch = self.epoch + 1, 0
