@@ -237,9 +237,12 @@ class Circuit(nn.Module):
             lines.append(f"    {p.extra_repr()}{tag}")
         lines.append("  synapses:")
         for s in self.synapses.values():
-            lines.append(f"    {s.name}: W{tuple(s.weight.shape)} {s.extra_repr()}")
+            label = "" if s.name == f"{s.pre}->{s.post}" else f"{s.name}: "
+            lines.append(f"    {label}{s.extra_repr()}, W{tuple(s.weight.shape)}")
         for pre, post in self.identities:
-            lines.append(f"    {pre}->{post}: identity")
+            lines.append(f"    {pre} -> {post}: identity")
+        rules = {s.rule.describe() for s in self.synapses.values()}
+        lines.append(f"  rules: {'; '.join(sorted(rules))}")
         t = sorted(set(self.plausibility().values()))
         lines.append(f"  feedback transports: {', '.join(t) if t else 'nothing'}")
         return "\n".join(lines)

@@ -162,4 +162,4 @@ class Synapse(nn.Module):
         else:
             what = (f"conv{k.kernel_size}x{k.kernel_size} {k.in_channels}->{k.out_channels}"
                     f" stride={k.stride} pad={k.padding}" + (f" groups={k.groups}" if k.groups > 1 else ""))
-        return f"{self.pre!r} -> {self.post!r}, {what}, bias={self.bias is not None}, rule={self.rule.describe()}"
+        return f"{self.pre} -> {self.post}, {what}, bias={self.bias is not None}, rule={self.rule.name}"

@@ -308,8 +308,8 @@ def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
     if (run_dir / "config.json").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
                         f"another --out")
+    run = Run(cfg, run_dir, quiet=quiet)  # data and circuit first: a failure leaves no directory
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, run_dir, quiet=quiet)
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(cfg.to_json() + "\n")
     os.replace(tmp, run_dir / "config.json")

@@ -1,0 +1,68 @@
+"""A run stopped mid-epoch and resumed ends exactly where an uninterrupted run ends."""
+
+import pytest
+import torch
+
+from neurosim.checkpoint import load_checkpoint
+from neurosim.config import preset
+from neurosim.errors import UserError
+from neurosim.train import RunInterrupted, open_run, resume_run
+
+
+def _stop_at(step):
+    def hook(run):
+        if run.step == step:
+            run.stop_requested = True
+    return hook
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("wm_mlp_digits", dict(epochs=2)),  # sleep noise generator and a pre-training sleep
+    ("kp_resnet18", dict(epochs=2, width=0.0625, data="synthetic", synthetic_train=96, synthetic_test=32,
+                         batch_size=16, milestones=(1,), sleep_before=0)),  # momentum, BN, augmentation, schedule
+])
+def test_interrupted_run_resumes_bit_for_bit(tmp_path, name, overrides):
+    cfg = preset(name, device="cpu", **overrides)
+    whole = open_run(tmp_path / "whole", cfg, quiet=True)
+    whole.train()
+
+    part = open_run(tmp_path / "part", cfg, quiet=True)
+    stop = len(part.train_stream) + 3  # three batches into the second epoch
+    with pytest.raises(RunInterrupted, match="--resume"):
+        part.train(on_step=_stop_at(stop))
+    saved = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 3, stop)
+
+    resumed = resume_run(tmp_path / "part", quiet=True)
+    resumed.train()
+    a, b = whole.circuit.state_dict(), resumed.circuit.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k not in ("time_s", "images_per_s")}
+                           for x in lines]
+    assert strip(ma) == strip(mb)
+
+
+def test_resume_refuses_another_rule_or_model(tmp_path):
+    run = open_run(tmp_path / "r", preset("kp_mlp_digits", epochs=1), quiet=True)
+    run.train()
+    with pytest.raises(UserError, match="holds a kp_mlp run"):
+        resume_run(tmp_path / "r", expect=preset("bp_mlp_digits"))
+    with pytest.raises(UserError, match="cannot change when resuming"):
+        resume_run(tmp_path / "r", expect=preset("kp_mlp_digits"), overrides={"lr": 0.5})
+    more = resume_run(tmp_path / "r", expect=preset("kp_mlp_digits"), overrides={"epochs": 2}, quiet=True)
+    assert more.epoch == 1
+    more.train()
+    assert more.epoch == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run = open_run(tmp_path / "r", preset("bp_mlp_digits", epochs=1), quiet=True)
+    run.train()
+    path = tmp_path / "r" / "last.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        resume_run(tmp_path / "r")
