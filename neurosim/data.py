@@ -104,7 +104,8 @@ def load_dataset(
       classes, each class with its own colour and pattern under noise; for tests and smoke runs.
     - anything else: a folder of class subfolders of images (the `ImageFolder` layout). The last
       `val_per_class` images of each class in sorted file order form the test split (default
-      10 % of each class, at least one). Decoded images are cached under
+      10 % of each class, at least one); the training split is put in one fixed random order.
+      Decoded images are cached under
       ``<data_dir>/cache/`` so later loads skip decoding.
 
     `val_per_class` applies to folders only. Problems the user can fix raise `DataError`.
@@ -310,7 +311,17 @@ def _load_folder(root: Path, data_dir: Path, val_per_class: int | None):
             )
         is_test[start + count - k:start + count] = True
         start += count
-    return x[~is_test], y[~is_test], x[is_test], y[is_test], tuple(classes)
+    # A folder lists its images class by class; CIFAR's files hold them in one fixed random
+    # order. Give the training split such an order too (always the same one), so that a run
+    # without shuffling (the original weight-mirror recipe) still sees every class in a batch.
+    train = torch.nonzero(~is_test).flatten()
+    train = train[folder_training_order(len(train))]
+    return x[train], y[train], x[is_test], y[is_test], tuple(classes)
+
+
+def folder_training_order(n: int) -> torch.Tensor:
+    """The fixed order in which a folder's ``n`` training images (sorted by class) are held."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
 def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray]:
