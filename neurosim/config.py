@@ -111,7 +111,7 @@ _DIGITS = dict(model="mlp", data="digits", hidden=(128, 64), activation="relu", 
                batch_size=32, lr=0.05, momentum=0.9)
 _DIGITS_RULE = {
     "bp": {}, "fa": {}, "ss": {},
-    "kp": dict(kp_decay=0.02),
+    "kp": dict(kp_decay=0.01),
     # Twenty mirror batches before training, then one after every engaged step. The mirror
     # rate must let B keep pace with W: at wm_lr=0.05 B lags W by ~20 steps and training with
     # momentum diverges even though the angle stays small (docs/design.md).
@@ -174,8 +174,11 @@ def preset(name: str, **overrides) -> RunConfig:
 
 
 def build(fields: dict) -> RunConfig:
+    """A validated configuration (its rule is built once too, so rule settings are checked)."""
     try:
-        return RunConfig(**fields)
+        cfg = RunConfig(**fields)
+        cfg.make_rule()
+        return cfg
     except (TypeError, ValueError) as e:
         raise UserError(f"invalid setting: {e}") from None
 

@@ -10,10 +10,11 @@ from neurosim.rules.base import PlasticityRule, random_feedback
 
 @attrs.frozen
 class SleepSchedule:
-    """When the circuit sleeps: ``before`` mirror batches before training, then ``batches``
-    mirror batches after every ``every`` engaged steps."""
+    """When the circuit sleeps: ``before`` mirror batches before training (-1: as many as one
+    epoch has training batches), then ``batches`` mirror batches after every ``every`` engaged
+    steps."""
 
-    before: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    before: int = attrs.field(default=0, validator=attrs.validators.ge(-1))
     every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
 

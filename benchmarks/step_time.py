@@ -1,0 +1,650 @@
+"""Step time and memory of compiled circuits against the same ResNet in plain PyTorch.
+
+    python benchmarks/step_time.py --model resnet18 --batch 64 --device cuda --dtype bf16 \\
+        --channels-last --rules native,bp,fa,ss,kp,wm --json results.json
+
+Each *variant* is one way to train the same architecture: ``native`` is
+``neurosim.models.native.native_resnet`` under ordinary autograd; ``bp``, ``fa``, ``ss``, ``kp``
+and ``wm`` are ``neurosim.models.build_resnet`` circuits under those rules (compiled execution:
+custom autograd functions whose backward sends errors through the rule's feedback matrix and
+writes local updates into ``.grad``). ``--monitors`` adds ``<rule>+mon`` variants that also run a
+``neurosim.monitors.Monitor`` (skipped if that module is not there).
+
+What is timed is the full training step a user runs::
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast (bf16 only): loss = cross_entropy(model(x).float(), y)
+    loss.backward()
+    optimizer.step()                    # SGD, momentum 0.9, weight decay 5e-4
+    + for wm: the sleep the wm_<model> preset schedules after this step (mirror batches of
+      circuit.sleep plus the sleep optimizer's step), exactly as neurosim.train.Run does
+
+All variants live in one process and see the same fixed synthetic batch. After warm-up the
+repetitions are interleaved (rep 1: every variant once, rep 2: again, starting one variant later,
+…), each timing K consecutive steps with the device synchronised before the clock is read, so a
+slow spell of a shared machine hits all variants alike. Reported: median ms/step over reps, its
+ratio to ``native`` (and to ``bp``), images/s and the projected time of a 50,000-image epoch.
+
+``--memory`` adds a peak-memory phase. On CUDA each variant is built alone (the others freed)
+and ``torch.cuda.max_memory_allocated`` over two steps is its peak. On CPU each variant runs in
+a fresh subprocess (``--memory-child VARIANT``) that reports the growth of its peak RSS
+(``ru_maxrss``) from after building to after two steps: the memory the steps need (activations,
+gradients, optimizer state), uncontaminated by the other variants.
+
+Bad arguments end in one message and exit status 2. Timings on a shared machine are noisy: the
+JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from neurosim.models import RESNETS, build_resnet  # noqa: E402
+from neurosim.models.native import native_resnet  # noqa: E402
+
+RULES = ("native", "bp", "fa", "ss", "kp", "wm")
+NUM_CLASSES = 100
+IN_SHAPE = (3, 32, 32)
+EPOCH_IMAGES = 50_000
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # the ResNet presets' engaged optimizer
+MONITOR_SUFFIX = "+mon"
+# Defaults that keep a run to minutes: a CPU ResNet-18 step at batch 64 takes seconds.
+DEFAULTS = {"cuda": dict(reps=10, warmup=5, steps_per_rep=10), "cpu": dict(reps=5, warmup=2, steps_per_rep=2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; any problem ends in ``parser.error`` (one message, exit status 2)."""
+    p = argparse.ArgumentParser(
+        prog="step_time.py", description="Time a full training step of ResNet circuits against native PyTorch.",
+        epilog="Defaults for --reps/--warmup/--steps-per-rep: 10/5/10 on cuda, 5/2/2 on cpu.")
+    p.add_argument("--model", default="resnet18", help=f"one of {', '.join(sorted(RESNETS))} (default resnet18)")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
+    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default cuda if available)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="bf16: torch.autocast around forward and loss (default fp32)")
+    p.add_argument("--compile", action="store_true", help="wrap each model (circuit or native) in torch.compile")
+    p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    p.add_argument("--rules", default=",".join(RULES), help=f"variants, comma-separated, from {','.join(RULES)}")
+    p.add_argument("--monitors", action="store_true",
+                   help="also time <rule>+mon variants with a neurosim.monitors.Monitor attached")
+    p.add_argument("--monitor-every", type=int, default=None,
+                   help="monitor recording interval in steps (default: MonitorConfig's; 1 shows the "
+                        "full cost of a record)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (medians are over these)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant before timing")
+    p.add_argument("--steps-per-rep", type=int, help="consecutive steps timed together in one repetition")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU intra-op threads)")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, print torch.profiler's op table for one repetition of each variant")
+    p.add_argument("--json", type=Path, help="write settings, raw per-rep times and results here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic batch")
+    p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.model not in RESNETS:
+        p.error(f"unknown --model {args.model!r}; choose from {', '.join(sorted(RESNETS))}")
+    if not args.width > 0:
+        p.error(f"--width must be positive, got {args.width}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device} asked for but no CUDA GPU is available; use --device cpu")
+    args.device = device
+    for name in ("batch", "reps", "warmup", "steps_per_rep", "threads"):
+        value = getattr(args, name)
+        low = 0 if name == "warmup" else 1
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if value is None and name in DEFAULTS[device.type]:
+            setattr(args, name, DEFAULTS[device.type][name])
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown or not rules:
+        p.error(f"--rules: unknown {unknown or 'empty list'}; choose from {','.join(RULES)}")
+    args.rules = list(dict.fromkeys(rules))
+    args.variants = list(args.rules)
+    if args.monitor_every is not None and args.monitor_every < 1:
+        p.error(f"--monitor-every must be at least 1, got {args.monitor_every}")
+    args.monitor_note = None
+    if args.monitors:
+        available, why = monitors_available()
+        if available:
+            args.variants += [r + MONITOR_SUFFIX for r in args.rules if r != "native"]
+        else:
+            args.monitor_note = f"--monitors skipped: {why}"
+    if args.memory_child is not None:
+        base = args.memory_child.removesuffix(MONITOR_SUFFIX)
+        if base not in RULES or (args.memory_child.endswith(MONITOR_SUFFIX) and base == "native"):
+            p.error(f"--memory-child: unknown variant {args.memory_child!r}")
+    return args
+
+
+def monitors_available() -> tuple[bool, str]:
+    """Whether ``neurosim.monitors`` exists with ``Monitor`` and ``MonitorConfig``."""
+    try:
+        import neurosim.monitors as mon
+    except ImportError as e:
+        return False, f"neurosim.monitors cannot be imported ({e})"
+    missing = [n for n in ("Monitor", "MonitorConfig") if not hasattr(mon, n)]
+    if missing:
+        return False, f"neurosim.monitors has no {', '.join(missing)}"
+    return True, ""
+
+
+def monitor_every(args) -> int:
+    """The recording interval of ``+mon`` variants (MonitorConfig's default unless given)."""
+    if args.monitor_every is not None:
+        return args.monitor_every
+    from neurosim.monitors import MonitorConfig
+
+    return MonitorConfig().every
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+
+def make_rule(name: str, model: str):
+    """The plasticity rule of a circuit variant; WM takes its hyper-parameters and sleep
+    schedule from the ``wm_<model>`` preset (the ResNet presets share them)."""
+    from neurosim.config import preset
+    from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry
+
+    if name == "wm":
+        return preset(f"wm_{model}").make_rule()
+    return {"bp": Backprop, "fa": FeedbackAlignment, "ss": SignSymmetry, "kp": KolenPollack}[name]()
+
+
+class Variant:
+    """One model, its optimizers and (for WM) its sleep, stepping on a fixed batch.
+
+    ``step()`` is the unit that is timed: everything a training loop does per batch.
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace, batch: tuple[torch.Tensor, torch.Tensor],
+                 monitor_dir: Path | None = None):
+        self.name, self.args = name, args
+        self.rule_name = name.removesuffix(MONITOR_SUFFIX)
+        device = args.device
+        self.amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+        self.sleep_optimizer = self.schedule = self.monitor = None
+        if self.rule_name == "native":
+            self.net = native_resnet(args.model, NUM_CLASSES, IN_SHAPE, args.width, seed=args.seed)
+            params = list(self.net.parameters())
+        else:
+            self.net = build_resnet(args.model, make_rule(self.rule_name, args.model), NUM_CLASSES, IN_SHAPE,
+                                    args.width, seed=args.seed)
+            params = self.net.engaged_parameters()
+        self.net.to(device)
+        if args.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.net.train()
+        self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        if self.rule_name == "wm":
+            from neurosim.config import preset
+
+            cfg = preset(f"wm_{args.model}")
+            self.sleep_optimizer = torch.optim.SGD(self.net.sleep_parameters(), lr=cfg.wm_lr)
+            self.schedule = self.net.rule.schedule
+            self.sleep_batch = cfg.sleep_batch_size or args.batch
+            self.sleep_generator = torch.Generator(device).manual_seed(args.seed + 1)
+        if name.endswith(MONITOR_SUFFIX):
+            self.monitor = MonitorHook(self.net, args, *batch, monitor_dir)
+        self.model = torch.compile(self.net) if args.compile else self.net
+        self.steps = 0
+        self.last_loss = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One full training step (no host synchronisation)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss = F.cross_entropy(self.model(x).float(), y)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        if self.monitor is not None:
+            self.monitor.after_step(self.steps)
+        due = self.schedule.due(self.steps) if self.schedule is not None else 0
+        if due:
+            if self.monitor is not None:
+                self.monitor.before_sleep(self.steps)
+            for _ in range(due):
+                self.sleep_optimizer.zero_grad(set_to_none=True)
+                self.net.sleep(self.sleep_batch, self.sleep_generator)
+                self.sleep_optimizer.step()
+            if self.monitor is not None:
+                self.monitor.after_sleep(self.steps)
+        self.last_loss = loss.detach()
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+class MonitorHook:
+    """A ``neurosim.monitors.Monitor`` driven as the training loop drives it: ``after_step``
+    after every engaged step, ``before_sleep``/``after_sleep`` around WM's sleep, ``flush`` once
+    at the end (outside the timed steps, as at an epoch end).
+
+    ``every`` is the recording interval; the monitor is sized for a preset-length run
+    (200 epochs of 50,000 images) so that its snapshot plan and buffers are those of real training.
+    The probe (delta and update angles) uses the benchmark's batch and cross-entropy.
+    """
+
+    def __init__(self, circuit, args, x: torch.Tensor, y: torch.Tensor, directory: Path | None):
+        from neurosim.monitors import Monitor, MonitorConfig
+
+        total = 200 * math.ceil(EPOCH_IMAGES / args.batch)
+        cfg = MonitorConfig(every=monitor_every(args), max_bytes=2**62)  # the benchmark keeps few rows
+        self.monitor = Monitor(circuit, cfg, total, probe=(x, y), loss_fn=F.cross_entropy, seed=args.seed)
+        self.directory = directory
+
+    def after_step(self, step: int) -> None:
+        self.monitor.after_step(step)
+
+    def before_sleep(self, step: int) -> None:
+        self.monitor.before_sleep(step)
+
+    def after_sleep(self, step: int) -> None:
+        self.monitor.after_sleep(step)
+
+    def close(self) -> None:
+        if self.directory is not None:
+            self.monitor.flush(self.directory)
+
+
+def synthetic_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch on the device (every variant sees the same one)."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.randn(args.batch, *IN_SHAPE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
+    x, y = x.to(args.device), y.to(args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe_failure(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict]:
+    """Warm up each variant, then time interleaved repetitions. Returns (per-rep seconds per
+    step for each variant, failure message for each variant that raised)."""
+    failures, times = {}, {name: [] for name in variants}
+    for name, v in variants.items():
+        try:
+            for _ in range(args.warmup):
+                v.step(x, y)
+            synchronize(args.device)
+        except Exception as e:  # e.g. torch.compile cannot trace a variant: report, go on
+            failures[name] = describe_failure(e)
+            print(f"  {name}: failed in warm-up: {failures[name]}", file=sys.stderr)
+    live = [n for n in variants if n not in failures]
+    for rep in range(args.reps):
+        # Start each repetition one variant later so none always runs right after the same one.
+        order = live[rep % len(live):] + live[:rep % len(live)] if live else []
+        for name in order:
+            if name in failures:
+                continue
+            v = variants[name]
+            try:
+                synchronize(args.device)
+                t0 = time.perf_counter()
+                for _ in range(args.steps_per_rep):
+                    v.step(x, y)
+                synchronize(args.device)
+                times[name].append((time.perf_counter() - t0) / args.steps_per_rep)
+            except Exception as e:
+                failures[name] = describe_failure(e)
+                print(f"  {name}: failed while timing: {failures[name]}", file=sys.stderr)
+        print(f"  rep {rep + 1}/{args.reps}: " + "  ".join(
+            f"{n} {times[n][-1] * 1e3:.1f}" for n in live if n not in failures and times[n]) + " ms/step",
+            file=sys.stderr)
+    return times, failures
+
+
+def profile_variants(args, variants: dict[str, Variant], x, y, failures: dict) -> dict[str, str]:
+    """torch.profiler op tables (self time) for ``steps_per_rep`` steps of each live variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
+    for name, v in variants.items():
+        if name in failures:
+            continue
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps_per_rep):
+                v.step(x, y)
+            synchronize(args.device)
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=20)
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+def cuda_peak_memory(args, names: list[str], x, y) -> dict[str, dict]:
+    """Each variant alone on the GPU: peak bytes allocated over two steps (model, optimizer
+    state, activations, gradients)."""
+    out = {}
+    for name in names:
+        gc.collect()
+        torch.cuda.empty_cache()
+        v = None
+        try:
+            torch.cuda.reset_peak_memory_stats(args.device)
+            with tempfile.TemporaryDirectory() as tmp:
+                v = Variant(name, args, (x, y), Path(tmp))
+                synchronize(args.device)
+                built = torch.cuda.memory_allocated(args.device)
+                for _ in range(2):
+                    v.step(x, y)
+                synchronize(args.device)
+                v.close()
+            peak = torch.cuda.max_memory_allocated(args.device)
+            out[name] = {"peak_mb": peak / 2**20, "built_mb": built / 2**20, "step_mb": (peak - built) / 2**20}
+        except Exception as e:
+            out[name] = {"error": describe_failure(e)}
+        del v
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def child_argv(args, variant: str) -> list[str]:
+    """Command line that makes a fresh process measure one variant's memory."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--memory-child", variant, "--model", args.model,
+            "--width", repr(args.width), "--batch", str(args.batch), "--device", str(args.device),
+            "--dtype", args.dtype, "--seed", str(args.seed), "--rules", variant.removesuffix(MONITOR_SUFFIX)]
+    if args.compile:
+        argv.append("--compile")
+    if args.channels_last:
+        argv.append("--channels-last")
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.monitor_every is not None:
+        argv += ["--monitor-every", str(args.monitor_every)]
+    return argv
+
+
+def cpu_peak_memory(args, names: list[str]) -> dict[str, dict]:
+    """Peak-RSS growth of each variant over two steps, each in its own fresh process."""
+    out = {}
+    for name in names:
+        proc = subprocess.run(child_argv(args, name), capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            out[name] = {"error": f"memory child exited {proc.returncode}: {err}"}
+        else:
+            out[name] = json.loads(lines[-1])
+        print(f"  memory {name}: {out[name]}", file=sys.stderr)
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (``VmHWM``) to its current RSS (Linux ≥ 4.0);
+    False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB, None if unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(args) -> int:
+    """Body of ``--memory-child VARIANT``: build, two steps, print the peak-RSS growth as JSON.
+
+    ``ru_maxrss`` (KiB on Linux) is a high-water mark since the process began: importing torch
+    alone peaks near half a GiB here, which hides the growth of a small model's steps. So where
+    the kernel allows, the peak mark is reset after building and the growth is measured as
+    ``VmHWM`` after two steps minus ``VmRSS`` after building (the same kernel counter that
+    ``ru_maxrss`` reads, but resettable — ``ru_maxrss`` also keeps exited threads' peaks and is
+    not). Otherwise it falls back to the ``ru_maxrss`` difference (``"method"`` says which).
+    """
+    name = args.memory_child
+    x, y = synthetic_batch(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        v = Variant(name, args, (x, y), Path(tmp))
+        gc.collect()
+        maxrss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = _reset_peak_rss()
+        rss_built = _status_kib("VmRSS")
+        for _ in range(2):
+            v.step(x, y)
+        maxrss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = _status_kib("VmHWM")
+        v.close()
+    if reset and rss_built is not None and hwm is not None:
+        built, peak, method = rss_built, hwm, "VmHWM after reset - VmRSS"
+    else:
+        built, peak, method = maxrss_built, maxrss_peak, "ru_maxrss difference"
+    print(json.dumps({"built_rss_mb": built / 1024, "peak_rss_mb": peak / 1024, "peak_mb": (peak - built) / 1024,
+                      "ru_maxrss_mb": maxrss_peak / 1024, "method": method}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def summarise(args, times: dict, failures: dict, memory: dict | None) -> dict:
+    """Medians, ratios, throughput, epoch projections and memory per variant."""
+    med = {n: statistics.median(t) for n, t in times.items() if t and n not in failures}
+    rows = {}
+    for name in args.variants:
+        row = {"times_s": times.get(name, [])}
+        if name in failures:
+            row["failure"] = failures[name]
+        if name in med:
+            m = med[name]
+            row.update(median_ms=m * 1e3, images_per_s=args.batch / m, epoch_s=EPOCH_IMAGES / args.batch * m,
+                       spread_ms=(min(times[name]) * 1e3, max(times[name]) * 1e3))
+            for ref in ("native", "bp"):
+                if ref in med:
+                    row[f"ratio_vs_{ref}"] = m / med[ref]
+        if memory is not None:
+            row["memory"] = memory.get(name, {})
+            base = memory.get("native", {}).get("peak_mb")
+            mine = row["memory"].get("peak_mb")
+            if base and mine is not None:
+                row["memory"]["ratio_vs_native"] = mine / base
+        rows[name] = row
+    return rows
+
+
+def print_table(args, rows: dict, cpu_memory: bool) -> None:
+    mem_label = "RSS growth MB" if cpu_memory else "peak MB"
+    head = f"{'variant':<10} {'ms/step':>9} {'min..max':>15} {'vs native':>9} {'vs bp':>7} {'img/s':>8} " \
+           f"{'epoch 50k':>10}"
+    if args.memory:
+        head += f" {mem_label:>14} {'mem ratio':>9}"
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        if "median_ms" not in r:
+            print(f"{name:<10} FAILED: {r.get('failure', 'no timing')}")
+            continue
+        fmt = lambda k: f"{r[k]:.3f}" if k in r else "-"
+        lo, hi = r["spread_ms"]
+        line = (f"{name:<10} {r['median_ms']:>9.1f} {f'{lo:.1f}..{hi:.1f}':>15} {fmt('ratio_vs_native'):>9} "
+                f"{fmt('ratio_vs_bp'):>7} {r['images_per_s']:>8.1f} {_duration(r['epoch_s']):>10}")
+        if args.memory:
+            m = r.get("memory", {})
+            if "error" in m:
+                line += f"  memory failed: {m['error']}"
+            else:
+                ratio = f"{m['ratio_vs_native']:.3f}" if "ratio_vs_native" in m else "-"
+                line += f" {m.get('peak_mb', float('nan')):>14.1f} {ratio:>9}"
+        if r.get("failure"):
+            line += f"  (failed later: {r['failure']})"
+        print(line)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def settings_of(args) -> dict:
+    keys = ("model", "width", "batch", "dtype", "compile", "channels_last", "rules", "variants", "monitors",
+            "reps", "warmup", "steps_per_rep", "threads", "memory", "seed")
+    s = {k: getattr(args, k) for k in keys}
+    if any(v.endswith(MONITOR_SUFFIX) for v in args.variants):
+        s["monitor_every"] = monitor_every(args)
+    s["device"] = str(args.device)
+    s.update(num_classes=NUM_CLASSES, in_shape=IN_SHAPE, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    if "wm" in args.rules:
+        from neurosim.config import preset
+
+        cfg = preset(f"wm_{args.model}")
+        s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=cfg.sleep_every,
+                             sleep_batches=cfg.sleep_batches, sleep_batch_size=cfg.sleep_batch_size or args.batch,
+                             wm_lr=cfg.wm_lr)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.memory_child is not None:
+        return memory_child(args)
+
+    load_before = os.getloadavg()
+    print(f"{args.model} width {args.width} batch {args.batch} on {device_name(args.device)}, {args.dtype}"
+          f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}; "
+          f"{args.reps} reps x {args.steps_per_rep} steps after {args.warmup} warm-up; "
+          f"load average {load_before[0]:.2f}", file=sys.stderr)
+    if args.monitor_note:
+        print(args.monitor_note, file=sys.stderr)
+
+    x, y = synthetic_batch(args)
+    variants, failures = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            try:
+                variants[name] = Variant(name, args, (x, y), Path(tmp) / name)
+            except Exception as e:
+                failures[name] = describe_failure(e)
+                print(f"  {name}: failed to build: {failures[name]}", file=sys.stderr)
+        times, step_failures = time_variants(args, variants, x, y)
+        failures.update(step_failures)
+        final_loss = {n: float(v.last_loss) for n, v in variants.items() if v.last_loss is not None}
+        tables = profile_variants(args, variants, x, y, failures) if args.profile else {}
+        for v in variants.values():
+            try:
+                v.close()
+            except Exception as e:
+                print(f"  {v.name}: monitor close failed: {describe_failure(e)}", file=sys.stderr)
+    for name, loss in final_loss.items():
+        if not math.isfinite(loss):
+            print(f"  warning: {name} diverged (loss {loss}); its timings may include non-finite arithmetic",
+                  file=sys.stderr)
+    del variants
+    gc.collect()
+
+    memory = None
+    if args.memory:
+        live = [n for n in args.variants if n not in failures]
+        if args.device.type == "cuda":
+            memory = cuda_peak_memory(args, live, x, y)
+        else:
+            memory = cpu_peak_memory(args, live)
+    load_after = os.getloadavg()
+
+    rows = summarise(args, times, failures, memory)
+    for name, tab in tables.items():
+        print(f"\n== profile: {name} ({args.steps_per_rep} steps) ==\n{tab}")
+    print()
+    print_table(args, rows, cpu_memory=args.device.type == "cpu")
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+          f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
+    if args.monitor_note:
+        print(args.monitor_note)
+
+    if args.json:
+        result = {
+            "settings": settings_of(args), "torch": torch.__version__, "device_name": device_name(args.device),
+            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
+            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
+            "load_average": {"before": load_before, "after": load_after}, "final_loss": final_loss,
+            "variants": rows, "monitor_note": args.monitor_note,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if failures and len(failures) == len(args.variants) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Draw the figures of runs: ``python experiments/plot_run.py runs/kp_… runs/wm_… --out figs``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurosim.cli import main  # noqa: E402
+from neurosim.plot_cli import plot_run  # noqa: E402
+
+if __name__ == "__main__":
+    main(plot_run)
