@@ -94,3 +94,80 @@ def main(entry, argv=None) -> None:
         sys.exit(entry(sys.argv[1:] if argv is None else argv))
     except UserError as e:
         fail(str(e))
+
+
+EVAL_USAGE = """usage: evaluate.py RUN_DIR [--data NAME_OR_PATH] [--last] [--split test|all] [--data-dir DIR]
+                   [--val-per-class N] [--device DEV] [--json PATH]
+
+Evaluate a run's best checkpoint (or --last) on a dataset: top-1, top-5 and loss, printed as
+one line and written as JSON (default RUN_DIR/eval-<data>-<best|last>.json). --data defaults to
+the run's own data; a folder path is evaluated whole (--split all) unless --split test asks for
+its held-out images only.
+"""
+
+
+def evaluate(argv: list[str]) -> int:
+    import json
+    import os
+    import re
+
+    import torch
+
+    from neurosim.checkpoint import load_checkpoint
+    from neurosim.config import RunConfig
+    from neurosim.data import BatchStream, DATASET_NAMES, load_dataset
+    from neurosim.train import build_circuit, evaluate_stream, loss_function, resolve_device
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(EVAL_USAGE)
+        return 0 if argv else 2
+    run_dir, opts = Path(argv[0]), {"--data": None, "--split": None, "--data-dir": None, "--val-per-class": None,
+                                    "--device": "auto", "--json": None}
+    which, i, rest = "best", 0, argv[1:]
+    while i < len(rest):
+        if rest[i] == "--last":
+            which, i = "last", i + 1
+        elif rest[i] in opts and i + 1 < len(rest):
+            opts[rest[i]], i = rest[i + 1], i + 2
+        else:
+            raise UserError(f"unexpected argument {rest[i]!r}\n{EVAL_USAGE}")
+    state = load_checkpoint(run_dir / f"{which}.pt")
+    cfg = RunConfig.from_dict(state["config"])
+    trained = state["data"]
+    spec = opts["--data"] or cfg.data
+    is_folder = spec not in DATASET_NAMES
+    split = opts["--split"] or ("all" if is_folder and opts["--data"] else "test")
+    if split not in ("test", "all"):
+        raise UserError(f"--split must be test or all, not {split!r}")
+    if opts["--val-per-class"] is not None and not opts["--val-per-class"].isdigit():
+        raise UserError(f"--val-per-class takes a whole number, not {opts['--val-per-class']!r}")
+    val = int(opts["--val-per-class"]) if opts["--val-per-class"] is not None else (
+        0 if split == "all" and is_folder else cfg.val_per_class)
+    device = resolve_device(opts["--device"])
+    data = load_dataset(spec, opts["--data-dir"] or cfg.data_dir, val, (cfg.synthetic_train, cfg.synthetic_test),
+                        device, cfg.seed)
+    if list(data.image_shape) != trained["image_shape"]:
+        raise UserError(f"{spec} has images of shape {data.image_shape}; the run was trained on "
+                        f"{tuple(trained['image_shape'])}")
+    if data.num_classes != len(trained["classes"]):
+        raise UserError(f"{spec} has {data.num_classes} classes; the run was trained on {len(trained['classes'])}")
+    if [c.lower() for c in data.classes] != [c.lower() for c in trained["classes"]]:
+        raise UserError(f"class names of {spec} {list(data.classes)[:5]}… differ from the run's "
+                        f"{trained['classes'][:5]}…; labels would not correspond")
+    circuit = build_circuit(cfg, tuple(trained["image_shape"]), len(trained["classes"])).to(device)
+    circuit.load_state_dict(state["circuit"])
+    if split == "all":
+        x, y = torch.cat([data.train_x, data.test_x]), torch.cat([data.train_y, data.test_y])
+    else:
+        x, y = data.test_x, data.test_y
+    stream = BatchStream(x, y, 256, trained["mean"], trained["std"], shuffle=False, seed=0)
+    m = evaluate_stream(circuit, circuit, stream, loss_function(cfg.loss))
+    result = {"run": str(run_dir), "checkpoint": which, "epoch": state["epoch"], "data": spec, "split": split, **m}
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(spec).name if is_folder else spec).strip("_")
+    out = Path(opts["--json"] or run_dir / f"eval-{slug}-{which}.json")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"{cfg.preset} ({which}, epoch {state['epoch']}) on {spec} [{split}, {m['images']} images]: "
+          f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  -> {out}")
+    return 0

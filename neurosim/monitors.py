@@ -46,8 +46,9 @@ known in advance (``estimate_nbytes``)::
     bytes ≈ rows · S · (4 + 4·[sleeps] + 2·traces) · 4  +  snapshots · S · scatter · 2 · 4
 
 with ``S`` monitored synapses. ResNet-18 on CIFAR (21 synapses), 200 epochs × 391 steps,
-every=200, traces=16, scatter=512, snapshots=5: 392 rows, 1.3 MB of records plus 0.4 MB of
-scatter snapshots, **about 1.8 MB** (2.1 MB for WM with its sleep columns). A configuration
+every=200, traces=16, scatter=512, snapshots=5: 392 rows, 1.2 MB of records, 0.4 MB of scatter
+snapshots and 0.1 MB of sample indices: **1.7 MB** (1.8 MB for WM with its sleep columns). The
+device holds one chunk of at most 256 rows (0.9 MB here) plus the snapshots. A configuration
 whose size exceeds ``max_bytes`` (256 MiB) is refused before training starts, with the size and
 the knob to change (e.g. every=1 with every weight traced).
 
@@ -274,7 +275,7 @@ class Monitor:
         self._chunk_start = 0  # row number of the device buffer's first row
         self.steps: list[int] = []
         self.snapshot_steps: list[int] = []
-        self._after_step(0)
+        self.after_step(0)
 
     # -- sizes ---------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -293,17 +294,16 @@ class Monitor:
         traced = rows * 4 * len(numels) * 2 * k
         scatter = cfg.snapshots * 4 * len(numels) * 2 * min(cfg.scatter, max(numels))
         if traced >= size / 2:
-            knob = f"trace fewer weights (monitor traces, now {cfg.traces}) or record less often " \
-                   f"(monitor every, now {cfg.every})"
+            knob = (f"trace fewer weights (traces, --monitor-traces, now {cfg.traces}) or record less "
+                    f"often (every, --monitor-every, now {cfg.every})")
         elif scatter >= size / 2:
-            knob = f"take fewer scatter pairs (monitor scatter, now {cfg.scatter}) or snapshots " \
-                   f"(now {cfg.snapshots})"
+            knob = f"take fewer scatter pairs (scatter, now {cfg.scatter}) or snapshots (now {cfg.snapshots})"
         else:
-            knob = f"record less often (monitor every, now {cfg.every})"
+            knob = f"record less often (every, --monitor-every, now {cfg.every})"
         return (f"the monitor would record {size / 1e6:.1f} MB over this run ({rows} records of "
                 f"{len(numels)} synapses, {k} traced weights each), more than its limit of "
-                f"{cfg.max_bytes / 1e6:.1f} MB: {knob}, monitor fewer synapses (monitor synapses, now "
-                f"{cfg.synapses!r}), or raise the limit (monitor max_bytes)")
+                f"{cfg.max_bytes / 1e6:.1f} MB: {knob}, monitor fewer synapses (synapses, "
+                f"--monitor-synapses, now {cfg.synapses!r}), or raise the limit (max_bytes)")
 
     # -- recording (device only, no host sync) -------------------------------------------------
     @staticmethod
@@ -316,9 +316,6 @@ class Monitor:
     def after_step(self, step: int) -> None:
         """Record if ``step`` (engaged steps completed, from 1) is a multiple of ``every``, and take
         a scatter snapshot if one is planned for this step."""
-        self._after_step(step)
-
-    def _after_step(self, step: int) -> None:
         if self._snapshot_due(step):
             self._snapshot(step)
         if step % self.cfg.every == 0:

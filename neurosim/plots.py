@@ -63,13 +63,19 @@ def _depth_legend(fig, axes, names, colours):
     bar.set_label(f"synapse depth (0 = {names[0]}, {len(names) - 1} = {names[-1]})", fontsize=8)
 
 
+def _save(fig, out: Path) -> Path:
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_epoch_angles(run_dir: Path, out: Path | None = None) -> Path:
     """Per-synapse angle between W and Bᵀ (degrees) at the end of every epoch."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     names = list(records[0]["angles"])
     colours = depth_colours(len(names))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     epochs = [r["epoch"] for r in records]
     for name, colour in zip(names, colours):
         ax.plot(epochs, [r["angles"][name] for r in records], color=colour, label=name, marker=".")
@@ -79,18 +85,14 @@ def plot_epoch_angles(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(f"{_title(run_dir)}: forward/feedback alignment per synapse")
     ax.grid(alpha=0.3)
     _depth_legend(fig, ax, names, colours)
-    out = out or run_dir / "angles_by_epoch.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out or run_dir / "angles_by_epoch.png")
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     """Train and test top-1 accuracy (percent) per epoch."""
     run_dir = Path(run_dir)
-    records = [r for r in read_metrics(run_dir)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    records = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     ax.plot([r["epoch"] for r in records], [r["test_acc"] for r in records], marker=".", label="test top-1")
     tr = [r for r in records if "train_acc" in r]
     ax.plot([r["epoch"] for r in tr], [r["train_acc"] for r in tr], marker=".", label="train top-1 (running)")
@@ -99,11 +101,7 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(f"{_title(run_dir)}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = out or run_dir / "accuracy.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out or run_dir / "accuracy.png")
 
 
 def _title(run_dir: Path) -> str:
@@ -122,14 +120,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     return written
 
 
-
 # -- monitor figures ------------------------------------------------------------------------------
-
-def _save(fig, out: Path) -> Path:
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
 
 def _marker(n_points: int) -> str:
     return "." if n_points <= 40 else ""
@@ -263,7 +254,7 @@ def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path |
     rec = record or load_monitor(run_dir)
     rows, snaps = _chosen(rec), len(rec.scatter_steps)
     fig, axes = plt.subplots(len(rows), snaps, figsize=(2.5 * snaps + 0.8, 2.5 * len(rows) + 0.7),
-                             squeeze=False, layout="constrained")
+                             squeeze=False, sharex="row", sharey="row", layout="constrained")
     for r, i in enumerate(rows):
         w_all, b_all = rec.scatter_w[:, i], rec.scatter_b[:, i]
         lim = np.nanmax(np.abs(np.concatenate([w_all.ravel(), b_all.ravel(), [1e-12]]))) * 1.05
@@ -277,7 +268,7 @@ def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path |
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
             ax.set_aspect("equal")
-            ax.tick_params(labelsize=6)
+            ax.tick_params(labelsize=6, labelleft=p == 0)
             ax.text(0.03, 0.97, f"{_sample_angle(w, b):.0f}°", transform=ax.transAxes, va="top", fontsize=8)
             if r == 0:
                 ax.set_title(f"step {int(rec.scatter_steps[p])}", fontsize=9)

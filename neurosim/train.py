@@ -77,6 +77,7 @@ class Run:
                                          (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
         c = self.data.image_shape[0]
         mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
+        self.normalization = (tuple(mean), tuple(std))  # saved: evaluation on other data reuses it
         self.train_stream = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std,
                                         shuffle=cfg.shuffle, seed=cfg.seed, crop_padding=cfg.crop_padding,
                                         flip=cfg.flip, channels_last=self.channels_last)
@@ -116,6 +117,9 @@ class Run:
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
             "best": self.best, "stats": self.stats.cpu(), "rng": rng,
+            "data": {"name": self.data.name, "classes": list(self.data.classes),
+                     "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
+                     "image_shape": list(self.data.image_shape)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -170,23 +174,9 @@ class Run:
             self.circuit.sleep(bs, self.sleep_generator, literal=self.cfg.execution == "reference")
             self.sleep_optimizer.step()
 
-    @torch.no_grad()
     def evaluate(self, stream: BatchStream | None = None) -> dict:
-        """Loss, top-1 and top-5 accuracy (percent) over a stream, in eval mode."""
-        stream = stream or self.test_stream
-        self.circuit.set_mode("eval")
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for x, y in stream.epoch(0):
-            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.model(x).float()
-            k = min(5, out.shape[1])
-            top = out.topk(k, 1).indices
-            totals += torch.stack([self.loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
-                                   (top == y[:, None]).any(1).sum().double(),
-                                   torch.tensor(float(y.shape[0]), device=self.device, dtype=torch.float64)])
-        self.circuit.set_mode("engaged")
-        loss, top1, top5, n = totals.tolist()
-        return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+        """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default)."""
+        return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype)
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self, on_step=None) -> dict:
@@ -272,6 +262,25 @@ class Run:
             f.write(json.dumps(m) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in m.items():
+                if isinstance(value, float):
+                    writer.add_scalar(key, value, m["epoch"])
+            for name, angle in m["angles"].items():
+                writer.add_scalar(f"angle/{name}", angle, m["epoch"])
+            writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer into the run directory when tensorboard is installed, else None."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._writer = None
+            else:
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
 
     def _progress(self, total: int, start: int, t0: float) -> None:
         loss_sum, correct, n = self.stats.tolist()  # one host sync per progress line
@@ -283,6 +292,28 @@ class Run:
                 f" {rate * self.cfg.batch_size:.0f} img/s ETA {_hms(eta)}")
         end = "" if sys.stderr.isatty() else "\n"
         print("\r" + line if end == "" else line, end=end, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None) -> dict:
+    """Loss, top-1 and top-5 accuracy (percent) of ``model`` over every batch of ``stream``, in
+    eval mode; one host sync at the end."""
+    if len(stream.x) == 0:
+        raise UserError("the evaluation split is empty; hold out some images (e.g. --val-per-class 50)")
+    previous = circuit.mode
+    circuit.set_mode("eval")
+    device = stream.x.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in stream.epoch(0):
+        with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            out = model(x).float()
+        top = out.topk(min(5, out.shape[1]), 1).indices
+        totals += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
+                               (top == y[:, None]).any(1).sum().double(),
+                               torch.tensor(float(y.shape[0]), device=device, dtype=torch.float64)])
+    circuit.set_mode(previous)
+    loss, top1, top5, n = totals.tolist()
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
 def _hms(seconds: float) -> str:

@@ -1,0 +1,11 @@
+"""Evaluate a run's checkpoint on a dataset: ``python experiments/evaluate.py RUN_DIR --data cifar100``."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurosim.cli import evaluate, main  # noqa: E402
+
+if __name__ == "__main__":
+    main(evaluate)
