@@ -27,9 +27,15 @@ ratio to ``native`` (and to ``bp``), images/s and the projected time of a 50,000
 
 ``--memory`` adds a peak-memory phase. On CUDA each variant is built alone (the others freed)
 and ``torch.cuda.max_memory_allocated`` over two steps is its peak. On CPU each variant runs in
-a fresh subprocess (``--memory-child VARIANT``) that reports the growth of its peak RSS
-(``ru_maxrss``) from after building to after two steps: the memory the steps need (activations,
-gradients, optimizer state), uncontaminated by the other variants.
+a fresh subprocess (``--memory-child VARIANT``) that reports the growth of its peak RSS from
+after building to after two steps (the kernel's peak mark, ``ru_maxrss``/``VmHWM``, reset after
+building where Linux allows): the memory the steps need (activations, gradients, optimizer
+state), uncontaminated by the other variants.
+
+``--compile`` wraps each model in ``torch.compile``. Each variant is first compiled and stepped
+in a subprocess of its own (``--compile-check VARIANT``), so one whose compiled code fails —
+an exception or a hard crash of the interpreter — is reported as failed and the others are
+still measured.
 
 Bad arguments end in one message and exit status 2. Timings on a shared machine are noisy: the
 JSON records the load average before and after.
@@ -45,6 +51,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write settings, raw per-rep times and results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic batch")
     p.add_argument("--memory-child", metavar="VARIANT", help=argparse.SUPPRESS)
+    p.add_argument("--compile-check", metavar="VARIANT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.model not in RESNETS:
@@ -140,10 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.variants += [r + MONITOR_SUFFIX for r in args.rules if r != "native"]
         else:
             args.monitor_note = f"--monitors skipped: {why}"
-    if args.memory_child is not None:
-        base = args.memory_child.removesuffix(MONITOR_SUFFIX)
-        if base not in RULES or (args.memory_child.endswith(MONITOR_SUFFIX) and base == "native"):
-            p.error(f"--memory-child: unknown variant {args.memory_child!r}")
+    for flag in ("memory_child", "compile_check"):
+        child = getattr(args, flag)
+        base = (child or "").removesuffix(MONITOR_SUFFIX)
+        if child is not None and (base not in RULES or (child.endswith(MONITOR_SUFFIX) and base == "native")):
+            p.error(f"--{flag.replace('_', '-')}: unknown variant {child!r}")
     return args
 
 
@@ -217,6 +226,10 @@ class Variant:
             self.sleep_generator = torch.Generator(device).manual_seed(args.seed + 1)
         if name.endswith(MONITOR_SUFFIX):
             self.monitor = MonitorHook(self.net, args, *batch, monitor_dir)
+        if args.compile and self.rule_name != "native":
+            # Lower the circuit before tracing: dynamo cannot build the plan's frozen attrs
+            # records itself (InternalTorchDynamoError in Circuit._plan on torch 2.14).
+            self.net.order()
         self.model = torch.compile(self.net) if args.compile else self.net
         self.steps = 0
         self.last_loss = None
@@ -304,10 +317,12 @@ def describe_failure(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # timing
 
-def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict]:
-    """Warm up each variant, then time interleaved repetitions. Returns (per-rep seconds per
-    step for each variant, failure message for each variant that raised)."""
-    failures, times = {}, {name: [] for name in variants}
+def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict, dict]:
+    """Warm up each variant, then time interleaved repetitions. Returns per-rep wall seconds per
+    step, per-rep CPU seconds per step of this process (``time.process_time``: on a shared
+    machine it leaves out the time other processes held the cores) and the failure message of
+    each variant that raised."""
+    failures, times, cpu = {}, {name: [] for name in variants}, {name: [] for name in variants}
     for name, v in variants.items():
         try:
             for _ in range(args.warmup):
@@ -326,18 +341,19 @@ def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict]
             v = variants[name]
             try:
                 synchronize(args.device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(args.steps_per_rep):
                     v.step(x, y)
                 synchronize(args.device)
                 times[name].append((time.perf_counter() - t0) / args.steps_per_rep)
+                cpu[name].append((time.process_time() - c0) / args.steps_per_rep)
             except Exception as e:
                 failures[name] = describe_failure(e)
                 print(f"  {name}: failed while timing: {failures[name]}", file=sys.stderr)
         print(f"  rep {rep + 1}/{args.reps}: " + "  ".join(
             f"{n} {times[n][-1] * 1e3:.1f}" for n in live if n not in failures and times[n]) + " ms/step",
             file=sys.stderr)
-    return times, failures
+    return times, cpu, failures
 
 
 def profile_variants(args, variants: dict[str, Variant], x, y, failures: dict) -> dict[str, str]:
@@ -389,9 +405,10 @@ def cuda_peak_memory(args, names: list[str], x, y) -> dict[str, dict]:
     return out
 
 
-def child_argv(args, variant: str) -> list[str]:
-    """Command line that makes a fresh process measure one variant's memory."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--memory-child", variant, "--model", args.model,
+def child_argv(args, mode: str, variant: str) -> list[str]:
+    """Command line that makes a fresh process run one variant in ``mode`` (``--memory-child``
+    or ``--compile-check``) with this run's settings."""
+    argv = [sys.executable, str(Path(__file__).resolve()), mode, variant, "--model", args.model,
             "--width", repr(args.width), "--batch", str(args.batch), "--device", str(args.device),
             "--dtype", args.dtype, "--seed", str(args.seed), "--rules", variant.removesuffix(MONITOR_SUFFIX)]
     if args.compile:
@@ -405,17 +422,59 @@ def child_argv(args, variant: str) -> list[str]:
     return argv
 
 
+def run_child(args, mode: str, variant: str) -> dict:
+    """Run one variant in a fresh process; its last JSON line, or ``{"error": ...}`` saying how it
+    failed — including a hard crash (a signal), which no ``except`` in this process could catch."""
+    proc = subprocess.run(child_argv(args, mode, variant), capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if lines and "error" in json.loads(lines[-1]):
+        return json.loads(lines[-1])
+    err = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith((" ", "USDT"))]
+    how = (f"killed by signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+           else f"exited with status {proc.returncode}")
+    return {"error": f"{mode.lstrip('-')} process {how}: {err[-1] if err else 'no message'}"}
+
+
+def compile_preflight(args, names: list[str]) -> dict[str, str]:
+    """With ``--compile``: compile and step each variant once in its own process first, so that a
+    variant whose compiled code crashes the interpreter (seen with inductor on some CPUs) is
+    reported and left out instead of ending the benchmark. Also fills the compile cache."""
+    failures = {}
+    for name in names:
+        out = run_child(args, "--compile-check", name)
+        if "error" in out:
+            failures[name] = out["error"]
+            print(f"  {name}: compile check failed: {failures[name]}", file=sys.stderr)
+        else:
+            print(f"  {name}: compile check passed ({out['seconds']:.0f} s)", file=sys.stderr)
+    return failures
+
+
+def compile_check(args) -> int:
+    """Body of ``--compile-check VARIANT``: build, compile, two steps; print the outcome as JSON."""
+    t0 = time.perf_counter()
+    x, y = synthetic_batch(args)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            v = Variant(args.compile_check, args, (x, y), Path(tmp))
+            for _ in range(2):
+                v.step(x, y)
+            synchronize(args.device)
+            v.close()
+    except Exception as e:
+        print(json.dumps({"error": describe_failure(e)}))
+        return 1
+    print(json.dumps({"ok": True, "seconds": time.perf_counter() - t0}))
+    return 0
+
+
 def cpu_peak_memory(args, names: list[str]) -> dict[str, dict]:
     """Peak-RSS growth of each variant over two steps, each in its own fresh process."""
     out = {}
     for name in names:
-        proc = subprocess.run(child_argv(args, name), capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            out[name] = {"error": f"memory child exited {proc.returncode}: {err}"}
-        else:
-            out[name] = json.loads(lines[-1])
+        out[name] = run_child(args, "--memory-child", name)
         print(f"  memory {name}: {out[name]}", file=sys.stderr)
     return out
 
@@ -454,17 +513,21 @@ def memory_child(args) -> int:
     """
     name = args.memory_child
     x, y = synthetic_batch(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        v = Variant(name, args, (x, y), Path(tmp))
-        gc.collect()
-        maxrss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        reset = _reset_peak_rss()
-        rss_built = _status_kib("VmRSS")
-        for _ in range(2):
-            v.step(x, y)
-        maxrss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        hwm = _status_kib("VmHWM")
-        v.close()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            v = Variant(name, args, (x, y), Path(tmp))
+            gc.collect()
+            maxrss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            reset = _reset_peak_rss()
+            rss_built = _status_kib("VmRSS")
+            for _ in range(2):
+                v.step(x, y)
+            maxrss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hwm = _status_kib("VmHWM")
+            v.close()
+    except Exception as e:
+        print(json.dumps({"error": describe_failure(e)}))
+        return 1
     if reset and rss_built is not None and hwm is not None:
         built, peak, method = rss_built, hwm, "VmHWM after reset - VmRSS"
     else:
@@ -491,12 +554,13 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
 
 
-def summarise(args, times: dict, failures: dict, memory: dict | None) -> dict:
+def summarise(args, times: dict, cpu: dict, failures: dict, memory: dict | None) -> dict:
     """Medians, ratios, throughput, epoch projections and memory per variant."""
     med = {n: statistics.median(t) for n, t in times.items() if t and n not in failures}
+    cpu_med = {n: statistics.median(t) for n, t in cpu.items() if t and n not in failures}
     rows = {}
     for name in args.variants:
-        row = {"times_s": times.get(name, [])}
+        row = {"times_s": times.get(name, []), "cpu_times_s": cpu.get(name, [])}
         if name in failures:
             row["failure"] = failures[name]
         if name in med:
@@ -506,6 +570,9 @@ def summarise(args, times: dict, failures: dict, memory: dict | None) -> dict:
             for ref in ("native", "bp"):
                 if ref in med:
                     row[f"ratio_vs_{ref}"] = m / med[ref]
+            row["cpu_ms"] = cpu_med[name] * 1e3
+            if "native" in cpu_med:
+                row["cpu_ratio_vs_native"] = cpu_med[name] / cpu_med["native"]
         if memory is not None:
             row["memory"] = memory.get(name, {})
             base = memory.get("native", {}).get("peak_mb")
@@ -516,10 +583,13 @@ def summarise(args, times: dict, failures: dict, memory: dict | None) -> dict:
     return rows
 
 
-def print_table(args, rows: dict, cpu_memory: bool) -> None:
-    mem_label = "RSS growth MB" if cpu_memory else "peak MB"
+def print_table(args, rows: dict, on_cpu: bool) -> None:
+    """The results table; on CPU also the process's CPU time per step and its ratio to native."""
+    mem_label = "RSS growth MB" if on_cpu else "peak MB"
     head = f"{'variant':<10} {'ms/step':>9} {'min..max':>15} {'vs native':>9} {'vs bp':>7} {'img/s':>8} " \
            f"{'epoch 50k':>10}"
+    if on_cpu:
+        head += f" {'cpu ms':>8} {'cpu vs nat':>10}"
     if args.memory:
         head += f" {mem_label:>14} {'mem ratio':>9}"
     print(head)
@@ -532,6 +602,8 @@ def print_table(args, rows: dict, cpu_memory: bool) -> None:
         lo, hi = r["spread_ms"]
         line = (f"{name:<10} {r['median_ms']:>9.1f} {f'{lo:.1f}..{hi:.1f}':>15} {fmt('ratio_vs_native'):>9} "
                 f"{fmt('ratio_vs_bp'):>7} {r['images_per_s']:>8.1f} {_duration(r['epoch_s']):>10}")
+        if on_cpu:
+            line += f" {r['cpu_ms']:>8.1f} {fmt('cpu_ratio_vs_native'):>10}"
         if args.memory:
             m = r.get("memory", {})
             if "error" in m:
@@ -579,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     if args.memory_child is not None:
         return memory_child(args)
+    if args.compile_check is not None:
+        return compile_check(args)
 
     load_before = os.getloadavg()
     print(f"{args.model} width {args.width} batch {args.batch} on {device_name(args.device)}, {args.dtype}"
@@ -589,15 +663,18 @@ def main(argv: list[str] | None = None) -> int:
         print(args.monitor_note, file=sys.stderr)
 
     x, y = synthetic_batch(args)
-    variants, failures = {}, {}
+    failures = compile_preflight(args, args.variants) if args.compile else {}
+    variants = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
+            if name in failures:
+                continue
             try:
                 variants[name] = Variant(name, args, (x, y), Path(tmp) / name)
             except Exception as e:
                 failures[name] = describe_failure(e)
                 print(f"  {name}: failed to build: {failures[name]}", file=sys.stderr)
-        times, step_failures = time_variants(args, variants, x, y)
+        times, cpu, step_failures = time_variants(args, variants, x, y)
         failures.update(step_failures)
         final_loss = {n: float(v.last_loss) for n, v in variants.items() if v.last_loss is not None}
         tables = profile_variants(args, variants, x, y, failures) if args.profile else {}
@@ -622,11 +699,11 @@ def main(argv: list[str] | None = None) -> int:
             memory = cpu_peak_memory(args, live)
     load_after = os.getloadavg()
 
-    rows = summarise(args, times, failures, memory)
+    rows = summarise(args, times, cpu, failures, memory)
     for name, tab in tables.items():
         print(f"\n== profile: {name} ({args.steps_per_rep} steps) ==\n{tab}")
     print()
-    print_table(args, rows, cpu_memory=args.device.type == "cpu")
+    print_table(args, rows, on_cpu=args.device.type == "cpu")
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
     if args.monitor_note:
@@ -640,8 +717,12 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": {"before": load_before, "after": load_after}, "final_loss": final_loss,
             "variants": rows, "monitor_note": args.monitor_note,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 1 if failures and len(failures) == len(args.variants) else 0
 

@@ -74,13 +74,15 @@ def run_circuit(argv: list[str]) -> int:
         run.stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    previous = signal.signal(signal.SIGINT, request_stop), signal.signal(signal.SIGTERM, request_stop)
     try:
         m = run.train()
     except RunInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
     for path in plot_run(run.run_dir):
         print(f"wrote {path}", file=sys.stderr)
     if m is not None:

@@ -72,7 +72,11 @@ class RunConfig:
     channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
     compile: bool = False
     execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")))
-    # observation
+    # observation (neurosim.monitors): record every N engaged steps, 0 for no monitor
+    monitor_every: int = attrs.field(default=200, validator=_v.ge(0))
+    monitor_synapses: str = "*"
+    monitor_traces: int = attrs.field(default=16, validator=_v.ge(0))
+    monitor_probe: int = attrs.field(default=128, validator=_v.ge(0))
     log_every: int = attrs.field(default=0, validator=_v.ge(0))  # steps between progress lines; 0: by time
 
     def to_dict(self) -> dict:
@@ -108,7 +112,7 @@ class RunConfig:
 # Presets: <rule>_<model>. Each is a documented set of overrides of RunConfig's defaults.
 
 _DIGITS = dict(model="mlp", data="digits", hidden=(128, 64), activation="relu", epochs=30,
-               batch_size=32, lr=0.05, momentum=0.9)
+               batch_size=32, lr=0.05, momentum=0.9, monitor_every=20)
 _DIGITS_RULE = {
     "bp": {}, "fa": {}, "ss": {},
     "kp": dict(kp_decay=0.01),

@@ -22,6 +22,7 @@ from neurosim.errors import UserError
 class RunInterrupted(UserError):
     """Training stopped on request (Ctrl-C); the checkpoint holds the position reached."""
 from neurosim.models import build_mlp, build_resnet
+from neurosim.monitors import Monitor, MonitorConfig, probe_batch
 from neurosim.reference import reference_backward
 
 
@@ -95,6 +96,13 @@ class Run:
         self.schedule = self.circuit.rule.schedule if self.sleep_optimizer else None
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
         self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.monitor = None
+        if cfg.monitor_every:
+            mcfg = MonitorConfig(every=cfg.monitor_every, synapses=cfg.monitor_synapses,
+                                 traces=cfg.monitor_traces, probe=cfg.monitor_probe)
+            probe = probe_batch(self.train_stream, cfg.monitor_probe) if cfg.monitor_probe else None
+            self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
+                                   self.loss_fn, cfg.seed)
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
@@ -117,6 +125,7 @@ class Run:
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
             "best": self.best, "stats": self.stats.cpu(), "rng": rng,
+            "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
                      "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
                      "image_shape": list(self.data.image_shape)},
@@ -131,6 +140,8 @@ class Run:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
         self.stats = state["stats"].to(self.device)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state["monitor"])
         torch.set_rng_state(state["rng"]["torch"])
         self.sleep_generator.set_state(state["rng"]["sleep"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -141,6 +152,8 @@ class Run:
         save_checkpoint(state, self.run_dir / "last.pt")
         if best:
             save_checkpoint(state, self.run_dir / "best.pt")
+        if self.monitor is not None:
+            self.monitor.flush(self.run_dir)
 
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -169,10 +182,14 @@ class Run:
     def sleep(self, batches: int) -> None:
         """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
         bs = self.cfg.sleep_batch_size or self.cfg.batch_size
+        if self.monitor is not None:
+            self.monitor.before_sleep(self.step)
         for _ in range(batches):
             self.sleep_optimizer.zero_grad(set_to_none=True)
             self.circuit.sleep(bs, self.sleep_generator, literal=self.cfg.execution == "reference")
             self.sleep_optimizer.step()
+        if self.monitor is not None:
+            self.monitor.after_sleep(self.step)
 
     def evaluate(self, stream: BatchStream | None = None) -> dict:
         """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default)."""
@@ -211,6 +228,8 @@ class Run:
         shown = t0
         for x, y in stream.epoch(self.epoch, start=self.batch):
             self.engaged_step(x, y)
+            if self.monitor is not None:
+                self.monitor.after_step(self.step)
             if self.schedule is not None:
                 due = self.schedule.due(self.step)
                 if due:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from neurosim.cli import main, run_circuit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,18 +33,27 @@ def test_digits_run_writes_run_directory(tmp_path):
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
 
 
-def test_default_run_directory_is_never_reused(tmp_path):
+def in_process(*args, capsys):
+    """The command as ``main`` runs it, in this process: (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        main(run_circuit, list(args))
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def test_default_run_directory_is_never_reused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     for _ in range(2):
-        assert cli("bp_mlp_digits", "--epochs", "1", "--quiet", cwd=tmp_path).returncode == 0
+        assert in_process("bp_mlp_digits", "--epochs", "1", "--quiet", "--monitor-every", "0", capsys=capsys)[0] == 0
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
-def test_existing_out_is_refused(tmp_path):
+def test_existing_out_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli("bp_mlp_digits", "--epochs", "1", "--out", str(out), "--quiet").returncode == 0
+    assert in_process("bp_mlp_digits", "--epochs", "1", "--out", str(out), "--quiet", capsys=capsys)[0] == 0
     before = (out / "last.pt").read_bytes()
-    r = cli("bp_mlp_digits", "--epochs", "1", "--out", str(out))
-    assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = in_process("bp_mlp_digits", "--epochs", "1", "--out", str(out), capsys=capsys)
+    assert code == 2 and "already holds a run" in err
     assert (out / "last.pt").read_bytes() == before
 
 
@@ -55,14 +66,16 @@ def test_existing_out_is_refused(tmp_path):
     (["kp_mlp_digits", "--data", "/no/such/folder"], "digits, cifar10, cifar100, synthetic"),
     (["kp_mlp_digits", "--resume", "/no/such/run"], "no checkpoint"),
 ])
-def test_bad_input_gives_one_message_and_exit_2(args, message, tmp_path):
-    r = cli(*args, cwd=tmp_path)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
+def test_bad_input_gives_one_message_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(*args, capsys=capsys)
+    assert code == 2, err
+    assert message in err and err.startswith("error: ")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_unknown_preset_lists_presets(tmp_path):
+def test_bad_input_as_a_process_has_no_traceback(tmp_path):
     r = cli("nope", cwd=tmp_path)
-    assert "kp_mlp_digits" in r.stderr and "wm_resnet18" in r.stderr
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "kp_mlp_digits" in r.stderr and "wm_resnet18" in r.stderr  # lists what exists

@@ -21,29 +21,6 @@ from neurosim.monitors import Monitor, MonitorConfig, load_monitor, probe_batch
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, WeightMirror
 
 
-def monitored(run, cfg: MonitorConfig) -> Monitor:
-    """Attach a monitor to a ``neurosim.train.Run`` where the training loop will call it."""
-    total = run.cfg.epochs * len(run.train_stream)
-    mon = Monitor(run.circuit, cfg, total, probe_batch(run.train_stream, cfg.probe), run.loss_fn, run.cfg.seed)
-    step, sleep, save = run.engaged_step, run.sleep, run.save
-
-    def engaged_step(x, y):
-        step(x, y)
-        mon.after_step(run.step)
-
-    def sleep_(batches):
-        mon.before_sleep(run.step)
-        sleep(batches)
-        mon.after_sleep(run.step)
-
-    def save_(best=False):
-        save(best)
-        mon.flush(run.run_dir)
-
-    run.engaged_step, run.sleep, run.save = engaged_step, sleep_, save_
-    return mon
-
-
 def data(n=32, shape=(8,), classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, *shape), generator=g), torch.randint(0, classes, (n,), generator=g)

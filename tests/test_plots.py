@@ -15,7 +15,6 @@ from neurosim.monitors import Monitor, MonitorConfig, load_monitor
 from neurosim.plots import plot_compare, plot_monitor, plot_run
 from neurosim.rules import WeightMirror
 from neurosim.train import open_run
-from tests.test_monitors import monitored
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITOR_FIGURES = {"angle_w_bt_by_step.png", "norm_ratio_by_step.png", "delta_angle_by_step.png",
@@ -30,10 +29,10 @@ def is_png(path: Path) -> bool:
 def runs(tmp_path_factory):
     """Two one-epoch digits runs: WM with a monitor, KP without."""
     root = tmp_path_factory.mktemp("runs")
-    wm = open_run(root / "wm", preset("wm_mlp_digits", epochs=1, device="cpu"), quiet=True)
-    monitored(wm, MonitorConfig(every=5, probe=64))
+    wm = open_run(root / "wm", preset("wm_mlp_digits", epochs=1, device="cpu", monitor_every=5, monitor_probe=64),
+                  quiet=True)
     wm.train()
-    kp = open_run(root / "kp", preset("kp_mlp_digits", epochs=1, device="cpu"), quiet=True)
+    kp = open_run(root / "kp", preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0), quiet=True)
     kp.train()
     return root / "wm", root / "kp"
 
