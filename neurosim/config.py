@@ -34,6 +34,7 @@ class RunConfig:
     data: str = "digits"
     data_dir: str = "data"
     val_per_class: int | None = None
+    train_limit: int = attrs.field(default=0, validator=_v.ge(0))  # train on the first N images; 0: all
     synthetic_train: int = attrs.field(default=1024, validator=_positive)
     synthetic_test: int = attrs.field(default=256, validator=_positive)
     normalize: str = attrs.field(default="standard", validator=_v.in_(("standard", "unit")))
@@ -146,9 +147,10 @@ _RESNET_RULE = {
     "bp": {}, "fa": {}, "ss": {},
     # The optimizer's weight decay acts on W and B alike and is KP's shared decay λ.
     "kp": dict(kp_decay=0.0),
-    # A mirror batch after every engaged step (batch 128 of unit Gaussian noise per synapse),
-    # and 200 before training so B starts aligned.
-    "wm": dict(sleep_before=200, sleep_every=1, sleep_batches=1, wm_lr=0.05, wm_sigma=1.0),
+    # One mirror batch of 16 noise images after every engaged step: a convolution sees every
+    # output position as a co-activation, so 16 images give thousands of events per weight in
+    # early layers, at about 1/12 of an engaged step's work. 200 mirror batches before training.
+    "wm": dict(sleep_before=200, sleep_every=1, sleep_batches=1, sleep_batch_size=16, wm_lr=0.05, wm_sigma=1.0),
 }
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +77,10 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.data = data or load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
                                          (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
+        if cfg.train_limit:
+            # The training split is held in a fixed mixed order, so its head is a fair subset.
+            self.data = attrs.evolve(self.data, train_x=self.data.train_x[:cfg.train_limit],
+                                     train_y=self.data.train_y[:cfg.train_limit])
         c = self.data.image_shape[0]
         mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
         self.normalization = (tuple(mean), tuple(std))  # saved: evaluation on other data reuses it
@@ -383,8 +388,6 @@ def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict |
         if key not in changeable and getattr(saved, key) != value:
             raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
                             f"{getattr(saved, key)!r}); only {', '.join(sorted(changeable))} can")
-    import attrs
-
     cfg = attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in changeable})
     run = Run(cfg, run_dir, quiet=quiet)
     run.load_state_dict(state)
