@@ -23,7 +23,10 @@ All variants live in one process and see the same fixed synthetic batch. After w
 repetitions are interleaved (rep 1: every variant once, rep 2: again, starting one variant later,
 …), each timing K consecutive steps with the device synchronised before the clock is read, so a
 slow spell of a shared machine hits all variants alike. Reported: median ms/step over reps, its
-ratio to ``native`` (and to ``bp``), images/s and the projected time of a 50,000-image epoch.
+ratio to ``native`` (and to ``bp``), images/s and the projected time of a 50,000-image epoch; on
+CPU also the process's CPU time per step (less sensitive to other processes than wall time).
+``--profile`` prints torch.profiler's op table of each variant after the timing, to find where
+a variant's extra time goes.
 
 ``--memory`` adds a peak-memory phase. On CUDA each variant is built alone (the others freed)
 and ``torch.cuda.max_memory_allocated`` over two steps is its peak. On CPU each variant runs in
@@ -50,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import statistics
@@ -98,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitors", action="store_true",
                    help="also time <rule>+mon variants with a neurosim.monitors.Monitor attached")
     p.add_argument("--monitor-every", type=int, default=None,
-                   help="monitor recording interval in steps (default: MonitorConfig's; 1 shows the "
+                   help="monitor recording interval in steps (default: the presets' monitor_every; 1 shows the "
                         "full cost of a record)")
     p.add_argument("--reps", type=int, help="interleaved repetitions (medians are over these)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant before timing")
@@ -169,12 +173,14 @@ def monitors_available() -> tuple[bool, str]:
 
 
 def monitor_every(args) -> int:
-    """The recording interval of ``+mon`` variants (MonitorConfig's default unless given)."""
+    """The recording interval of ``+mon`` variants: ``--monitor-every``, else the ResNet
+    presets' ``monitor_every`` (MonitorConfig's default if the preset turns monitors off)."""
     if args.monitor_every is not None:
         return args.monitor_every
+    from neurosim.config import preset
     from neurosim.monitors import MonitorConfig
 
-    return MonitorConfig().every
+    return preset(f"bp_{args.model}").monitor_every or MonitorConfig().every
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,20 +268,25 @@ class Variant:
 
 
 class MonitorHook:
-    """A ``neurosim.monitors.Monitor`` driven as the training loop drives it: ``after_step``
+    """A ``neurosim.monitors.Monitor`` driven as ``neurosim.train.Run`` drives it: ``after_step``
     after every engaged step, ``before_sleep``/``after_sleep`` around WM's sleep, ``flush`` once
     at the end (outside the timed steps, as at an epoch end).
 
-    ``every`` is the recording interval; the monitor is sized for a preset-length run
-    (200 epochs of 50,000 images) so that its snapshot plan and buffers are those of real training.
-    The probe (delta and update angles) uses the benchmark's batch and cross-entropy.
+    Configured as the ``<rule>_<model>`` preset configures it (synapses, traces, probe size,
+    run length of ``epochs`` × 50,000 images, so its snapshot plan and buffers are those of a
+    real run), recording every ``monitor_every(args)`` steps. The probe (delta and update
+    angles) uses the benchmark's batch and cross-entropy.
     """
 
     def __init__(self, circuit, args, x: torch.Tensor, y: torch.Tensor, directory: Path | None):
+        from neurosim.config import preset
         from neurosim.monitors import Monitor, MonitorConfig
 
-        total = 200 * math.ceil(EPOCH_IMAGES / args.batch)
-        cfg = MonitorConfig(every=monitor_every(args), max_bytes=2**62)  # the benchmark keeps few rows
+        run = preset(f"{circuit.rule.name}_{args.model}")
+        total = run.epochs * math.ceil(EPOCH_IMAGES / args.batch)
+        # The benchmark records a handful of rows, whatever a whole run would: no size limit.
+        cfg = MonitorConfig(every=monitor_every(args), synapses=run.monitor_synapses, traces=run.monitor_traces,
+                            probe=run.monitor_probe, max_bytes=2**62)
         self.monitor = Monitor(circuit, cfg, total, probe=(x, y), loss_fn=F.cross_entropy, seed=args.seed)
         self.directory = directory
 
@@ -350,6 +361,8 @@ def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict,
             except Exception as e:
                 failures[name] = describe_failure(e)
                 print(f"  {name}: failed while timing: {failures[name]}", file=sys.stderr)
+        if not any(n not in failures for n in live):
+            break
         print(f"  rep {rep + 1}/{args.reps}: " + "  ".join(
             f"{n} {times[n][-1] * 1e3:.1f}" for n in live if n not in failures and times[n]) + " ms/step",
             file=sys.stderr)
@@ -431,7 +444,10 @@ def run_child(args, mode: str, variant: str) -> dict:
         return json.loads(lines[-1])
     if lines and "error" in json.loads(lines[-1]):
         return json.loads(lines[-1])
-    err = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith((" ", "USDT"))]
+    # The last line that is not a log record (torch's "W1127 00:59:40.5 ..." warnings, tracer
+    # lines) nor part of a traceback body: the exception or the C library's crash message.
+    log = re.compile(r"^([IWEF]\d{4} |USDT:|ERROR:|Traceback|\s)")
+    err = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not log.match(ln)]
     how = (f"killed by signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
            else f"exited with status {proc.returncode}")
     return {"error": f"{mode.lstrip('-')} process {how}: {err[-1] if err else 'no message'}"}
@@ -479,6 +495,17 @@ def cpu_peak_memory(args, names: list[str]) -> dict[str, dict]:
     return out
 
 
+def _release_free_memory() -> None:
+    """Give memory freed while building (e.g. a monitor's first probe pass) back to the OS
+    (glibc ``malloc_trim``), so that the steps' growth is not hidden by reusing it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (``VmHWM``) to its current RSS (Linux ≥ 4.0);
     False where not permitted."""
@@ -517,6 +544,7 @@ def memory_child(args) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             v = Variant(name, args, (x, y), Path(tmp))
             gc.collect()
+            _release_free_memory()
             maxrss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             reset = _reset_peak_rss()
             rss_built = _status_kib("VmRSS")

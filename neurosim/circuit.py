@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import attrs
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
@@ -14,14 +15,17 @@ from neurosim.synapse import Synapse
 MODES = ("engaged", "sleep", "eval")
 
 
-@attrs.frozen
-class _Step:
-    """One population of the lowered circuit: where its drives come from, what can be freed."""
+class _Step(NamedTuple):
+    """One population of the lowered circuit: where its drives come from, what can be freed.
+
+    A NamedTuple rather than an attrs class: TorchDynamo traces through it without a break.
+    """
 
     target: int
     population: NeuronPopulation
     incoming: tuple  # ((synapse or None for identity, source index), ...)
     free: tuple  # indices of activities no later step reads
+    fresh: bool  # the summed drive is a new tensor (not another population's activity)
 
 
 class Circuit(nn.Module):
@@ -150,7 +154,8 @@ class Circuit(nn.Module):
         for i, n in enumerate(order):
             free = tuple(index[p] for p, j in last_use.items() if j == i and p != self.output_name)
             incoming = tuple((s, index[pre]) for s, pre in self.incoming(n))
-            steps.append(_Step(index[n], self.populations[n], incoming, free))
+            fresh = len(incoming) > 1 or incoming[0][0] is not None
+            steps.append(_Step(index[n], self.populations[n], incoming, free, fresh))
         self._names = names
         self._ends = (index[self.input_name], index[self.output_name])
         self._plan_cache = steps
@@ -166,7 +171,7 @@ class Circuit(nn.Module):
             for syn, src in step.incoming:
                 d = acts[src] if syn is None else syn(acts[src])
                 drive = d if drive is None else drive + d
-            acts[step.target] = step.population(drive)
+            acts[step.target] = step.population(drive, step.fresh)
             for f in step.free:
                 acts[f] = None
         return acts[last]

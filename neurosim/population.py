@@ -62,11 +62,17 @@ class NeuronPopulation(nn.Module):
             raise ValueError(f"population {self.name!r} has shape {self.shape} but receives drive of shape {shape}")
         return self.shape
 
-    def forward(self, drive: torch.Tensor) -> torch.Tensor:
+    def forward(self, drive: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """The activity for a summed ``drive``; ``fresh`` says no one else holds that tensor."""
         if self.pool == "global_avg":
-            drive = drive.mean((2, 3))
+            drive, fresh = drive.mean((2, 3)), True
         if self.norm is not None:
-            drive = self.norm(drive)
+            drive, fresh = self.norm(drive), True
+        if self.activation == "relu" and fresh:
+            # In place, as torchvision's ResNet does: batch norm keeps its input, not its
+            # output, and a synapse's output or a sum is read by nothing else. Saves one
+            # activation-sized tensor per population.
+            return F.relu(drive, inplace=True)
         return drive if self._act is None else self._act(drive)
 
     def extra_repr(self) -> str:

@@ -24,4 +24,4 @@ class SignSymmetry(PlasticityRule):
         return w.detach().pow(2).mean().sqrt()
 
     def feedback_matrix(self, w, feedback):
-        return torch.sign(w) * feedback
+        return torch.sign(w).mul_(feedback)

@@ -61,14 +61,16 @@ class WeightMirror(PlasticityRule):
     def draw_noise(self, shape, generator, device, dtype) -> torch.Tensor:
         """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons."""
         if self.noise == "gaussian":
-            return torch.randn(shape, generator=generator, device=device, dtype=dtype) * self.sigma
+            xi = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            return xi if self.sigma == 1 else xi.mul_(self.sigma)
         half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
-        return (torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1) * half
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype).mul_(2 * half).sub_(half)
 
     def respond(self, drive: torch.Tensor) -> torch.Tensor:
         """The postsynaptic response to the noise drive ``Wξ``."""
         return torch.sigmoid(drive) - 0.5 if self.response == "sigmoid" else drive
 
     def sleep_update(self, s):
-        hebb = s.mean_product() / self.sigma**2
-        return self.decay * s.own - hebb if self.decay else -hebb
+        # −⟨ξ rᵀ⟩/σ² + decay·B, formed in place on the fresh product tensor.
+        update = s.product().mul(-1.0 / (s.kind.events(s.pre) * self.sigma**2))
+        return update.add_(s.own, alpha=self.decay) if self.decay else update
