@@ -147,11 +147,12 @@ _RESNET_RULE = {
     "bp": {}, "fa": {}, "ss": {},
     # The optimizer's weight decay acts on W and B alike and is KP's shared decay λ.
     "kp": dict(kp_decay=0.0),
-    # One mirror batch of 8 noise images after every engaged step: a convolution sees every
-    # output position as a co-activation, so 8 images give thousands of events per weight in
-    # early layers, at about 1/24 of an engaged step's work at batch 128 (a 16-image mirror
-    # batch cost 1.28x native at batch 64, docs/benchmarks.md). 200 mirror batches first.
-    "wm": dict(sleep_before=200, sleep_every=1, sleep_batches=1, sleep_batch_size=8, wm_lr=0.05, wm_sigma=1.0),
+    # One mirror batch of 32 noise images after every 4th engaged step. A convolution sees every
+    # output position as a co-activation, so 32 images give tens of thousands of events per
+    # weight in early layers. Sleeping every step with 8 or 16 images (the same events per step)
+    # cost 1.19x / 1.28x native at batch 64 on CPU: small-batch convolutions run slowly and the
+    # mirror optimizer touches every B each time (docs/benchmarks.md). 200 mirror batches first.
+    "wm": dict(sleep_before=200, sleep_every=4, sleep_batches=1, sleep_batch_size=32, wm_lr=0.1, wm_sigma=1.0),
 }
 
 
