@@ -25,7 +25,7 @@ class _Step(NamedTuple):
     population: NeuronPopulation
     incoming: tuple  # ((synapse or None for identity, source index), ...)
     free: tuple  # indices of activities no later step reads
-    fresh: bool  # the summed drive is a new tensor (not another population's activity)
+    fresh: bool  # the summed drive is a new tensor that no one else holds
 
 
 class Circuit(nn.Module):
@@ -154,7 +154,9 @@ class Circuit(nn.Module):
         for i, n in enumerate(order):
             free = tuple(index[p] for p, j in last_use.items() if j == i and p != self.output_name)
             incoming = tuple((s, index[pre]) for s, pre in self.incoming(n))
-            fresh = len(incoming) > 1 or incoming[0][0] is not None
+            # A sum of pathways is a tensor nobody else holds. A lone synapse's output is not
+            # treated so: forward hooks (monitors) hold it as the synapse's drive.
+            fresh = len(incoming) > 1
             steps.append(_Step(index[n], self.populations[n], incoming, free, fresh))
         self._names = names
         self._ends = (index[self.input_name], index[self.output_name])

@@ -70,8 +70,8 @@ class NeuronPopulation(nn.Module):
             drive, fresh = self.norm(drive), True
         if self.activation == "relu" and fresh:
             # In place, as torchvision's ResNet does: batch norm keeps its input, not its
-            # output, and a synapse's output or a sum is read by nothing else. Saves one
-            # activation-sized tensor per population.
+            # output, and a sum of drives is read by nothing else. Saves one activation-sized
+            # tensor per population.
             return F.relu(drive, inplace=True)
         return drive if self._act is None else self._act(drive)
 
