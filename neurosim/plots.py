@@ -359,7 +359,7 @@ def plot_compare(run_dirs, out: Path) -> Path:
     labels = [f"{lab} ({d.name})" if labels.count(lab) > 1 else lab for lab, d in zip(labels, run_dirs)]
     palette = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
-    for n, ((d, records), label) in enumerate(zip(runs, labels)):
+    for n, ((_, records), label) in enumerate(zip(runs, labels)):
         colour = palette(n % 10)
         ls = "-" if n < 10 else "--"
         epochs = [r["epoch"] for r in records]

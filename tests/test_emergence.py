@@ -25,7 +25,7 @@ def trained(digits, tmp_path_factory):
         first_angles = run.circuit.alignment_angles()
         violations = []
 
-        def check(r):
+        def check(r, initial=initial, violations=violations):
             if r.cfg.rule == "ss":
                 for n, s in r.circuit.synapses.items():
                     if not torch.equal(s.feedback_matrix(), torch.sign(s.weight) * s.feedback):

@@ -17,7 +17,7 @@ from neurosim.analysis import angle_deg
 from neurosim.circuit import Circuit
 from neurosim.errors import UserError
 from neurosim.models import build_mlp, build_resnet
-from neurosim.monitors import Monitor, MonitorConfig, load_monitor, probe_batch
+from neurosim.monitors import Monitor, MonitorConfig, load_monitor
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, WeightMirror
 
 

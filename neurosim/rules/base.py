@@ -58,8 +58,10 @@ class PlasticityRule:
         return None
 
     def feedback_matrix(self, w: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
-        """The matrix (in ``W``'s layout) through which post errors reach presynaptic neurons."""
-        raise NotImplementedError
+        """The matrix (in ``W``'s layout) through which post errors reach presynaptic neurons.
+
+        Every rule names its own; the base class has none to offer."""
+        raise TypeError(f"{type(self).__name__} does not say which matrix carries feedback")
 
     def forward_update(self, s: LocalSignals) -> torch.Tensor:
         """Gradient for ``W`` from the forward synapse's local signals; default: ``δ_y ⊗ x``."""
