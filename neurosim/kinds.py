@@ -143,8 +143,8 @@ class Conv2d:
 
     def _grouped(self, t):
         # Split the channel axis of a (N, C·rest, L) tensor into groups: (N, G, C/G·rest, L).
-        n, cr, l = t.shape
-        return t.view(n, self.groups, cr // self.groups, l)
+        n, cr, length = t.shape
+        return t.view(n, self.groups, cr // self.groups, length)
 
     def ref_forward(self, x, w, b):
         cols = self._grouped(self._unfold(x))  # N, G, Cin/G·k·k, L

@@ -18,13 +18,13 @@ from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
 from neurosim.data import BatchStream, ImageData, load_dataset
 from neurosim.errors import UserError
+from neurosim.models import build_mlp, build_resnet
+from neurosim.monitors import Monitor, MonitorConfig, probe_batch
+from neurosim.reference import reference_backward
 
 
 class RunInterrupted(UserError):
     """Training stopped on request (Ctrl-C); the checkpoint holds the position reached."""
-from neurosim.models import build_mlp, build_resnet
-from neurosim.monitors import Monitor, MonitorConfig, probe_batch
-from neurosim.reference import reference_backward
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,7 +118,9 @@ class Run:
 
     # -- state ----------------------------------------------------------------------------------
     def _reset_stats(self):
-        self.stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss·n, correct, n
+        # Running loss·n and correct count stay on the device; the image count is a host int.
+        self.stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.seen = 0
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state()}
@@ -129,7 +131,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
-            "best": self.best, "stats": self.stats.cpu(), "rng": rng,
+            "best": self.best, "stats": self.stats.cpu(), "seen": self.seen, "rng": rng,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
                      "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
@@ -144,7 +146,7 @@ class Run:
             self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
-        self.stats = state["stats"].to(self.device)
+        self.stats, self.seen = state["stats"].to(self.device), state["seen"]
         if self.monitor is not None:
             self.monitor.load_state_dict(state["monitor"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -180,8 +182,8 @@ class Run:
             loss.backward()
         self.optimizer.step()
         n = y.shape[0]
-        self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
-                                   torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
+        self.seen += n
         self.step += 1
 
     def sleep(self, batches: int) -> None:
@@ -250,7 +252,7 @@ class Run:
                 if (self.batch % cfg.log_every == 0) if cfg.log_every else (now - shown > period):
                     self._progress(total, start, t0)
                     shown = now
-        train = self.stats.tolist()
+        train = [*self.stats.tolist(), self.seen]
         elapsed = time.perf_counter() - t0
         self.epoch, self.batch = self.epoch + 1, 0
         self.scheduler.step()
@@ -307,7 +309,7 @@ class Run:
         return self._writer
 
     def _progress(self, total: int, start: int, t0: float) -> None:
-        loss_sum, correct, n = self.stats.tolist()  # one host sync per progress line
+        (loss_sum, correct), n = self.stats.tolist(), self.seen  # one host sync per progress line
         done = self.batch - start
         rate = done / max(time.perf_counter() - t0, 1e-9)
         eta = (total - self.batch) / max(rate, 1e-9)
@@ -327,16 +329,16 @@ def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_d
     previous = circuit.mode
     circuit.set_mode("eval")
     device = stream.x.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals, n = torch.zeros(3, dtype=torch.float64, device=device), 0
     for x, y in stream.epoch(0):
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             out = model(x).float()
         top = out.topk(min(5, out.shape[1]), 1).indices
         totals += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
-                               (top == y[:, None]).any(1).sum().double(),
-                               torch.tensor(float(y.shape[0]), device=device, dtype=torch.float64)])
+                               (top == y[:, None]).any(1).sum().double()])
+        n += y.shape[0]
     circuit.set_mode(previous)
-    loss, top1, top5, n = totals.tolist()
+    loss, top1, top5 = totals.tolist()
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
