@@ -87,7 +87,7 @@ class Circuit(nn.Module):
         if rule is None:
             raise ValueError("no plasticity rule: pass rule= to Circuit or to connect")
         src, dst = self._pop(pre), self._pop(post)
-        dst.drive_shape(kind.out_shape(src.shape))
+        dst.check_drive(kind.out_shape(src.shape))
         name = name or f"{pre}->{post}"
         if name in self.synapses:
             raise ValueError(f"synapse {name!r} already exists")
@@ -108,7 +108,7 @@ class Circuit(nn.Module):
 
     def identity(self, pre: str, post: str) -> None:
         """A non-plastic pathway that adds ``pre``'s activity to ``post``'s drive (residuals, pooling)."""
-        self._pop(post).drive_shape(self._pop(pre).shape)
+        self._pop(post).check_drive(self._pop(pre).shape)
         self.identities.append((pre, post))
         self._plan_cache = None
 

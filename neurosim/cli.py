@@ -34,12 +34,12 @@ def unique_run_dir(root: Path, name: str) -> Path:
 
 
 def run_circuit(argv: list[str]) -> int:
-    from neurosim.config import parse_overrides, preset
+    from neurosim.config import PRESETS, parse_overrides, preset
     from neurosim.plots import plot_run
     from neurosim.train import RunInterrupted, open_run, resume_run
 
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\nPresets: " + " ".join(sorted(__import__("neurosim.config").config.PRESETS)))
+        print(USAGE + "\nPresets: " + " ".join(sorted(PRESETS)))
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     out = resume = None

@@ -147,33 +147,39 @@ def _angle_limits(ax, values):
     ax.set_ylim(0, max(top * 1.08, 1.0))
 
 
+def _per_synapse_figure(run_dir: Path, rec: MonitorRecord, values, ylabel: str, title: str, name: str,
+                        scale_axis, out: Path | None) -> Path:
+    """One line per synapse of ``values[record, synapse]`` over recorded steps, depth as colour."""
+    colours = depth_colours(len(rec.synapses))
+    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
+    _per_synapse(ax, rec.steps, values, colours, rec.synapses)
+    ax.set_ylabel(ylabel)
+    scale_axis(ax, values)
+    ax.set_title(f"{_title(run_dir)}: {title}")
+    _depth_legend(fig, ax, rec.synapses, colours)
+    return _save(fig, out or run_dir / name)
+
+
 def plot_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
     """Per-synapse angle between W and Bᵀ (degrees) at every recorded step."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
-    colours = depth_colours(len(rec.synapses))
-    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
-    _per_synapse(ax, rec.steps, rec.angle, colours, rec.synapses)
-    ax.set_ylabel("angle between W and Bᵀ (degrees)")
-    _angle_limits(ax, rec.angle)
-    ax.set_title(f"{_title(run_dir)}: forward/feedback weight alignment per synapse")
-    _depth_legend(fig, ax, rec.synapses, colours)
-    return _save(fig, out or run_dir / "angle_w_bt_by_step.png")
+    return _per_synapse_figure(run_dir, rec, rec.angle, "angle between W and Bᵀ (degrees)",
+                               "forward/feedback weight alignment per synapse", "angle_w_bt_by_step.png",
+                               _angle_limits, out)
 
 
 def plot_norm_ratio_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
     """Per-synapse ‖Bᵀ‖/‖W‖ at every recorded step (log scale; 1 = same size)."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
-    colours = depth_colours(len(rec.synapses))
-    fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
-    _per_synapse(ax, rec.steps, rec.norm_ratio, colours, rec.synapses)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("‖Bᵀ‖ / ‖W‖ (ratio, log scale)")
-    _plain_log_axis(ax, rec.norm_ratio)
-    ax.set_title(f"{_title(run_dir)}: size of feedback relative to forward weights")
-    _depth_legend(fig, ax, rec.synapses, colours)
-    return _save(fig, out or run_dir / "norm_ratio_by_step.png")
+
+    def scale(ax, values):
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        _plain_log_axis(ax, values)
+
+    return _per_synapse_figure(run_dir, rec, rec.norm_ratio, "‖Bᵀ‖ / ‖W‖ (ratio, log scale)",
+                               "size of feedback relative to forward weights", "norm_ratio_by_step.png", scale, out)
 
 
 def _plain_log_axis(ax, values):

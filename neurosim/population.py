@@ -41,6 +41,7 @@ class NeuronPopulation(nn.Module):
         self.pool = pool
         self.norm_kind = norm
         self._act = ACTIVATIONS[activation]
+        self.pooled_from: tuple[int, ...] | None = None  # the (C, H, W) a pooled population sums
         channels = self.shape[0]
         if norm == "batch":
             self.norm = nn.BatchNorm2d(channels) if len(self.shape) == 3 else nn.BatchNorm1d(channels)
@@ -51,16 +52,21 @@ class NeuronPopulation(nn.Module):
     def size(self) -> int:
         return math.prod(self.shape)
 
-    def drive_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The population's own shape given the shape of the drives it receives (checks them)."""
-        expect = self.shape if self.pool == "none" else None
-        if self.pool == "global_avg":
-            if len(shape) != 3 or shape[0] != self.shape[0] or len(self.shape) != 1:
-                raise ValueError(f"population {self.name!r} pools {shape} to {self.shape}: channels must match")
-            return self.shape
-        if tuple(shape) != expect:
-            raise ValueError(f"population {self.name!r} has shape {self.shape} but receives drive of shape {shape}")
-        return self.shape
+    def check_drive(self, shape: tuple[int, ...]) -> None:
+        """Refuse a pathway whose drive cannot be summed into this population.
+
+        Every drive must have the population's shape, or for a pooled population one common
+        ``(C, H, W)`` with ``C`` its size (the first pathway fixes ``H, W``)."""
+        shape = tuple(shape)
+        if self.pool == "none":
+            if shape != self.shape:
+                raise ValueError(f"population {self.name!r} has shape {self.shape} but receives drive of shape {shape}")
+            return
+        if len(shape) != 3 or len(self.shape) != 1 or shape[0] != self.shape[0]:
+            raise ValueError(f"population {self.name!r} pools {shape} to {self.shape}: channels must match")
+        if self.pooled_from is not None and shape != self.pooled_from:
+            raise ValueError(f"population {self.name!r} pools drives of shape {self.pooled_from}, not {shape}")
+        self.pooled_from = shape
 
     def forward(self, drive: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         """The activity for a summed ``drive``; ``fresh`` says no one else holds that tensor."""

@@ -64,7 +64,3 @@ def _accumulate(params, grads) -> None:
             continue
         p.grad = g.detach().clone() if p.grad is None else p.grad + g
 
-
-def reference_sleep(circuit, batch: int, generator: torch.Generator | None = None) -> None:
-    """One mirror batch, every product formed literally."""
-    circuit.sleep(batch, generator, literal=True)

@@ -225,6 +225,14 @@ def test_circuit_validation_messages():
         c.conv("x", "y", 3)  # no padding: 6x6 output does not fit
     with pytest.raises(ValueError, match="no population 'z'"):
         c.dense("x", "z")
+    c.population("a", (4, 8, 8))
+    c.population("b", (4, 4, 4))
+    c.conv("x", "a", 3, padding=1)
+    c.conv("x", "b", 3, stride=2, padding=1)
+    c.population("pool", 4, pool="global_avg")
+    c.identity("a", "pool")
+    with pytest.raises(ValueError, match=r"pools drives of shape \(4, 8, 8\), not \(4, 4, 4\)"):
+        c.identity("b", "pool")
     c.population("lonely", 3)
     with pytest.raises(ValueError, match="receives no pathway"):
         c(torch.randn(1, 3, 8, 8))

@@ -1,5 +1,7 @@
 """A run stopped mid-epoch and resumed ends exactly where an uninterrupted run ends."""
 
+import json
+
 import pytest
 import torch
 
@@ -41,7 +43,7 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, name, overrides):
         assert torch.equal(a[k], b[k]), k
     ma = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     mb = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in __import__("json").loads(x).items() if k not in ("time_s", "images_per_s")}
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in ("time_s", "images_per_s")}
                            for x in lines]
     assert strip(ma) == strip(mb)
 
