@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from neurosim.analysis import angle_deg
 from neurosim.kinds import Conv2d, Dense
 from neurosim.population import NeuronPopulation
 from neurosim.rules.base import PlasticityRule
@@ -228,8 +229,6 @@ class Circuit(nn.Module):
     @torch.no_grad()
     def alignment_angles(self) -> dict[str, float]:
         """Angle in degrees between each ``W`` and its feedback matrix ``Bᵀ`` (flattened)."""
-        from neurosim.analysis import angle_deg
-
         return {n: float(angle_deg(s.weight, s.feedback_matrix())) for n, s in self.synapses.items()}
 
     def __repr__(self) -> str:
