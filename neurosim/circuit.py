@@ -78,7 +78,7 @@ class Circuit(nn.Module):
         pop = NeuronPopulation(name, shape, activation, norm, pool)
         self.populations[name] = pop
         self.output_name = name
-        self._plan_cache = None
+        self._relower()
         return pop
 
     def connect(self, pre: str, post: str, kind: Dense | Conv2d, rule: PlasticityRule | None = None,
@@ -94,7 +94,7 @@ class Circuit(nn.Module):
             raise ValueError(f"synapse {name!r} already exists")
         syn = Synapse(name, pre, post, kind, rule, bias, init, self._generator)
         self.synapses[name] = syn
-        self._plan_cache = None
+        self._relower()
         return syn
 
     def dense(self, pre: str, post: str, **kw) -> Synapse:
@@ -111,7 +111,7 @@ class Circuit(nn.Module):
         """A non-plastic pathway that adds ``pre``'s activity to ``post``'s drive (residuals, pooling)."""
         self._pop(post).check_drive(self._pop(pre).shape)
         self.identities.append((pre, post))
-        self._plan_cache = None
+        self._relower()
 
     def _pop(self, name: str) -> NeuronPopulation:
         if name not in self.populations:
@@ -127,6 +127,18 @@ class Circuit(nn.Module):
     def order(self) -> list[str]:
         """Populations in topological order, input first."""
         return [self.input_name] + [self._names[s.target] for s in self._plan()]
+
+    def _relower(self) -> None:
+        """Lower the circuit again after a change, as soon as it is complete.
+
+        The plan is made here, while building, not on the first forward: a forward traced by
+        ``torch.compile`` would otherwise build it inside the trace, guard on its absence and
+        compile everything a second time on the next call."""
+        self._plan_cache = None
+        try:
+            self._plan()
+        except ValueError:
+            pass  # not complete yet; forward() will name what is missing
 
     def _plan(self) -> list[_Step]:
         if self._plan_cache is not None:
@@ -199,6 +211,8 @@ class Circuit(nn.Module):
 
         No data and no forward pass through the circuit: each synapse's presynaptic population
         fires noise and its feedback weight learns from that noise and the response it drives.
+        The noise comes from ``generator`` (``None``: the default generator of the circuit's
+        device) and always lands on the circuit's device; a generator on that device is fastest.
         """
         previous, self.mode = self.mode, "sleep"
         for syn in self.sleeping_synapses():

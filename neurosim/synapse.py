@@ -63,7 +63,7 @@ class _SynapseFunction(torch.autograd.Function):
         gx, product, gb = kind.fused_backward(grad_y, x, m, need_x, need_w or need_fb, need_b)
         gw = rule.forward_update(LocalSignals(kind, x, grad_y, w, product)) if need_w else None
         gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product)) if need_fb else None
-        if gfb is not None and gw is not None and gfb.data_ptr() == gw.data_ptr():
+        if gfb is not None and gfb is gw:
             # Two parameters must not share one gradient tensor: accumulation would double up.
             gfb = gfb.clone()
         return gx, gw, gb, gfb, None, None
