@@ -72,6 +72,9 @@ class RunConfig:
     amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")))
     channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
     compile: bool = False
+    # Deterministic kernels (cuDNN without autotuning, torch.use_deterministic_algorithms): what
+    # makes a CUDA run repeat, and resume, bit for bit. CPU runs are deterministic either way.
+    deterministic: bool = False
     execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")))
     # observation (neurosim.monitors): record every N engaged steps, 0 for no monitor
     monitor_every: int = attrs.field(default=200, validator=_v.ge(0))

@@ -127,8 +127,10 @@ def load_dataset(
         name, tx, ty, vx, vy, classes = str(root), *_load_folder(root, data_dir, val_per_class)
     if len(tx) == 0:
         raise DataError(f"dataset {name!r} has no training images")
-    tx, ty, vx, vy = (t.to(device) for t in (tx, ty, vx, vy))
+    # Statistics from the host copy: the same numbers on every device, and no CUDA bincount
+    # (which has no deterministic implementation) in a deterministic run.
     mean, std = channel_stats(tx)
+    tx, ty, vx, vy = (t.to(device) for t in (tx, ty, vx, vy))
     return ImageData(name, tx, ty, vx, vy, tuple(classes), mean, std)
 
 

@@ -30,8 +30,9 @@ and once before training, at step 0 — it records, for every monitored synapse:
 The probe (delta and update angles) runs the probe batch forward and backward twice on the
 circuit as it is — once with its rules, once with every synapse's rule swapped for ``Backprop`` —
 with ``torch.autograd.grad``, so no ``.grad`` is touched, and batch-norm running statistics are
-restored afterwards: recording does not change training. It costs about two training steps of
-the probe's batch size per record. ``probe=0`` turns it off (those arrays are then NaN).
+restored afterwards: recording does not change training. Both passes run in the training
+precision (bf16 autocast where training uses it), so the angles describe the errors training
+really delivers. It costs about two training steps of the probe's batch size per record. ``probe=0`` turns it off (those arrays are then NaN).
 
 Cost and size
 =============
@@ -226,8 +227,12 @@ class Monitor:
     """
 
     def __init__(self, circuit, cfg: MonitorConfig, total_steps: int,
-                 probe: tuple[torch.Tensor, torch.Tensor] | None = None, loss_fn=None, seed: int = 0):
+                 probe: tuple[torch.Tensor, torch.Tensor] | None = None, loss_fn=None, seed: int = 0,
+                 autocast_dtype: torch.dtype | None = None):
         self.circuit, self.cfg, self.total_steps = circuit, cfg, int(total_steps)
+        # The probe runs in the training precision: its angles describe the errors training
+        # really delivers (bf16 rounding included), and both of its passes share that precision.
+        self.autocast_dtype = autocast_dtype
         self.names = cfg.select(circuit.synapses.keys())
         self.synapses = [circuit.synapses[n] for n in self.names]
         s = len(self.names)
@@ -414,7 +419,8 @@ class Monitor:
 
         handles = [syn.register_forward_hook(keep(i)) for i, syn in enumerate(self.synapses)]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(x.device.type, self.autocast_dtype,
+                                                     enabled=self.autocast_dtype is not None):
                 loss = self.loss_fn(self.circuit(x).float(), y)
                 grads = torch.autograd.grad(loss, outputs + [syn.weight for syn in self.synapses],
                                             allow_unused=True)

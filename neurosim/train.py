@@ -39,6 +39,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_determinism(deterministic: bool, cuda: bool) -> None:
+    """Choose between cuDNN's autotuned kernels (fast, not bit-repeatable) and deterministic ones.
+
+    Deterministic mode also makes PyTorch refuse any operation that has no deterministic
+    implementation, so a run that passes in it repeats and resumes bit for bit on the same
+    device model and software. cuBLAS needs its workspace fixed for that, before its first use.
+    """
+    if deterministic and cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+
+
 def build_circuit(cfg: RunConfig, image_shape, num_classes: int) -> Circuit:
     """The circuit a configuration describes, for data of the given shape."""
     rule = cfg.make_rule()
@@ -73,8 +87,7 @@ class Run:
         cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
-        if cuda:
-            torch.backends.cudnn.benchmark = True
+        set_determinism(cfg.deterministic, cuda)
         self.data = data or load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
                                          (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
         if cfg.train_limit:
@@ -107,7 +120,7 @@ class Run:
                                  traces=cfg.monitor_traces, probe=cfg.monitor_probe)
             probe = probe_batch(self.train_stream, cfg.monitor_probe) if cfg.monitor_probe else None
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
-                                   self.loss_fn, cfg.seed)
+                                   self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
@@ -123,7 +136,8 @@ class Run:
         self.seen = 0
 
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state()}
+        rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state(),
+               "device": self.device.type}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -149,10 +163,17 @@ class Run:
         self.stats, self.seen = state["stats"].to(self.device), state["seen"]
         if self.monitor is not None:
             self.monitor.load_state_dict(state["monitor"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.sleep_generator.set_state(state["rng"]["sleep"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("device", self.device.type) == self.device.type:
+            self.sleep_generator.set_state(rng["sleep"])
+        else:
+            # A CUDA generator's state means nothing to a CPU one (and the reverse): continue
+            # from a seed fixed by the run's seed and position. The run goes on correctly, but
+            # no longer repeats the random draws of one that stayed on its device.
+            self.sleep_generator.manual_seed(_position_seed(self.cfg.seed + 1, self.step))
+        if "cuda" in rng and self.device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save(self, best: bool = False) -> None:
         state = self.state_dict()
@@ -342,6 +363,10 @@ def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_d
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
+def _position_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -385,12 +410,18 @@ def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict |
                 raise UserError(f"{run_dir} holds a {saved.rule}_{saved.model} run ({key}="
                                 f"{getattr(saved, key)!r}), not {expect.rule}_{expect.model}; resume it with "
                                 f"its own preset {saved.preset}")
-    changeable = {"epochs", "log_every", "device", "data_dir", "compile"}
+    changeable = {"epochs", "log_every", "device", "data_dir", "compile", "deterministic"}
     for key, value in (overrides or {}).items():
         if key not in changeable and getattr(saved, key) != value:
             raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
                             f"{getattr(saved, key)!r}); only {', '.join(sorted(changeable))} can")
     cfg = attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in changeable})
     run = Run(cfg, run_dir, quiet=quiet)
+    trained_on = state["rng"].get("device", run.device.type)
+    if trained_on != run.device.type and not quiet:
+        print(f"note: {run_dir} was trained on {trained_on} and continues on {run.device.type}; training "
+              f"goes on from the checkpoint, but random draws (augmentation, sleep noise) differ from "
+              f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
+              file=sys.stderr)
     run.load_state_dict(state)
     return run

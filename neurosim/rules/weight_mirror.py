@@ -59,12 +59,23 @@ class WeightMirror(PlasticityRule):
         return feedback
 
     def draw_noise(self, shape, generator, device, dtype) -> torch.Tensor:
-        """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons."""
+        """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons, on ``device``.
+
+        The noise is drawn where ``generator`` lives (``None``: the default generator of
+        ``device``) and moved to ``device`` if that is elsewhere: a CPU generator drives a CUDA
+        circuit reproducibly, at the cost of a host-to-device copy per mirror batch (pass
+        ``torch.Generator(device)`` to avoid it).
+        """
+        device = torch.device(device)
+        where = device if generator is None else generator.device
         if self.noise == "gaussian":
-            xi = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-            return xi if self.sigma == 1 else xi.mul_(self.sigma)
-        half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
-        return torch.rand(shape, generator=generator, device=device, dtype=dtype).mul_(2 * half).sub_(half)
+            xi = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+            if self.sigma != 1:
+                xi.mul_(self.sigma)
+        else:
+            half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
+            xi = torch.rand(shape, generator=generator, device=where, dtype=dtype).mul_(2 * half).sub_(half)
+        return xi.to(device, non_blocking=True)
 
     def respond(self, drive: torch.Tensor) -> torch.Tensor:
         """The postsynaptic response to the noise drive ``Wξ``."""
