@@ -82,6 +82,9 @@ class RunConfig:
     monitor_traces: int = attrs.field(default=16, validator=_v.ge(0))
     monitor_probe: int = attrs.field(default=128, validator=_v.ge(0))
     log_every: int = attrs.field(default=0, validator=_v.ge(0))  # steps between progress lines; 0: by time
+    # Stop when the training loss exceeds this multiple of the first step's loss (0: only when
+    # it is not finite); checked every 32 steps.
+    max_loss_ratio: float = attrs.field(default=100.0, validator=_v.ge(0.0))
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
 from neurosim.data import BatchStream, ImageData, load_dataset
 from neurosim.errors import UserError
+from neurosim.files import DirectoryLock, describe_os_error, write_atomic
 from neurosim.models import build_mlp, build_resnet
 from neurosim.monitors import Monitor, MonitorConfig, probe_batch
 from neurosim.reference import reference_backward
@@ -25,6 +27,15 @@ from neurosim.reference import reference_backward
 
 class RunInterrupted(UserError):
     """Training stopped on request (Ctrl-C); the checkpoint holds the position reached."""
+
+
+class RunDiverged(UserError):
+    """The training loss became non-finite or exploded; nothing after the last checkpoint is saved."""
+
+
+# The loss is copied into a ring of this many device slots each step and read once per ring:
+# divergence is caught within that many steps at the cost of one host sync per ring.
+WATCH_STEPS = 32
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +138,10 @@ class Run:
         self.slept_before = False
         self.best = -math.inf
         self.stop_requested = False  # set by a signal handler; honoured between steps
+        self.first_loss = None  # the first engaged step's loss: divergence is measured against it
+        self._recent = torch.zeros(WATCH_STEPS, dtype=torch.float32, device=self.device)
+        self._unwatched = 0  # steps whose loss sits in the ring unread
+        self.lock = None  # the run directory's DirectoryLock while this run writes into it
         self._reset_stats()
 
     # -- state ----------------------------------------------------------------------------------
@@ -146,6 +161,7 @@ class Run:
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
             "best": self.best, "stats": self.stats.cpu(), "seen": self.seen, "rng": rng,
+            "first_loss": self.first_loss,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
                      "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
@@ -161,6 +177,7 @@ class Run:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
         self.stats, self.seen = state["stats"].to(self.device), state["seen"]
+        self.first_loss = state.get("first_loss")
         if self.monitor is not None:
             self.monitor.load_state_dict(state["monitor"])
         rng = state["rng"]
@@ -175,13 +192,23 @@ class Run:
         if "cuda" in rng and self.device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def save(self, best: bool = False) -> None:
+    def save(self, best: bool = False, metrics: dict | None = None) -> None:
+        """Commit the position reached: every file first, ``last.pt`` last.
+
+        ``last.pt`` is the commit point. Whatever was written before it (``best.pt``, the monitor
+        files, the epoch's metrics line) belongs to a position at or after the previous
+        ``last.pt``; a resume from that checkpoint truncates and rewrites all of it, so a kill at
+        any moment ends, after ``--resume``, in the same run directory as no kill at all.
+        """
+        self._check_divergence()
         state = self.state_dict()
-        save_checkpoint(state, self.run_dir / "last.pt")
         if best:
             save_checkpoint(state, self.run_dir / "best.pt")
         if self.monitor is not None:
             self.monitor.flush(self.run_dir)
+        if metrics is not None:
+            self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
+        save_checkpoint(state, self.run_dir / "last.pt")
 
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -206,6 +233,46 @@ class Run:
         self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
         self.seen += n
         self.step += 1
+        self._recent[self._unwatched].copy_(loss.detach())
+        self._unwatched += 1
+        if self._unwatched == WATCH_STEPS or self.first_loss is None:
+            self._check_divergence()
+
+    def _check_divergence(self) -> None:
+        """Read the losses of the steps since the last check (one host sync) and stop the run
+        at the first one that is not finite or exceeds ``max_loss_ratio`` × the first loss."""
+        if not self._unwatched:
+            return
+        losses = self._recent[:self._unwatched].tolist()
+        first_step = self.step - self._unwatched + 1
+        self._unwatched = 0
+        if self.first_loss is None:
+            self.first_loss = losses[0]
+        ratio = self.cfg.max_loss_ratio
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss) or (ratio and loss > ratio * max(self.first_loss, 1e-12)):
+                raise RunDiverged(self._divergence_message(first_step + i, loss))
+
+    def _divergence_message(self, step: int, loss: float) -> str:
+        if math.isfinite(loss):
+            what = (f"the loss reached {loss:.4g}, over {self.cfg.max_loss_ratio:g}× the first step's "
+                    f"{self.first_loss:.4g} (--max-loss-ratio)")
+        else:
+            what = f"the loss became {loss}"
+        first_bad = None
+        for syn in self.circuit.synapses.values():  # forward order: the first to blow up
+            for which, t in (("weight", syn.weight), ("feedback weight", syn.feedback)):
+                if first_bad is None and t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                    first_bad = f"; the first non-finite weight is the {which} of synapse {syn.name!r}"
+        last = self.run_dir / "last.pt"
+        if last.exists():
+            kept = (f"The last good checkpoint ({last}, epoch {load_checkpoint(last)['epoch']}) is kept; "
+                    f"nothing after it was saved.")
+        else:
+            kept = (f"No checkpoint had been written yet; {self.run_dir} can be started again from the "
+                    f"beginning with --resume or reused as --out.")
+        return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad or ''}. {kept} "
+                f"Lower --lr (now {self.cfg.lr:g}) and start again.")
 
     def sleep(self, batches: int) -> None:
         """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
@@ -228,25 +295,31 @@ class Run:
         """Train to ``cfg.epochs``; returns the last metrics. ``on_step(run)`` is called after
         every engaged step (used by tests to interrupt a run)."""
         cfg = self.cfg
-        metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.epoch)
-        if self.epoch == 0 and self.batch == 0 and not self.slept_before:
-            self._log_metrics(metrics_path, self._epoch_metrics(0, 0.0, None))
-            if self.schedule is not None:
-                before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
-                self.sleep(before)
-            self.slept_before = True
-        self.circuit.set_mode("engaged")
-        last = None
+        if self.lock is None or not self.lock.held:
+            self.lock = DirectoryLock(self.run_dir)
         try:
-            while self.epoch < cfg.epochs:
-                last = self._train_epoch(metrics_path, on_step)
-        except RunInterrupted:
-            self.save()
-            raise
-        return last
+            metrics_path = self.run_dir / "metrics.jsonl"
+            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before
+            _truncate_metrics(metrics_path, -1 if fresh else self.epoch)
+            if fresh:
+                self._log_metrics(metrics_path, self._epoch_metrics(0, 0.0, None))
+                if self.schedule is not None:
+                    before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
+                    self.sleep(before)
+                self.slept_before = True
+            self.circuit.set_mode("engaged")
+            last = None
+            try:
+                while self.epoch < cfg.epochs:
+                    last = self._train_epoch(on_step)
+            except RunInterrupted:
+                self.save()
+                raise
+            return last
+        finally:
+            self.lock.release()
 
-    def _train_epoch(self, metrics_path, on_step) -> dict:
+    def _train_epoch(self, on_step) -> dict:
         cfg, stream = self.cfg, self.train_stream
         total = len(stream)
         # Progress lines cost a host sync each: by default at most one per half second on a
@@ -273,19 +346,16 @@ class Run:
                 if (self.batch % cfg.log_every == 0) if cfg.log_every else (now - shown > period):
                     self._progress(total, start, t0)
                     shown = now
+        self._check_divergence()
         train = [*self.stats.tolist(), self.seen]
         elapsed = time.perf_counter() - t0
         self.epoch, self.batch = self.epoch + 1, 0
         self.scheduler.step()
         m = self._epoch_metrics(self.epoch, elapsed, train)
-        if not math.isfinite(m["train_loss"]):
-            raise UserError(f"training diverged in epoch {self.epoch} (loss {m['train_loss']}); the last "
-                            f"good checkpoint is kept in {self.run_dir}. Lower --lr and start again.")
         self._reset_stats()
         improved = m["test_acc"] > self.best
         self.best = max(self.best, m["test_acc"])
-        self.save(best=improved)
-        self._log_metrics(metrics_path, m)
+        self.save(best=improved, metrics=m)
         if not self.quiet:
             print(f"\repoch {self.epoch}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
                   f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
@@ -373,55 +443,130 @@ def _hms(seconds: float) -> str:
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only lines for epochs the checkpoint holds (a crash may leave one more)."""
+    """Keep only the lines of epochs the checkpoint holds (``-1``: none).
+
+    A kill may leave lines of an epoch that was not committed, or half a line: both go. A line
+    that cannot be read anywhere else means the file was damaged, and is reported."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln)["epoch"] <= epochs_done]
-    if len(keep) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # the last line, without its newline: a write cut short
+                break
+            raise UserError(f"{path} line {number} is not a metrics record; repair or remove that line "
+                            f"and resume again") from None
+        if epoch <= epochs_done:
+            keep.append(line + "\n")
+    new = "".join(keep)
+    if new != text:
+        write_atomic(path, new.encode(), what="metrics")
+
+
+def _clear_uncommitted(run_dir: Path) -> None:
+    """Remove what a run that never committed a checkpoint left behind, before it starts again."""
+    for name in ("best.pt", "metrics.jsonl", "monitor.npz", "monitor.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_atomic(run_dir / "config.json", (cfg.to_json() + "\n").encode(), what="configuration")
 
 
 def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
-    """A new run in a fresh directory (never reusing one that holds a run)."""
+    """A new run in a fresh directory, or in one whose run never committed a checkpoint.
+
+    The directory is locked before it is looked at, so two runs started on it at once cannot
+    both proceed; a failure while loading data or building the circuit leaves no directory
+    behind that was not there before."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").exists():
-        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
-                        f"another --out")
-    run = Run(cfg, run_dir, quiet=quiet)  # data and circuit first: a failure leaves no directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(cfg.to_json() + "\n")
-    os.replace(tmp, run_dir / "config.json")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run directory {run_dir}: {describe_os_error(e)}") from None
+    lock = DirectoryLock(run_dir)
+    try:
+        if (run_dir / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
+                            f"another --out")
+        if (run_dir / "config.json").exists() and not quiet:
+            print(f"note: {run_dir} holds a run that never finished its first epoch; starting it anew",
+                  file=sys.stderr)
+        run = Run(cfg, run_dir, quiet=quiet)
+        _clear_uncommitted(run_dir)
+        _write_config(run_dir, cfg)
+    except BaseException:
+        lock.release()
+        if created:
+            lock.path.unlink(missing_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    run.lock = lock
     return run
 
 
 def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict | None = None,
                quiet: bool = False) -> Run:
-    """Reopen a run from its last checkpoint; refuse one of another rule or model."""
+    """Reopen a run from its last checkpoint; refuse one of another preset.
+
+    A run that never committed a checkpoint (killed, diverged or failed in its first epoch)
+    starts again from the beginning with its saved configuration."""
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / "last.pt")
-    saved = RunConfig.from_dict(state["config"])
-    if expect is not None:
-        for key in ("rule", "model"):
-            if getattr(expect, key) != getattr(saved, key):
-                raise UserError(f"{run_dir} holds a {saved.rule}_{saved.model} run ({key}="
-                                f"{getattr(saved, key)!r}), not {expect.rule}_{expect.model}; resume it with "
-                                f"its own preset {saved.preset}")
-    changeable = {"epochs", "log_every", "device", "data_dir", "compile", "deterministic"}
-    for key, value in (overrides or {}).items():
-        if key not in changeable and getattr(saved, key) != value:
-            raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
-                            f"{getattr(saved, key)!r}); only {', '.join(sorted(changeable))} can")
-    cfg = attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in changeable})
-    run = Run(cfg, run_dir, quiet=quiet)
-    trained_on = state["rng"].get("device", run.device.type)
-    if trained_on != run.device.type and not quiet:
-        print(f"note: {run_dir} was trained on {trained_on} and continues on {run.device.type}; training "
-              f"goes on from the checkpoint, but random draws (augmentation, sleep noise) differ from "
-              f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
-              file=sys.stderr)
-    run.load_state_dict(state)
+    if not (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
+        return _restart(run_dir, expect, overrides, quiet)
+    lock = DirectoryLock(run_dir) if run_dir.is_dir() else None
+    try:
+        state = load_checkpoint(run_dir / "last.pt")
+        cfg = _resumed_config(run_dir, RunConfig.from_dict(state["config"]), expect, overrides)
+        if cfg.epochs < state["epoch"]:
+            raise UserError(f"{run_dir} has finished {state['epoch']} epochs; --epochs {cfg.epochs} would "
+                            f"train none. Give --epochs above {state['epoch']} to train further")
+        run = Run(cfg, run_dir, quiet=quiet)
+        trained_on = state["rng"].get("device", run.device.type)
+        if trained_on != run.device.type and not quiet:
+            print(f"note: {run_dir} was trained on {trained_on} and continues on {run.device.type}; training "
+                  f"goes on from the checkpoint, but random draws (augmentation, sleep noise) differ from "
+                  f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
+                  file=sys.stderr)
+        run.load_state_dict(state)
+        if cfg != RunConfig.from_dict(state["config"]):
+            _write_config(run_dir, cfg)  # config.json always describes the run as it goes on
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
     return run
+
+
+CHANGEABLE_ON_RESUME = ("epochs", "log_every", "device", "data_dir", "compile", "deterministic")
+
+
+def _resumed_config(run_dir: Path, saved: RunConfig, expect: RunConfig | None, overrides: dict | None) -> RunConfig:
+    if expect is not None and expect.preset != saved.preset:
+        raise UserError(f"{run_dir} holds a {saved.preset} run, not {expect.preset}; resume it with its own "
+                        f"preset: {saved.preset} --resume {run_dir}")
+    for key, value in (overrides or {}).items():
+        if key not in CHANGEABLE_ON_RESUME and getattr(saved, key) != value:
+            raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
+                            f"{getattr(saved, key)!r}); only {', '.join(sorted(CHANGEABLE_ON_RESUME))} can")
+    return attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in CHANGEABLE_ON_RESUME})
+
+
+def _restart(run_dir: Path, expect, overrides, quiet) -> Run:
+    try:
+        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); start a new run with --out") from None
+    cfg = _resumed_config(run_dir, saved, expect, overrides)
+    if not quiet:
+        print(f"note: {run_dir} has no checkpoint yet (its first epoch never finished); starting it again "
+              f"from the beginning", file=sys.stderr)
+    return open_run(run_dir, cfg, quiet=True)

@@ -51,8 +51,10 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, name, overrides):
 def test_resume_refuses_another_rule_or_model(tmp_path):
     run = open_run(tmp_path / "r", preset("kp_mlp_digits", epochs=1), quiet=True)
     run.train()
-    with pytest.raises(UserError, match="holds a kp_mlp run"):
+    with pytest.raises(UserError, match="holds a kp_mlp_digits run, not bp_mlp_digits"):
         resume_run(tmp_path / "r", expect=preset("bp_mlp_digits"))
+    with pytest.raises(UserError, match="holds a kp_mlp_digits run, not kp_mlp_original"):
+        resume_run(tmp_path / "r", expect=preset("kp_mlp_original"))  # same rule and model kind
     with pytest.raises(UserError, match="cannot change when resuming"):
         resume_run(tmp_path / "r", expect=preset("kp_mlp_digits"), overrides={"lr": 0.5})
     more = resume_run(tmp_path / "r", expect=preset("kp_mlp_digits"), overrides={"epochs": 2}, quiet=True)
@@ -66,5 +68,5 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     run.train()
     path = tmp_path / "r" / "last.pt"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    with pytest.raises(UserError, match="is damaged or not a checkpoint"):
         resume_run(tmp_path / "r")
