@@ -79,8 +79,10 @@ def _read(path: Path, map_location="cpu") -> tuple[dict | None, str | None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's remarks on foreign pickles: the verdict follows
             state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        return None, "holds objects other than tensors and plain data; it was not written by neurosim"
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            return None, "holds objects other than tensors and plain data; it was not written by neurosim"
+        return None, "is damaged or not a checkpoint: it cannot be read as one"
     except OSError as e:
         return None, f"cannot be read ({e.strerror or e})"
     except Exception as e:  # a truncated or foreign file: zip or pickle structure broken

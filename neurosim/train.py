@@ -99,6 +99,9 @@ class Run:
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
         set_determinism(cfg.deterministic, cuda)
+        # Every random stream of a run derives from its seed; the process-wide generators too
+        # (a new process draws their seed at random), for anything that draws from them.
+        torch.manual_seed(cfg.seed)
         self.data = data or load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
                                          (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
         if cfg.train_limit:
@@ -259,11 +262,10 @@ class Run:
                     f"{self.first_loss:.4g} (--max-loss-ratio)")
         else:
             what = f"the loss became {loss}"
-        first_bad = None
-        for syn in self.circuit.synapses.values():  # forward order: the first to blow up
-            for which, t in (("weight", syn.weight), ("feedback weight", syn.feedback)):
-                if first_bad is None and t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-                    first_bad = f"; the first non-finite weight is the {which} of synapse {syn.name!r}"
+        bad = [f"{which} of synapse {syn.name!r}" for syn in self.circuit.synapses.values()  # forward order
+               for which, t in (("weight", syn.weight), ("feedback weight", syn.feedback))
+               if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+        first_bad = f"; non-finite: {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}" if bad else ""
         last = self.run_dir / "last.pt"
         if last.exists():
             kept = (f"The last good checkpoint ({last}, epoch {load_checkpoint(last)['epoch']}) is kept; "
@@ -271,7 +273,7 @@ class Run:
         else:
             kept = (f"No checkpoint had been written yet; {self.run_dir} can be started again from the "
                     f"beginning with --resume or reused as --out.")
-        return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad or ''}. {kept} "
+        return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad}. {kept} "
                 f"Lower --lr (now {self.cfg.lr:g}) and start again.")
 
     def sleep(self, batches: int) -> None:
