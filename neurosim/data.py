@@ -437,7 +437,9 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
     """Classes, image paths and labels of an ImageFolder tree, in torchvision's ImageFolder order.
 
     Same rules as `torchvision.datasets.folder.make_dataset` (sorted class folders, sorted walk
-    following links, the same image extensions), without importing torchvision for it.
+    following links, the same image extensions), without importing torchvision for it. A tree
+    needs at least two classes: with one, every image has the same label and any classifier
+    scores 100 %.
     """
     hint = (f"Valid dataset names are {', '.join(DATASET_NAMES)}; a path must be a folder of "
             "class subfolders of images (e.g. train/cat/0001.png).")
@@ -463,28 +465,89 @@ def _scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
             f"{root}: class folder(s) {', '.join(empty)} hold no images "
             f"({', '.join(_IMG_EXTENSIONS)}). {hint}"
         )
+    if len(classes) == 1:
+        only = root / classes[0]
+        try:
+            inner = sorted(e.name for e in os.scandir(only) if e.is_dir())
+        except OSError:
+            inner = []
+        nested = ""
+        if len(inner) >= 2:
+            listed = ", ".join(inner[:3]) + (", ..." if len(inner) > 3 else "")
+            nested = f" If {only} holds the class folders ({listed}), pass that folder instead."
+        raise DataError(
+            f"a folder dataset needs at least two classes; found only {classes[0]!r} in {root}, so "
+            "every image would have the same label and training would reach a meaningless 100 %. "
+            f"Put each class's images in its own subfolder (e.g. train/cat/0001.png, train/dog/0001.png).{nested}"
+        )
     return classes, paths, labels
 
 
+# Bump when decoding gives different pixels for some files (16-bit images, which were once
+# clipped to white), so that caches holding the old result are rebuilt rather than reused.
+_DECODE_REVISION = 2
+
+
 def _cache_path(root: Path, data_dir: Path, paths: Sequence[str], labels: Sequence[int]) -> Path:
-    h = hashlib.sha256(f"neurosim-folder-cache-v{_CACHE_FORMAT}\n".encode())
+    h = hashlib.sha256(f"neurosim-folder-cache-v{_CACHE_FORMAT}-d{_DECODE_REVISION}\n".encode())
     prefix = len(str(root)) + 1  # paths are os.path.join(root, ...)
     for path, label in zip(paths, labels):
-        st = os.stat(path)
-        h.update(f"{path[prefix:]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            state = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError:
+            state = "unreadable"  # e.g. a dangling link; decoding reports it with the others
+        h.update(f"{path[prefix:]}\t{label}\t{state}\n".encode())
     tag = re.sub(r"[^A-Za-z0-9._-]+", "_", str(root)).strip("_")[-80:]
     return data_dir / "cache" / f"{tag}-{h.hexdigest()[:16]}.npz"
 
 
+def _cache_problem(images, n: int) -> str | None:
+    """Why a cached array is not the N×C×H×W uint8 images of `n` files, or None if it is."""
+    if not isinstance(images, np.ndarray):
+        return f"it holds a {type(images).__name__}, not an array"
+    if images.dtype != np.uint8 or images.ndim != 4:
+        return f"it holds a {images.dtype} array of shape {tuple(images.shape)}, not uint8 N×C×H×W images"
+    if len(images) != n or images.shape[1] not in (1, 3) or 0 in images.shape[2:]:
+        return f"it holds images of shape {tuple(images.shape)}, not {n} images of 1 or 3 channels"
+    return None
+
+
 def _read_cache(path: Path, n: int) -> np.ndarray | None:
+    """The cached images of a folder, or None on a miss.
+
+    A cache file that exists but cannot be used (empty, truncated, not an npz, the wrong
+    contents) is a miss as well: it is reported in a warning and deleted, and the caller decodes
+    the images again and writes a new one, so one bad file cannot break every later load.
+    """
     try:
-        with np.load(path) as z:
-            images = z["images"]
-    except (OSError, KeyError, ValueError):
+        # Opened here, not by np.load, which leaves the file open when it is not a zip archive.
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            if magic != b"PK\x03\x04":  # np.load would take anything else for a pickle
+                problem = "the file is empty" if not magic else "it is not an npz archive"
+            else:
+                f.seek(0)
+                with np.load(f, allow_pickle=False) as z:
+                    images = z["images"]
+                problem = _cache_problem(images, n)
+    except FileNotFoundError:
         return None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
-        return None
-    return images
+    except Exception as exc:  # np.load raises OSError, EOFError, ValueError, BadZipFile, zlib.error, ...
+        detail = " ".join(str(exc).split()).split(". ")[0].rstrip(".")  # numpy's first sentence
+        problem = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if problem is None:
+        return images
+    warnings.warn(
+        f"the decoded-image cache {path} cannot be used ({problem}); it is deleted and rebuilt "
+        "from the images",
+        stacklevel=4,
+    )
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # writing the new cache replaces it, or warns that it cannot
+    return None
 
 
 def _write_cache(path: Path, images: np.ndarray) -> None:
@@ -518,6 +581,7 @@ def _load_folder(root: Path, data_dir: Path, val_per_class: int | None):
     is_test = torch.zeros(len(y), dtype=torch.bool)
     start = 0
     for cls_name, count in zip(classes, counts):
+        # val_per_class=0 holds nothing out (the evaluation split is empty; evaluating says so).
         k = max(1, count // 10) if val_per_class is None else int(val_per_class)
         if k < 0 or k >= count:
             raise DataError(
@@ -539,25 +603,101 @@ def folder_training_order(n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
-def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray]:
-    """Decode images to H×W (greyscale 'L') or H×W×3 (everything else, as RGB) uint8 arrays."""
-    from PIL import Image, UnidentifiedImageError
+# Greyscale modes of 16-bit samples (0..65535): 16-bit PNGs and TIFFs open as one of these.
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# Formats whose 32-bit integer mode "I" only ever holds 16-bit samples: older Pillows open 16-bit
+# greyscale PNGs as "I", and PGMs of more than 8 bits open as "I" scaled to 0..65535.
+_FORMATS_16BIT_I = ("PNG", "PPM")
+# 8-bit modes that Pillow converts to RGB by a fixed rule (CMYK, YCbCr, HSV and LAB by their colour
+# transforms, alpha dropped, palettes looked up). Pillow itself reduces 48- and 64-bit RGB(A)
+# PNGs to "RGB"/"RGBA" by keeping each sample's high byte.
+_MODES_TO_RGB = frozenset({"1", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV", "LAB"})
+_MODE_NAMES = {"F": "32-bit floating-point pixels", "I": "32-bit integer pixels",
+               "La": "greyscale with premultiplied alpha", "I;16S": "signed 16-bit pixels"}
 
-    out = []
+
+class _UnsupportedMode(Exception):
+    """An image whose pixel mode has no faithful 8-bit form."""
+
+
+def _pixels(im) -> np.ndarray:
+    """One opened image as H×W (greyscale) or H×W×3 (RGB) uint8 pixels, without clipping.
+
+    8-bit greyscale stays as it is; 16-bit greyscale is scaled to 8 bits (round(v / 257), so
+    0..65535 maps onto 0..255) and stays one channel; the modes in `_MODES_TO_RGB` become RGB.
+    Anything else (float, 32-bit integer, ...) has no known value range: `_UnsupportedMode`.
+    """
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im)
+    if mode in _MODES_16BIT or (mode == "I" and im.format in _FORMATS_16BIT_I):
+        a = np.asarray(im)
+        if a.ndim != 2 or (a.size and (int(a.min()) < 0 or int(a.max()) > 65535)):
+            raise _UnsupportedMode(f"mode {mode!r} with values outside 0..65535")
+        # round(v / 257) exactly: v / 257 is never halfway between two integers.
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if mode in _MODES_TO_RGB:
+        return np.asarray(im.convert("RGB"))
+    what = _MODE_NAMES.get(mode, "pixels with no faithful 8-bit form")
+    raise _UnsupportedMode(
+        f"mode {mode!r}, {what}, which cannot be reduced to 8 bits without guessing its range; "
+        "save it as 8- or 16-bit greyscale or RGB"
+    )
+
+
+def _failure(exc: Exception, path: str) -> str:
+    """Why an image could not be read, in a few words and without its path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc).replace(repr(path), "").replace(path, "")
+    text = " ".join(text.split()).rstrip(" :")
+    return text or type(exc).__name__
+
+
+def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray | str]:
+    """Decode images with `_pixels`; an image that cannot be read gives the reason (a str) instead.
+
+    Failures are returned rather than raised so that every bad file of a folder can be reported
+    at once, from worker processes as from this one.
+    """
+    from PIL import Image
+
+    out: list[np.ndarray | str] = []
     for path in paths:
         try:
             with Image.open(path) as im:
-                out.append(np.asarray(im if im.mode == "L" else im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+                out.append(_pixels(im))
+        except MemoryError:
+            raise
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+            out.append(_failure(exc, path))
     return out
+
+
+def _unreadable_error(paths: Sequence[str], bad: Sequence[tuple[str, str]], show: int = 5) -> DataError:
+    """One error for all unreadable images: how many, the first `show` of them, and why."""
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    listed, last = [], None
+    for path, reason in bad[:show]:
+        name = os.path.relpath(path, root)
+        listed.append(name if reason == last else f"{name} ({reason})")
+        last = reason
+    if len(bad) == 1:
+        return DataError(f"1 image in {root} cannot be read: {listed[0]}; remove or replace it")
+    more = f" and {len(bad) - show} more" if len(bad) > show else ""
+    return DataError(
+        f"{len(bad)} images in {root} cannot be read, e.g. {', '.join(listed)}{more}; "
+        "remove or replace them"
+    )
 
 
 def _decode_images(paths: Sequence[str]) -> np.ndarray:
     """Decode every image once into one uint8 N×C×H×W array (C = 1 if all are greyscale, else 3).
 
     Large trees are decoded by a pool of forked processes; PIL holds the GIL for too much of the
-    work on small images for threads to help.
+    work on small images for threads to help. Every image is tried before any failure is
+    reported, so one `DataError` names all the unreadable ones.
     """
     if not paths:
         raise DataError("no images to decode")
@@ -574,6 +714,9 @@ def _decode_images(paths: Sequence[str]) -> np.ndarray:
     if arrays is None:
         arrays = _decode_chunk(paths)
 
+    bad = [(path, a) for path, a in zip(paths, arrays) if isinstance(a, str)]
+    if bad:
+        raise _unreadable_error(paths, bad)
     h, w = arrays[0].shape[:2]
     for path, a in zip(paths, arrays):
         if a.shape[:2] != (h, w):

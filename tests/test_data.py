@@ -178,10 +178,244 @@ def test_folder_that_is_not_a_tree(tmp_path):
 
 def test_folder_unreadable_image(tmp_path):
     tree = tmp_path / "tree"
-    _write_tree(tree, {"a": 2})
+    _write_tree(tree, {"a": 2, "b": 2})
     (tree / "a" / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="bad.png"):
+    with pytest.raises(DataError) as err:
         load_dataset(str(tree), data_dir=tmp_path / "data")
+    msg = str(err.value)
+    assert msg.startswith(f"1 image in {tree} cannot be read: ")
+    assert os.path.join("a", "bad.png") + " (cannot identify image file)" in msg
+    assert str(tmp_path) not in msg.split(": ", 1)[1]  # the reason does not repeat the path
+    assert not (tmp_path / "data" / "cache").exists()
+
+
+def _bad_files(tree: Path) -> list[str]:
+    """Seven unreadable images spread over two classes: junk, empty, truncated; in path order."""
+    (tree / "a" / "bad0.png").write_bytes(b"not a png")
+    (tree / "a" / "bad1.png").write_bytes(b"")
+    whole = (tree / "a" / "000.png").read_bytes()
+    (tree / "a" / "bad2.png").write_bytes(whole[:len(whole) // 2])
+    for i in range(3, 7):
+        (tree / "b" / f"bad{i}.jpg").write_bytes(b"junk" * i)
+    return [os.path.join("a", f"bad{i}.png") for i in range(3)] + [
+        os.path.join("b", f"bad{i}.jpg") for i in range(3, 7)]
+
+
+def test_folder_reports_every_unreadable_image_at_once(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2, "b": 2})
+    bad = _bad_files(tree)
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+    msg = str(err.value)
+    assert msg.startswith(f"7 images in {tree} cannot be read, e.g. {bad[0]} (cannot identify image file), ")
+    assert msg.endswith(" and 2 more; remove or replace them")
+    shown = [name for name in bad if name in msg]
+    assert shown == bad[:5]
+    assert "truncated" in msg or "broken" in msg  # the truncated PNG's own reason is given
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the decoding pool needs two CPUs")
+def test_folder_pool_reports_every_unreadable_image(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2, "b": 2})
+    _bad_files(tree)
+    paths = data._scan_folder(tree)[1]
+    with pytest.raises(DataError) as serial:
+        data._decode_images(paths)
+    monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(data, "_decode_chunk", _decode_chunk_in_worker_only)
+    with pytest.raises(DataError) as pooled:
+        data._decode_images(paths)
+    assert str(pooled.value) == str(serial.value)
+    assert str(pooled.value).startswith(f"7 images in {tree} cannot be read")
+
+
+_PARENT_PID = os.getpid()
+
+
+def _decode_chunk_in_worker_only(paths):
+    """`_decode_chunk`, refusing to run in the test process, so the pool is known to be used."""
+    assert os.getpid() != _PARENT_PID, "decoded in the test process, not the pool"
+    return _ORIGINAL_DECODE_CHUNK(paths)
+
+
+_ORIGINAL_DECODE_CHUNK = data._decode_chunk
+
+
+def test_folder_needs_two_classes(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"cat": 3})
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+    assert f"needs at least two classes; found only 'cat' in {tree}" in str(err.value)
+    # A tree one level too high (its only class folder holds the classes) gets a pointer down.
+    outer = tmp_path / "outer"
+    _write_tree(outer / "train", {"cat": 1, "dog": 1})
+    with pytest.raises(DataError, match="found only 'train'") as err:
+        load_dataset(str(outer), data_dir=tmp_path / "data")
+    assert f"If {outer / 'train'} holds the class folders (cat, dog), pass that folder instead" in str(err.value)
+
+
+def test_folder_val_per_class_zero_holds_nothing_out(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2, "b": 3})
+    d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=0)
+    assert d.train_x.shape == (5, 3, 5, 6) and sorted(d.train_y.tolist()) == [0, 0, 1, 1, 1]
+    assert d.test_x.shape == (0, 3, 5, 6) and d.test_y.shape == (0,)
+    assert len(d.mean) == 3
+
+
+# --- pixel modes -------------------------------------------------------------------------------
+
+def _png16(path: Path, samples: np.ndarray) -> None:
+    """Write a 16-bit PNG by hand: greyscale (H×W), greyscale+alpha (H×W×2), RGB (H×W×3) or RGBA."""
+    import struct
+    import zlib
+
+    channels = 1 if samples.ndim == 2 else samples.shape[-1]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    h, w = samples.shape[:2]
+    raw = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _to8(v: np.ndarray) -> np.ndarray:
+    """The expected 8-bit value of 16-bit samples: round(v / 257), in float64."""
+    return np.round(v.astype(np.float64) / 257).astype(np.uint8)
+
+
+def test_folder_16bit_greyscale_is_scaled_not_clipped(tmp_path):
+    tree = tmp_path / "tree"
+    ramp = np.linspace(0, 65535, 30).round().astype(np.uint16).reshape(5, 6)
+    expect = _to8(ramp)
+    assert expect[0, 0] == 0 and expect[-1, -1] == 255 and len(np.unique(expect)) == 30
+    (tree / "a").mkdir(parents=True)
+    (tree / "b").mkdir()
+    Image.fromarray(ramp).save(tree / "a" / "0.png")                        # Pillow writes I;16
+    Image.fromarray(ramp[::-1].astype(">u2")).save(tree / "a" / "1.png")    # from I;16B
+    _png16(tree / "b" / "0.png", ramp.T.copy().reshape(5, 6))              # written by hand
+    (tree / "b" / "1.pgm").write_bytes(b"P5\n6 5\n65535\n" + ramp.astype(">u2").tobytes())  # opens as "I"
+    for f, mode in [("a/0.png", "I;16"), ("a/1.png", "I;16"), ("b/0.png", "I;16"), ("b/1.pgm", "I")]:
+        with Image.open(tree / f) as im:
+            assert im.mode in (mode, "I"), (f, im.mode)
+    d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=0)
+    assert d.image_shape == (1, 5, 6)
+    got = d.train_x[torch.argsort(data.folder_training_order(4))][:, 0].numpy()
+    assert np.array_equal(got[0], expect)
+    assert np.array_equal(got[1], expect[::-1])
+    assert np.array_equal(got[2], _to8(ramp.T.copy().reshape(5, 6)))
+    assert np.array_equal(got[3], expect)
+    # The exact rounding over the whole 16-bit range.
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    with Image.fromarray(every) as im:
+        assert np.array_equal(data._pixels(im), _to8(every))
+
+
+def test_folder_48_and_64_bit_rgb_pngs_are_not_clipped(tmp_path):
+    tree = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    rgba = rng.integers(0, 65536, (5, 6, 4), dtype=np.uint16)
+    (tree / "a").mkdir(parents=True)
+    (tree / "b").mkdir()
+    _png16(tree / "a" / "rgb48.png", rgb)
+    _png16(tree / "b" / "rgba64.png", rgba)
+    d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=0)
+    assert d.image_shape == (3, 5, 6)
+    got = d.train_x[torch.argsort(data.folder_training_order(2))].numpy().astype(int)
+    # Pillow reduces these itself, to each sample's high byte: within one level of round(v / 257).
+    for img, samples in zip(got, (rgb, rgba[..., :3])):
+        assert np.abs(img.transpose(1, 2, 0) - _to8(samples).astype(int)).max() <= 1
+        assert img.std() > 30
+
+
+def test_folder_refuses_modes_without_a_faithful_8bit_form(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 2, "b": 2})
+    Image.fromarray(np.full((5, 6), 0.5, dtype=np.float32)).save(tree / "a" / "float.tif")
+    Image.fromarray(np.full((5, 6), 70000, dtype=np.int32)).save(tree / "b" / "int32.tif")
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path / "data")
+    msg = str(err.value)
+    assert msg.startswith(f"2 images in {tree} cannot be read")
+    assert os.path.join("a", "float.tif") + " (mode 'F', 32-bit floating-point pixels" in msg
+    assert os.path.join("b", "int32.tif") + " (mode 'I', 32-bit integer pixels" in msg
+
+
+def test_folder_other_8bit_modes_become_rgb(tmp_path):
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 1, "b": 1})
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).quantize(16).save(tree / "a" / "p.png", transparency=0)
+    Image.fromarray(rgb).convert("CMYK").save(tree / "b" / "cmyk.tif")
+    Image.fromarray(rgb[..., 0]).convert("1").save(tree / "b" / "one.png")
+    paths = data._scan_folder(tree)[1]
+    x = data._decode_images(paths)
+    assert x.shape == (5, 3, 5, 6)
+    for path, img in zip(paths, x):
+        with Image.open(path) as im:
+            assert np.array_equal(img, np.asarray(im.convert("RGB")).transpose(2, 0, 1)), path
+
+
+# --- the decoded-image cache -------------------------------------------------------------------
+
+def _truncated(cache: Path) -> bytes:
+    return cache.read_bytes()[: cache.stat().st_size // 2]
+
+
+def _wrong_shape(cache: Path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, images=np.zeros((2, 3, 5, 6), dtype=np.uint8))
+    return buf.getvalue()
+
+
+def _pickled(cache: Path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, images=np.array([object()], dtype=object))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("corrupt", [lambda c: b"", lambda c: b"\x00junk" * 100, _truncated, _wrong_shape, _pickled],
+                         ids=["empty", "junk", "truncated", "wrong-shape", "pickled"])
+def test_folder_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, corrupt):
+    import warnings
+
+    tree = tmp_path / "tree"
+    _write_tree(tree, {"a": 3, "b": 3})
+    first = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    (cache,) = (tmp_path / "data" / "cache").iterdir()
+    good = cache.read_bytes()
+    cache.write_bytes(corrupt(cache))
+    with pytest.warns(UserWarning) as caught:
+        second = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert str(cache) in msg and "rebuilt" in msg and "If you trust" not in msg
+    assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_x, second.test_x)
+    assert list((tmp_path / "data" / "cache").iterdir()) == [cache]
+    with np.load(cache) as z, np.load(__import__("io").BytesIO(good)) as g:
+        assert np.array_equal(z["images"], g["images"])
+
+    # The rebuilt cache is used as it is: no warning, no decoding.
+    monkeypatch.setattr(data, "_decode_images", _no_decoding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
+    assert torch.equal(first.train_x, third.train_x)
+
+
+def _no_decoding(paths):
+    raise AssertionError("decoded again although cached")
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the decoding pool needs two CPUs")
@@ -199,7 +433,7 @@ def test_folder_pool_decoding_matches_serial(tmp_path, monkeypatch):
 
 def test_folder_val_per_class_too_large(tmp_path):
     tree = tmp_path / "tree"
-    _write_tree(tree, {"a": 2})
+    _write_tree(tree, {"a": 2, "b": 3})
     with pytest.raises(DataError, match="val_per_class"):
         load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=2)
 
