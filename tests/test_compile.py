@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from neurosim.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import preset
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, WeightMirror
@@ -231,10 +232,10 @@ def test_resume_on_another_device_continues_with_a_note(tmp_path, capsys):
     with pytest.raises(RunInterrupted):
         run.train(on_step=_stop_at(3))
     path = tmp_path / "r" / "last.pt"
-    state = torch.load(path, weights_only=True)
+    state = load_checkpoint(path)
     state["rng"]["device"] = "cuda"
     state["rng"]["sleep"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state size
-    torch.save(state, path)
+    save_checkpoint(state, path)
     resumed = resume_run(tmp_path / "r")
     assert "was trained on cuda and continues on cpu" in capsys.readouterr().err
     assert resumed.step == 3
