@@ -1,26 +1,139 @@
-"""Command-line entry points; every user error ends in one message and exit status 2."""
+"""Command-line entry points; every user error ends in one message and exit status 2.
+
+``main(entry)`` runs an entry (``run_circuit``, ``evaluate``, ``neurosim.plot_cli.plot_run``) and
+turns what a user can cause into one line on stderr: a ``UserError`` or an ``OSError`` (the path
+and the cause) gives status 2, Ctrl-C gives status 130. Nothing else is caught: a traceback
+means a bug.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from neurosim.errors import UserError
 
-USAGE = """usage: run_circuit.py PRESET [--out DIR] [--resume RUN_DIR] [--key value ...]
-
-Train a circuit. PRESET is <rule>_<model>: rule in bp, fa, ss, wm, kp; model in mlp_digits,
-mlp_original, resnet18, resnet34, resnet50 (e.g. kp_mlp_digits, wm_resnet18). Any configuration
-field can be overridden: --epochs 30 --lr 0.05 --width 0.25 --data synthetic --device cpu ...
-A new run directory is made under runs/ (or --out DIR); --resume RUN_DIR continues a run.
-"""
-
 
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+# errno → (cause, what to do about it)
+_OS_CAUSES = {
+    errno.ENOSPC: ("disk full", "free some space or choose another location"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another location"),
+    errno.EROFS: ("read-only file system", "choose a writable location"),
+    errno.EACCES: ("permission denied", "choose a location you can write to, or change its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a location you can write to, or change its permissions"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "check the path"),
+    errno.EISDIR: ("is a directory", "give the path of a file"),
+    errno.EEXIST: ("already exists", "choose another path"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line naming the path of an ``OSError`` and its cause (``disk full``, ``read-only file system``)."""
+    cause, fix = _OS_CAUSES.get(exc.errno, (exc.strerror or str(exc) or type(exc).__name__, ""))
+    path = exc.filename
+    if path is not None and exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    where = f"{os.fsdecode(path) if isinstance(path, bytes) else path}: " if path is not None else ""
+    return f"{where}{cause}" + (f"; {fix}" if fix else "")
+
+
+def main(entry, argv=None) -> None:
+    """Run ``entry(argv)`` and exit with its status; user errors, I/O errors and Ctrl-C end in one line."""
+    try:
+        code = entry(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(os_error_message(e))
+    except KeyboardInterrupt:
+        # Entries write their files through a temporary file and a rename, and a run that is
+        # training handles Ctrl-C itself (it saves a checkpoint), so an interrupt that reaches
+        # here leaves every file as it was or complete.
+        print("\ninterrupted; nothing was lost", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+# -- run_circuit.py -------------------------------------------------------------------------------
+
+def run_usage() -> str:
+    """The help of ``run_circuit.py``: presets and every option, read from the configuration."""
+    import attrs
+
+    from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig
+
+    lines = [
+        "usage: run_circuit.py PRESET [--out DIR | --resume RUN_DIR] [--quiet] [--field-name VALUE ...]",
+        "",
+        f"Train a circuit. PRESET is <rule>_<model>: rule in {', '.join(RULE_NAMES)}; model in",
+        f"{', '.join(MODEL_FAMILIES)} (e.g. kp_mlp_digits, wm_resnet18).",
+        "The preset fixes the rule and the model; any other setting can be overridden, e.g. --epochs 3",
+        "--lr 0.05 --data synthetic --device cpu (--hidden sizes MLPs, --width scales ResNets).",
+        "docs/presets.md lists what each preset sets.",
+        "",
+        "  --out DIR          the run directory: new, empty, or a run that never finished its first",
+        "                     epoch (default runs/PRESET-YYYYmmdd-HHMMSS)",
+        "  --resume RUN_DIR   continue an interrupted run (Ctrl-C saves a checkpoint first)",
+        "  --quiet            no progress lines",
+        "  -h, --help         this help",
+        "",
+        "Settings, with their defaults (a preset sets some of them otherwise):",
+    ]
+    defaults = RunConfig()
+    for f in attrs.fields(RunConfig):
+        if f.name == "preset":
+            continue
+        option = f"--{f.name.replace('_', '-')} {_value_form(f)}"
+        shown = getattr(defaults, f.name)
+        if isinstance(shown, tuple):
+            shown = ",".join(map(str, shown)) or "none"
+        elif isinstance(shown, bool) or shown is None:
+            shown = str(shown).lower()
+        note = _NOTES.get(f.name)
+        lines.append(f"  {option:<48} {shown}" + (f"  ({note})" if note else ""))
+    lines += ["", *textwrap.wrap("Presets: " + " ".join(sorted(PRESETS)), 100, subsequent_indent="  ")]
+    return "\n".join(lines) + "\n"
+
+
+_NOTES = {
+    "rule": "fixed by the preset", "model": "fixed by the preset", "val_per_class": "image folders only",
+    "train_limit": "0: every training image", "hidden": "MLPs only", "activation": "MLPs only",
+    "init": "MLPs only", "width": "ResNets only", "milestones": "epochs at which lr is multiplied by lr-gamma",
+    "kp_decay": "kp only", "wm_sigma": "wm only", "wm_noise": "wm only", "wm_decay": "wm only",
+    "wm_response": "wm only", "wm_lr": "wm only", "sleep_before": "wm only; -1: one epoch's worth",
+    "sleep_every": "wm only", "sleep_batches": "wm only", "sleep_batch_size": "wm only; 0: --batch-size",
+    "monitor_every": "engaged steps between records; 0: no monitor", "monitor_synapses": "e.g. 'x->h1,h2->*'",
+    "log_every": "steps between progress lines; 0: by time",
+    "max_loss_ratio": "stop at this multiple of the first loss; 0: at a non-finite one",
+}
+
+
+def _value_form(field) -> str:
+    choices = getattr(field.validator, "options", None)
+    if choices:
+        return "|".join(map(str, choices))
+    special = {"data": "digits|cifar10|cifar100|synthetic|FOLDER", "data_dir": "DIR",
+               "device": "auto|cpu|cuda|cuda:N", "monitor_synapses": "PATTERNS", "val_per_class": "N|none"}
+    if field.name in special:
+        return special[field.name]
+    return {"bool": "true|false", "int": "N", "float": "X", "tuple[int, ...]": "N,N,..."}.get(str(field.type),
+                                                                                             "VALUE")
 
 
 def unique_run_dir(root: Path, name: str) -> Path:
@@ -33,22 +146,67 @@ def unique_run_dir(root: Path, name: str) -> Path:
     return path
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run directory, before anything is loaded or written:
+    a file, a folder holding other things than a run, or a place that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give the path of a new or empty directory")
+    if out.is_dir():
+        if (out / "config.json").exists():
+            return  # a run: open_run refuses it, or starts one that never committed a checkpoint anew
+        others = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        if others:
+            listed = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+            raise UserError(f"{out} exists and holds other files ({listed}); choose a new or empty directory "
+                            f"for --out")
+        where = out
+    else:
+        where = next((p for p in out.parents if p.exists()), Path("."))
+        if not where.is_dir():
+            raise UserError(f"cannot make the run directory {out}: {where} is a file, not a directory; "
+                            f"choose another --out")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"cannot make the run directory {out}: {where} is not writable (read-only or "
+                        f"permission denied); choose another --out")
+
+
+def check_device(spec: str) -> None:
+    """Refuse a device spec other than auto, cpu, cuda, cuda:N, or a GPU index this machine lacks."""
+    from neurosim.config import device_problem
+
+    problem = device_problem(spec)
+    if problem:
+        raise UserError(problem)
+    if spec.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"device {spec!r} asked for but no CUDA GPU is available; use --device cpu")
+        if spec.startswith("cuda:") and int(spec[5:]) >= count:
+            raise UserError(f"device {spec} asked for, but this machine has {count} CUDA GPU"
+                            f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+
+
 def run_circuit(argv: list[str]) -> int:
-    from neurosim.config import PRESETS, parse_overrides, preset
+    from neurosim.config import check_rule_settings, parse_overrides, preset
     from neurosim.plots import plot_run
     from neurosim.train import RunInterrupted, open_run, resume_run
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\nPresets: " + " ".join(sorted(PRESETS)))
+    if not argv or wants_help(argv):
+        print(run_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name.startswith("-"):
+        raise UserError(f"the first argument is the preset (e.g. kp_mlp_digits), not the option {name}; "
+                        f"run_circuit.py --help lists presets and options")
     out = resume = None
     quiet = False
     args = []
     i = 0
     while i < len(rest):
         if rest[i] in ("--out", "--resume"):
-            if i + 1 >= len(rest):
+            if i + 1 >= len(rest) or not rest[i + 1]:
                 raise UserError(f"option {rest[i]} needs a directory")
             if rest[i] == "--out":
                 out = Path(rest[i + 1])
@@ -60,12 +218,18 @@ def run_circuit(argv: list[str]) -> int:
         else:
             args.append(rest[i])
             i += 1
+    if out is not None and resume is not None:
+        raise UserError("--out and --resume cannot go together: --resume continues a run in its own directory")
     overrides = parse_overrides(args)
     cfg = preset(name, **overrides)
+    check_rule_settings(name, overrides)
+    check_device(cfg.device)
     if resume is not None:
         run = resume_run(resume, expect=cfg, overrides=overrides, quiet=quiet)
     else:
-        run = open_run(out or unique_run_dir(Path("runs"), name), cfg, quiet=quiet)
+        out = out or unique_run_dir(Path("runs"), name)
+        check_out_dir(out)
+        run = open_run(out, cfg, quiet=quiet)
     if not quiet:
         print(f"run directory: {run.run_dir}", file=sys.stderr)
         print(run.circuit, file=sys.stderr)
@@ -80,6 +244,13 @@ def run_circuit(argv: list[str]) -> int:
     except RunInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current epoch
+        if (run.run_dir / "last.pt").exists():
+            kept = "keeps the checkpoint of its last finished epoch; continue it"
+        else:
+            kept = "has no checkpoint yet (no epoch had finished); start it again from the beginning"
+        print(f"\nstopped at once; {run.run_dir} {kept} with --resume {run.run_dir}", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
@@ -91,12 +262,7 @@ def run_circuit(argv: list[str]) -> int:
     return 0
 
 
-def main(entry, argv=None) -> None:
-    try:
-        sys.exit(entry(sys.argv[1:] if argv is None else argv))
-    except UserError as e:
-        fail(str(e))
-
+# -- evaluate.py ----------------------------------------------------------------------------------
 
 EVAL_USAGE = """usage: evaluate.py RUN_DIR [--data NAME_OR_PATH] [--last] [--split test|all] [--data-dir DIR]
                    [--val-per-class N] [--device DEV] [--json PATH]
@@ -105,46 +271,97 @@ Evaluate a run's best checkpoint (or --last) on a dataset: top-1, top-5 and loss
 one line and written as JSON (default RUN_DIR/eval-<data>-<best|last>.json). --data defaults to
 the run's own data; a folder path is evaluated whole (--split all) unless --split test asks for
 its held-out images only.
+
+  --data NAME_OR_PATH   digits, cifar10, cifar100, synthetic or an image folder (default: the run's)
+  --last                evaluate last.pt (the last epoch) instead of best.pt (the best test top-1)
+  --split test|all      the held-out images only, or every image
+  --data-dir DIR        where torchvision datasets are kept (default: the run's)
+  --val-per-class N     images per class held out of a folder
+  --device DEV          auto, cpu, cuda or cuda:N (default auto)
+  --json PATH           where the JSON result goes
 """
+
+
+def _checkpoint_path(run_dir: Path, which: str) -> Path:
+    """The checkpoint to evaluate, or a ``UserError`` saying what to give instead."""
+    if not run_dir.exists():
+        raise UserError(f"no run directory {run_dir}; give the directory of a run made by run_circuit.py")
+    if not run_dir.is_dir():
+        hint = (f"; for {run_dir.name} give {run_dir.parent}" + (" --last" if run_dir.name == "last.pt" else "")
+                if run_dir.suffix == ".pt" else "")
+        raise UserError(f"{run_dir} is a file; give the run directory that holds best.pt and last.pt{hint}")
+    path = run_dir / f"{which}.pt"
+    if not path.exists() and which == "best" and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} has no best.pt (no epoch has finished with a test score yet); --last "
+                        f"evaluates its last checkpoint: evaluate.py {run_dir} --last")
+    return path
+
+
+def _check_json_target(out: Path) -> None:
+    """Refuse a ``--json`` path that cannot be written, before the evaluation runs."""
+    if out.is_dir():
+        raise UserError(f"--json {out} is a directory; give the path of a file")
+    if not out.parent.is_dir():
+        what = "is a file" if out.parent.exists() else "does not exist"
+        raise UserError(f"cannot write {out}: its folder {out.parent} {what}; give --json a path in an "
+                        f"existing folder")
 
 
 def evaluate(argv: list[str]) -> int:
     import json
-    import os
     import re
 
     import torch
 
     from neurosim.checkpoint import load_checkpoint
     from neurosim.config import RunConfig
-    from neurosim.data import BatchStream, DATASET_NAMES, load_dataset
+    from neurosim.data import DATASET_NAMES, BatchStream, load_dataset
+    from neurosim.files import write_atomic
     from neurosim.train import build_circuit, evaluate_stream, loss_function, resolve_device
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print(EVAL_USAGE)
+    if not argv or wants_help(argv):
+        print(EVAL_USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0].startswith("--"):
+        raise UserError(f"the first argument is the run directory, not the option {argv[0]}\n{EVAL_USAGE}")
     run_dir, opts = Path(argv[0]), {"--data": None, "--split": None, "--data-dir": None, "--val-per-class": None,
                                     "--device": "auto", "--json": None}
     which, i, rest = "best", 0, argv[1:]
     while i < len(rest):
         if rest[i] == "--last":
             which, i = "last", i + 1
-        elif rest[i] in opts and i + 1 < len(rest):
+        elif rest[i] in opts:
+            if i + 1 >= len(rest) or not rest[i + 1]:
+                raise UserError(f"option {rest[i]} needs a value")
             opts[rest[i]], i = rest[i + 1], i + 2
         else:
             raise UserError(f"unexpected argument {rest[i]!r}\n{EVAL_USAGE}")
-    state = load_checkpoint(run_dir / f"{which}.pt")
+    split = opts["--split"]
+    if split not in (None, "test", "all"):
+        raise UserError(f"--split must be test or all, not {split!r}")
+    if opts["--val-per-class"] is not None and not opts["--val-per-class"].isdigit():
+        raise UserError(f"--val-per-class takes a whole number, not {opts['--val-per-class']!r}")
+    check_device(opts["--device"])
+    if opts["--json"] is not None:
+        _check_json_target(Path(opts["--json"]))
+    path = _checkpoint_path(run_dir, which)
+    try:
+        state = load_checkpoint(path)
+    except UserError as e:
+        other = run_dir / "last.pt"
+        if which == "best" and other.exists() and "--last" not in str(e):
+            raise UserError(f"{e} evaluate.py {run_dir} --last evaluates the run's last checkpoint instead.") from None
+        raise
     cfg = RunConfig.from_dict(state["config"])
     trained = state["data"]
     spec = opts["--data"] or cfg.data
     is_folder = spec not in DATASET_NAMES
-    split = opts["--split"] or ("all" if is_folder and opts["--data"] else "test")
-    if split not in ("test", "all"):
-        raise UserError(f"--split must be test or all, not {split!r}")
-    if opts["--val-per-class"] is not None and not opts["--val-per-class"].isdigit():
-        raise UserError(f"--val-per-class takes a whole number, not {opts['--val-per-class']!r}")
+    split = split or ("all" if is_folder and opts["--data"] else "test")
     val = int(opts["--val-per-class"]) if opts["--val-per-class"] is not None else (
         0 if split == "all" and is_folder else cfg.val_per_class)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(spec).name if is_folder else spec).strip("_")
+    out = Path(opts["--json"] or run_dir / f"eval-{slug}-{which}.json")
+    _check_json_target(out)
     device = resolve_device(opts["--device"])
     data = load_dataset(spec, opts["--data-dir"] or cfg.data_dir, val, (cfg.synthetic_train, cfg.synthetic_test),
                         device, cfg.seed)
@@ -165,11 +382,8 @@ def evaluate(argv: list[str]) -> int:
     stream = BatchStream(x, y, 256, trained["mean"], trained["std"], shuffle=False, seed=0)
     m = evaluate_stream(circuit, circuit, stream, loss_function(cfg.loss))
     result = {"run": str(run_dir), "checkpoint": which, "epoch": state["epoch"], "data": spec, "split": split, **m}
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(spec).name if is_folder else spec).strip("_")
-    out = Path(opts["--json"] or run_dir / f"eval-{slug}-{which}.json")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    # Through a temporary file and a rename; the temporary file never outlives a failure.
+    write_atomic(out, (json.dumps(result, indent=2) + "\n").encode(), what="evaluation result")
     print(f"{cfg.preset} ({which}, epoch {state['epoch']}) on {spec} [{split}, {m['images']} images]: "
           f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  -> {out}")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import typing
 
 import attrs
@@ -23,7 +25,55 @@ def _positive(inst, att, value):
         raise ValueError(f"{att.name} must be positive, got {value}")
 
 
-@attrs.frozen(kw_only=True)
+def _finite(inst, att, value):
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ValueError(f"{att.name} must be a finite number, got {value}")
+
+
+def _finite_floats(cls, fields):
+    """Every float field is checked to be finite (NaN and infinity are never a setting)."""
+    out = []
+    for f in fields:
+        if f.type in ("float", float):
+            f = f.evolve(validator=_finite if f.validator is None else _v.and_(_finite, f.validator))
+        out.append(f)
+    return out
+
+
+def _positive_ints(inst, att, value):
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v <= 0]
+    if bad:
+        raise ValueError(f"{att.name} must be positive whole numbers, got {','.join(map(str, value))}")
+
+
+def _increasing(inst, att, value):
+    if any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"{att.name} must be increasing epochs without repeats, got {','.join(map(str, value))}")
+
+
+SEED_MAX = 2**32 - 1
+DEVICE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(spec: str) -> str | None:
+    """Why ``spec`` is not a device neurosim runs on, or None if it is one (auto, cpu, cuda, cuda:N)."""
+    if isinstance(spec, str) and DEVICE_SPEC.fullmatch(spec):
+        return None
+    return f"device must be auto, cpu, cuda or cuda:N (N the index of a CUDA GPU), not {spec!r}"
+
+
+def _device(inst, att, value):
+    problem = device_problem(value)
+    if problem:
+        raise ValueError(problem)
+
+
+def _seed(inst, att, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {value}")
+
+
+@attrs.frozen(kw_only=True, field_transformer=_finite_floats)
 class RunConfig:
     """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON)."""
 
@@ -33,7 +83,7 @@ class RunConfig:
     # data
     data: str = "digits"
     data_dir: str = "data"
-    val_per_class: int | None = None
+    val_per_class: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(0)))
     train_limit: int = attrs.field(default=0, validator=_v.ge(0))  # train on the first N images; 0: all
     synthetic_train: int = attrs.field(default=1024, validator=_positive)
     synthetic_test: int = attrs.field(default=256, validator=_positive)
@@ -42,7 +92,7 @@ class RunConfig:
     flip: bool = False
     shuffle: bool = True
     # circuit
-    hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_ints)
     activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")))
     init: str = attrs.field(default="default", validator=_v.in_(("default", "kaiming_normal", "xavier_sum")))
     width: float = attrs.field(default=1.0, validator=_positive)
@@ -53,7 +103,7 @@ class RunConfig:
     lr: float = attrs.field(default=0.1, validator=_positive)
     momentum: float = attrs.field(default=0.0, validator=[_v.ge(0.0), _v.lt(1.0)])
     weight_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
-    milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing])
     lr_gamma: float = attrs.field(default=0.2, validator=_positive)
     # rule hyper-parameters
     kp_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
@@ -67,8 +117,8 @@ class RunConfig:
     sleep_batches: int = attrs.field(default=1, validator=_v.ge(0))
     sleep_batch_size: int = attrs.field(default=0, validator=_v.ge(0))  # 0: the training batch size
     # execution
-    seed: int = 0
-    device: str = "auto"
+    seed: int = attrs.field(default=0, validator=_seed)
+    device: str = attrs.field(default="auto", validator=_device)
     amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")))
     channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
     compile: bool = False
@@ -176,15 +226,87 @@ PRESETS = _presets()
 
 
 def preset(name: str, **overrides) -> RunConfig:
-    """The configuration of a named preset, with overrides applied and validated."""
+    """The configuration of a named preset, with overrides applied and validated.
+
+    A preset fixes its rule and model (its name says which), so overriding either is refused, as
+    is a setting its kind of circuit does not read (it would change nothing). The command line
+    also refuses settings of other rules (``check_rule_settings``)."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}. Presets are <rule>_<model> with rule in "
-                        f"{', '.join(RULE_NAMES)} and model in mlp_digits, mlp_original, "
-                        f"{', '.join(RESNETS)}; e.g. kp_mlp_digits, wm_resnet18.\n"
+                        f"{', '.join(RULE_NAMES)} and model in {', '.join(MODEL_FAMILIES)}; "
+                        f"e.g. kp_mlp_digits, wm_resnet18.\n"
                         f"All presets: {' '.join(sorted(PRESETS))}")
+    _check_overrides(name, overrides)
     fields = dict(PRESETS[name], preset=name)
     fields.update(overrides)
     return build(fields)
+
+
+MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS)
+
+# Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
+_MLP_ONLY = {"hidden": "scale a ResNet with --width", "activation": "ResNet circuits use ReLU",
+             "init": "ResNet circuits use Kaiming-normal initialisation"}
+_RULE_ONLY = {"kp_decay": "kp", "wm_sigma": "wm", "wm_noise": "wm", "wm_decay": "wm", "wm_response": "wm",
+              "wm_lr": "wm", "sleep_before": "wm", "sleep_every": "wm", "sleep_batches": "wm",
+              "sleep_batch_size": "wm"}
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _changes(name: str, overrides: dict):
+    """``changes(key)``: whether ``overrides`` sets ``key`` away from the preset's value."""
+    base = PRESETS[name]
+    defaults = {f.name: f.default for f in attrs.fields(RunConfig)}
+
+    def changes(key):
+        value = overrides.get(key)
+        return key in overrides and (tuple(value) if isinstance(value, list) else value) != base.get(
+            key, defaults[key])
+
+    return changes
+
+
+def _check_overrides(name: str, overrides: dict) -> None:
+    base = PRESETS[name]
+    rule, model, family = base["rule"], base["model"], name.split("_", 1)[1]
+    changes = _changes(name, overrides)
+
+    if changes("rule") or changes("model"):
+        key = "rule" if changes("rule") else "model"
+        want_rule, want_model = overrides.get("rule", rule), overrides.get("model", model)
+        if want_rule not in RULE_NAMES or want_model not in MODELS:
+            instead = (f"choose the preset <rule>_<model> (rule in {', '.join(RULE_NAMES)}, model in "
+                       f"{', '.join(MODEL_FAMILIES)})")
+        elif want_model == model:
+            instead = f"use the preset {want_rule}_{family} instead"
+        elif want_model == "mlp":
+            instead = f"use the preset {want_rule}_mlp_digits or {want_rule}_mlp_original instead"
+        else:
+            instead = f"use the preset {want_rule}_{want_model} instead"
+        raise UserError(f"the preset {name} fixes {key} {base[key]!r}, so {_option(key)} {overrides[key]} "
+                        f"cannot change it (the run would be named {name}); {instead}")
+    if model == "mlp" and changes("width"):
+        raise UserError(f"--width applies to ResNets only; {name} is an MLP: set its layer sizes with --hidden "
+                        f"(now {','.join(map(str, base['hidden']))})")
+    if model != "mlp":
+        for key, why in _MLP_ONLY.items():
+            if changes(key):
+                raise UserError(f"{_option(key)} applies to MLPs only and {name} is a {model} ({why}); "
+                                f"for an MLP use a preset such as {rule}_mlp_digits")
+
+
+def check_rule_settings(name: str, overrides: dict) -> None:
+    """Refuse hyper-parameters of another rule than the preset's (they would change nothing)."""
+    if name not in PRESETS:
+        return  # preset() names the problem
+    rule, family, changes = PRESETS[name]["rule"], name.split("_", 1)[1], _changes(name, overrides)
+    for key, owner in _RULE_ONLY.items():
+        if owner != rule and changes(key):
+            raise UserError(f"{_option(key)} applies to the {owner} rule only and {name} trains {rule}; "
+                            f"for the {owner} rule use the preset {owner}_{family}")
 
 
 def build(fields: dict) -> RunConfig:
@@ -219,20 +341,41 @@ def parse_overrides(args: list[str]) -> dict:
 def _convert(key: str, text: str, typ):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if origin is tuple:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        if type(None) in args:  # Optional[int]
-            return None if text.lower() in ("none", "") else int(text)
-        return typ(text)
-    except ValueError as e:
-        raise UserError(f"bad value {text!r} for {key}: {e}") from None
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"bad value {text!r} for {key}: expected true or false")
+    if origin is tuple:
+        if text.strip().lower() in ("", "none"):
+            return ()
+        parts = [v.strip() for v in text.split(",")]
+        if not all(_is_int(v) for v in parts):
+            raise UserError(f"bad value {text!r} for {key}: expected whole numbers separated by commas, "
+                            f"e.g. 60,120,160 (or none)")
+        return tuple(int(v) for v in parts)
+    if type(None) in args:  # Optional[int]
+        if text.strip().lower() in ("none", ""):
+            return None
+        typ = int
+    if typ is int:
+        if not _is_int(text.strip()):
+            raise UserError(f"bad value {text!r} for {key}: expected a whole number")
+        return int(text)
+    if typ is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"bad value {text!r} for {key}: expected a number") from None
+        if not math.isfinite(value):
+            raise UserError(f"bad value {text!r} for {key}: expected a finite number")
+        return value
+    return typ(text)
+
+
+def _is_int(text: str) -> bool:
+    return re.fullmatch(r"[+-]?\d+", text) is not None
 
 
 def presets_markdown() -> str:

@@ -618,25 +618,93 @@ class MonitorRecord:
 
 
 def load_monitor(run_dir) -> MonitorRecord:
-    """The monitor records of a run directory (``monitor.npz`` + ``monitor.json``)."""
+    """The monitor records of a run directory (``monitor.npz`` + ``monitor.json``).
+
+    Files that cannot be read, or whose arrays are missing or do not fit together, give a
+    ``UserError`` naming the file (a run rewrites both after every epoch)."""
     run_dir = Path(run_dir)
     npz, index = run_dir / "monitor.npz", run_dir / "monitor.json"
-    if not npz.exists() or not index.exists():
+    if not npz.exists() and not index.exists():
         raise UserError(f"{run_dir} has no monitor files (monitor.npz, monitor.json); the run was made "
                         f"without a monitor or has not finished an epoch")
+    if not npz.exists() or not index.exists():
+        there, missing = (npz, index) if npz.exists() else (index, npz)
+        raise UserError(f"{run_dir} has {there.name} but not {missing.name}; {_MONITOR_FIX.format(run_dir=run_dir)}")
     try:
-        meta = json.loads(index.read_text())
-        with np.load(npz) as f:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {index}: {e.strerror or e}") from None
+    except ValueError as e:  # not JSON, or not text
+        raise UserError(f"{index} is damaged: it is not JSON ({_first_line(e)}); "
+                        f"{_MONITOR_FIX.format(run_dir=run_dir)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{index} has format {found!r}; this version reads format {FORMAT}")
+    try:
+        with np.load(npz, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the monitor files in {run_dir}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{index} has format {meta.get('format')!r}; this version reads format {FORMAT}")
+    except OSError as e:
+        if e.errno is not None:  # the file system refused (permissions, I/O), not its contents
+            raise UserError(f"cannot read {npz}: {e.strerror or e}") from None
+        raise UserError(_damaged(npz, e, run_dir)) from None
+    except Exception as e:  # not an .npz, truncated, or an archive member broken (zip, zlib, pickle)
+        raise UserError(_damaged(npz, e, run_dir)) from None
+    problem = _record_problem(meta, arrays)
+    if problem:
+        raise UserError(f"{npz} and {index} are damaged or incomplete: {problem}; "
+                        f"{_MONITOR_FIX.format(run_dir=run_dir)}")
     fields = {f.name for f in attrs.fields(MonitorRecord)}
+    units = {k: v.get("unit", ARRAYS[k][0]) if isinstance(v, dict) else ARRAYS[k][0]
+             for k, v in meta["arrays"].items() if k in ARRAYS}
     return MonitorRecord(
         synapses=tuple(meta["synapses"]),
         weight_shapes={k: tuple(v) for k, v in meta["weight_shapes"].items()},
         rules=dict(meta["rules"]), total_steps=int(meta["total_steps"]), config=dict(meta["config"]),
-        units={k: v["unit"] for k, v in meta["arrays"].items()},
+        units=units,
         **{k: arrays.get(k) for k in fields if k in ARRAYS},
     )
+
+
+_MONITOR_FIX = ("the run rewrites both after every epoch; to draw its other figures meanwhile, move "
+                "monitor.npz and monitor.json out of {run_dir}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text and text[0] else type(e).__name__
+
+
+def _damaged(npz: Path, e: Exception, run_dir: Path) -> str:
+    # NumPy's own words are left out: for a file that is not an archive they suggest loading it
+    # with pickle, which a damaged or foreign file must never be.
+    return (f"{npz} is damaged or not a monitor file: it cannot be read as an .npz archive (cut short, or "
+            f"something else under that name); {_MONITOR_FIX.format(run_dir=run_dir)}")
+
+
+def _record_problem(meta: dict, arrays: dict) -> str | None:
+    """What does not fit in a monitor record (missing keys or arrays, inconsistent shapes), or None."""
+    for key, kind in (("synapses", list), ("weight_shapes", dict), ("rules", dict), ("total_steps", int),
+                      ("config", dict), ("arrays", dict)):
+        if not isinstance(meta.get(key), kind):
+            return f"monitor.json has no valid {key!r}"
+    names = meta["synapses"]
+    if not names or not all(isinstance(n, str) and n in meta["weight_shapes"] for n in names):
+        return "monitor.json's synapses and weight shapes do not match"
+    missing = [k for k in ARRAYS if k not in SLEEP and k not in arrays]
+    if missing:
+        return f"monitor.npz lacks the arrays {', '.join(missing)}"
+    sleep = [k for k in SLEEP if k in arrays]
+    if sleep and len(sleep) != len(SLEEP):
+        return f"monitor.npz has only some sleep arrays ({', '.join(sleep)})"
+    r, s = arrays["steps"].shape[0] if arrays["steps"].ndim == 1 else -1, len(names)
+    k = arrays["trace_index"].shape[1] if arrays["trace_index"].ndim == 2 else -1
+    p = arrays["scatter_steps"].shape[0] if arrays["scatter_steps"].ndim == 1 else -1
+    n = arrays["scatter_index"].shape[1] if arrays["scatter_index"].ndim == 2 else -1
+    expected = {"steps": (r,), "trace_index": (s, k), "scatter_steps": (p,), "scatter_index": (s, n),
+                "traces_w": (r, s, k), "traces_b": (r, s, k), "scatter_w": (p, s, n), "scatter_b": (p, s, n),
+                **{name: (r, s) for name in SCALARS + tuple(sleep)}}
+    for name, shape in expected.items():
+        if -1 in shape or arrays[name].shape != shape:
+            return (f"array {name} has shape {arrays[name].shape} where {shape} fits the other arrays "
+                    f"({s} synapses)")
+    return None

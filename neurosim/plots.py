@@ -10,6 +10,7 @@ when the run has them (``neurosim.monitors``): ``angle_w_bt_by_step.png``,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -19,24 +20,56 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from neurosim.errors import UserError  # noqa: E402
+from neurosim.files import describe_os_error  # noqa: E402
 from neurosim.monitors import MonitorRecord, load_monitor  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` (a ``UserError`` if there are none)."""
+    """The per-epoch records of ``metrics.jsonl`` (a ``UserError`` if there are none).
+
+    A last line without its newline is what a run killed while writing leaves: it is ignored
+    when it is not a whole record. Any other bad line is named by its (1-based) number."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl; give the directory of a run (made by run_circuit.py)")
-    try:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not readable JSON lines: {e}") from None
+    lines = path.read_bytes().split(b"\n")
+    partial = lines.pop()  # b"" when the file ends with a newline
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        record = _metrics_record(path, number, raw)
+        if record is not None:
+            records.append(record)
+    if partial.strip():
+        try:
+            records.append(_metrics_record(path, len(lines) + 1, partial))
+        except UserError:
+            pass  # cut short while being written
     if not records:
         raise UserError(f"{path} holds no epochs yet")
     return records
+
+
+def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
+    """The record on line ``number`` of ``metrics.jsonl`` (None for a blank line)."""
+    fix = "; the run writes one record per line: repair or delete that line"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} line {number} is not text{fix}") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number} is not a JSON record ({e.msg}, column {e.colno}){fix}") from None
+    missing = [k for k in ("epoch", "test_acc", "angles") if not isinstance(record, dict) or k not in record]
+    if missing or not isinstance(record["angles"], dict):
+        raise UserError(f"{path} line {number} is not an epoch record (it lacks {', '.join(missing) or 'angles'})"
+                        f"{fix}")
+    return record
 
 
 def _depth_cmap():
@@ -64,8 +97,17 @@ def _depth_legend(fig, axes, names, colours):
 
 
 def _save(fig, out: Path) -> Path:
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    """Write the figure to ``out`` through a temporary file: a failure or Ctrl-C leaves no half image."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".") or "png")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"cannot write figure {out}: {describe_os_error(e)}") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -105,10 +147,13 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def _title(run_dir: Path) -> str:
-    cfg = Path(run_dir) / "config.json"
-    if cfg.exists():
-        return json.loads(cfg.read_text()).get("preset", run_dir.name)
-    return run_dir.name
+    """The run's preset (from ``config.json``), or the directory's name where that cannot be read."""
+    run_dir = Path(run_dir)
+    try:
+        preset = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("preset")
+    except (OSError, ValueError, AttributeError):
+        preset = None
+    return preset if isinstance(preset, str) and preset else run_dir.name
 
 
 def plot_run(run_dir: Path) -> list[Path]:

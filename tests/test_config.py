@@ -1,8 +1,12 @@
 """Presets and command-line overrides: every preset builds; every override is typed and checked."""
 
+import math
+
+import attrs
 import pytest
 
-from neurosim.config import PRESETS, RULE_NAMES, parse_overrides, preset
+from neurosim.config import (PRESETS, RULE_NAMES, RunConfig, build, check_rule_settings, device_problem,
+                             parse_overrides, preset)
 from neurosim.errors import UserError
 
 
@@ -54,3 +58,90 @@ def test_invalid_values_are_user_errors(field, value, message):
 
 def test_presets_cover_rules_times_models():
     assert len(PRESETS) == 5 * 5
+
+
+# -- values that used to pass validation and fail (or mislead) later ----------------------------
+
+FLOAT_FIELDS = [f.name for f in attrs.fields(RunConfig) if f.type in ("float", float)]
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_float_field_must_be_finite(field, value):
+    with pytest.raises(UserError, match=f"{field} must be a finite number"):
+        build({**PRESETS["wm_resnet18"], field: value})
+    with pytest.raises(UserError, match="expected a finite number"):
+        parse_overrides([f"--{field.replace('_', '-')}", str(value)])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden", (0,), "hidden must be positive whole numbers"),
+    ("hidden", (64, -5), "hidden must be positive whole numbers"),
+    ("seed", -1, "seed must be a whole number from 0"),
+    ("seed", 2**32, "seed must be a whole number from 0"),
+    ("device", "mps", "device must be auto, cpu, cuda or cuda:N"),
+    ("device", "cuda:", "device must be auto, cpu, cuda or cuda:N"),
+    ("device", "gpu0", "device must be auto, cpu, cuda or cuda:N"),
+    ("milestones", (-3,), "milestones must be positive"),
+    ("milestones", (20, 10), "milestones must be increasing"),
+    ("milestones", (10, 10), "milestones must be increasing"),
+    ("val_per_class", -1, "val_per_class"),
+    ("batch_size", 0, "batch_size must be positive"),
+])
+def test_out_of_range_values_are_user_errors(field, value, message):
+    with pytest.raises(UserError, match=message):
+        preset("kp_mlp_digits", **{field: value})
+
+
+def test_device_specs_accepted():  # checks the form only: configurations move between machines
+    for spec in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert device_problem(spec) is None
+        assert RunConfig(device=spec).device == spec
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden", "3,,4"], "expected whole numbers separated by commas"),
+    (["--milestones", "1.5"], "expected whole numbers separated by commas"),
+    (["--epochs", "1.5"], "expected a whole number"),
+    (["--lr", "fast"], "expected a number"),
+    (["--lr", "nan"], "expected a finite number"),
+    (["--kp-decay", "inf"], "expected a finite number"),
+])
+def test_bad_override_text(args, message):
+    with pytest.raises(UserError, match=message):
+        parse_overrides(args)
+
+
+def test_empty_tuples_and_none():
+    assert parse_overrides(["--milestones", "none", "--hidden", "", "--val-per-class", "none"]) == dict(
+        milestones=(), hidden=(), val_per_class=None)
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("kp_mlp_digits", dict(rule="fa"), "fixes rule 'kp'.*use the preset fa_mlp_digits instead"),
+    ("kp_mlp_digits", dict(model="resnet18"), "fixes model 'mlp'.*use the preset kp_resnet18 instead"),
+    ("wm_resnet34", dict(model="mlp"), "use the preset wm_mlp_digits or wm_mlp_original"),
+    ("wm_resnet34", dict(rule="bp", model="resnet50"), "use the preset bp_resnet50"),
+    ("kp_mlp_digits", dict(width=0.5), "--width applies to ResNets only.*with --hidden"),
+    ("bp_mlp_original", dict(width=2.0), "--width applies to ResNets only"),
+    ("kp_resnet18", dict(hidden=(64,)), "--hidden applies to MLPs only"),
+    ("kp_resnet18", dict(activation="tanh"), "--activation applies to MLPs only"),
+    ("kp_resnet18", dict(init="default"), "--init applies to MLPs only"),
+])
+def test_preset_refuses_settings_it_would_ignore(name, overrides, message):
+    with pytest.raises(UserError, match=message):
+        preset(name, **overrides)
+
+
+def test_preset_accepts_its_own_values():
+    assert preset("kp_mlp_digits", rule="kp", model="mlp", width=1.0).rule == "kp"
+    assert preset("kp_resnet18", width=0.5, hidden=[], init="kaiming_normal").width == 0.5
+
+
+def test_rule_settings_of_another_rule_are_refused():
+    with pytest.raises(UserError, match="--sleep-every applies to the wm rule only.*use the preset wm_mlp_digits"):
+        check_rule_settings("kp_mlp_digits", dict(sleep_every=2))
+    with pytest.raises(UserError, match="--kp-decay applies to the kp rule only.*kp_resnet18"):
+        check_rule_settings("bp_resnet18", dict(kp_decay=0.1))
+    check_rule_settings("wm_mlp_digits", dict(sleep_every=2, wm_lr=0.1))
+    check_rule_settings("bp_resnet18", dict(kp_decay=0.0, sleep_before=0))  # the preset's own values

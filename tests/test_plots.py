@@ -1,18 +1,22 @@
 """Figures of runs: every expected file is a real PNG; the plotting CLI fails with one message."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from neurosim.cli import main
 from neurosim.config import preset
 from neurosim.errors import UserError
 from neurosim.models import build_resnet
 from neurosim.monitors import Monitor, MonitorConfig, load_monitor
-from neurosim.plots import plot_compare, plot_monitor, plot_run
+from neurosim.plot_cli import plot_run as plot_cli_entry
+from neurosim.plots import plot_compare, plot_monitor, plot_run, read_metrics
 from neurosim.rules import WeightMirror
 from neurosim.train import open_run
 
@@ -93,7 +97,113 @@ def test_plot_cli_draws_runs_and_comparison(runs, tmp_path):
     (["/no/such/run"], "no run directory /no/such/run"),
     (["."], "has no metrics.jsonl"),
     (["--colour", "red"], "unknown option --colour"),
+    ([".", ".", "--out"], "option --out needs a directory"),
 ])
 def test_plot_cli_bad_input_gives_one_message_and_exit_2(args, message, tmp_path):
     r = plot_cli(*args, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+# -- damaged files and unwritable places ----------------------------------------------------------
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def plot_in_process(*args, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(plot_cli_entry, [str(a) for a in args])
+    return done.value.code, capsys.readouterr().err
+
+
+def _missing_angle(path: Path):
+    arrays = dict(np.load(path))
+    del arrays["angle"]
+    np.savez(path, **arrays)
+
+
+def _wrong_shape(path: Path):
+    arrays = dict(np.load(path))
+    arrays["traces_w"] = arrays["traces_w"][:, :1]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b"\x00junk" * 100), "is damaged or not a monitor file"),
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is damaged or not a monitor file"),
+    (lambda p: p.write_bytes(b""), "is damaged or not a monitor file"),
+    (_missing_angle, "lacks the arrays angle"),
+    (_wrong_shape, "array traces_w has shape"),
+    (lambda p: (p.parent / "monitor.json").write_text("{not json"), "monitor.json is damaged: it is not JSON"),
+    (lambda p: (p.parent / "monitor.json").unlink(), "has monitor.npz but not monitor.json"),
+])
+def test_damaged_monitor_gives_one_message_naming_the_file(runs, tmp_path, capsys, damage, message):
+    run = copy_run(runs[0], tmp_path)
+    damage(run / "monitor.npz")
+    with pytest.raises(UserError, match=message) as e:
+        load_monitor(run)
+    assert str(run / "monitor") in str(e.value) or f"{run} has" in str(e.value)
+    assert "allow_pickle" not in str(e.value)
+    code, err = plot_in_process(run, capsys=capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_metrics_line_is_named_by_its_number(runs, tmp_path, capsys):
+    run = copy_run(runs[1], tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "", "{oops", lines[1]]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl line 3 is not a JSON record"):
+        read_metrics(run)
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "[1, 2]", lines[1]]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2 is not an epoch record"):
+        read_metrics(run)
+    (run / "metrics.jsonl").write_bytes(lines[0].encode() + b"\n\xff\xfe\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2 is not text"):
+        read_metrics(run)
+    code, err = plot_in_process(run, capsys=capsys)
+    assert code == 2 and "line 2" in err and err.count("\n") == 1
+
+
+def test_partial_last_metrics_line_is_ignored(runs, tmp_path):
+    run = copy_run(runs[1], tmp_path)
+    whole = read_metrics(run)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text + text.splitlines()[-1][:25])  # a killed writer's half line
+    assert read_metrics(run) == whole
+    (run / "metrics.jsonl").write_text(text.rstrip("\n"))  # a whole last line without its newline counts
+    assert read_metrics(run) == whole
+    (run / "metrics.jsonl").write_text(text + "{broken\n")  # a finished bad line is an error
+    with pytest.raises(UserError, match="line 3"):
+        read_metrics(run)
+
+
+def test_unreadable_config_keeps_the_directory_name_as_title(runs, tmp_path):
+    run = copy_run(runs[1], tmp_path)
+    (run / "config.json").write_text("{not json")
+    assert {p.name for p in plot_run(run)} == {"angles_by_epoch.png", "accuracy.png"}
+
+
+def test_unwritable_figure_leaves_no_temporary_file(runs, tmp_path, capsys):
+    run = copy_run(runs[1], tmp_path)
+    (run / "accuracy.png").unlink()
+    (run / "accuracy.png").mkdir()  # the figure's path cannot be replaced by a file
+    code, err = plot_in_process(run, capsys=capsys)
+    assert code == 2 and f"cannot write figure {run / 'accuracy.png'}" in err and err.count("\n") == 1
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plot_out_problems(runs, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    code, err = plot_in_process(*runs, "--out", blocker, capsys=capsys)
+    assert code == 2 and f"--out {blocker} is a file" in err
+    code, err = plot_in_process(*runs, "--out", blocker / "figs", capsys=capsys)
+    assert code == 2 and err.startswith(f"error: {blocker / 'figs'}: a part of the path is a file")
+    code, err = plot_in_process(runs[0], "--out", tmp_path / "figs", capsys=capsys)
+    assert code == 2 and "--out is where the side-by-side figure of several runs goes" in err
+    assert not (tmp_path / "figs").exists()
+    code, err = plot_in_process(runs[0], "--help", capsys=capsys)
+    assert code == 0 and err == ""
