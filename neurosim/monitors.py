@@ -87,7 +87,6 @@ import fnmatch
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import attrs
@@ -96,6 +95,7 @@ import torch
 
 from neurosim.analysis import angle_deg
 from neurosim.errors import UserError
+from neurosim.files import write_atomic
 from neurosim.rules.backprop import Backprop
 
 FORMAT = 1
@@ -497,8 +497,9 @@ class Monitor:
         arrays = self.arrays()
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        _write_atomic(run_dir / "monitor.npz", buf.getvalue())
-        _write_atomic(run_dir / "monitor.json", (json.dumps(self.index(arrays), indent=1) + "\n").encode())
+        write_atomic(run_dir / "monitor.npz", buf.getvalue(), what="monitor records")
+        write_atomic(run_dir / "monitor.json", (json.dumps(self.index(arrays), indent=1) + "\n").encode(),
+                     what="monitor index")
 
     # -- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -535,15 +536,6 @@ class Monitor:
         self.scatter_index = state["scatter_index"].clone()
         self._trace_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.trace_index)]
         self._scatter_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.scatter_index)]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -507,8 +507,9 @@ def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
     except BaseException:
         lock.release()
         if created:
-            lock.path.unlink(missing_ok=True)
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif not (run_dir / "config.json").exists():
+            lock.path.unlink(missing_ok=True)  # the folder is left as it was found
         raise
     run.lock = lock
     return run

@@ -366,3 +366,20 @@ def test_checkpoint_round_trip_keeps_every_value(tmp_path):
     save_checkpoint(state, tmp_path / "c.pt")
     back = load_checkpoint(tmp_path / "c.pt")
     assert_same(back, state)
+
+
+def test_a_failed_start_in_an_existing_empty_folder_leaves_it_empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):
+        open_run(tmp_path / "empty", preset("kp_mlp_digits", data=str(tmp_path / "nowhere")), quiet=True)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "kp_mlp_digits"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # inside the imports (torch alone takes seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted"), err
