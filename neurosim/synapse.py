@@ -89,9 +89,7 @@ class Synapse(nn.Module):
         self.name, self.pre, self.post, self.kind, self.rule = name, pre, post, kind, rule
         self.init_name = init
         shape = kind.weight_shape()
-        fan_in = kind.fan_in()
-        fan_out = shape[0] * math.prod(shape[2:])
-        init_fn = weight_init(init, fan_in, fan_out)
+        init_fn = self.init_fn()
         generator = generator or torch.Generator().manual_seed(0)
         self.weight = nn.Parameter(init_fn(torch.empty(shape), generator))
         if bias:
@@ -108,6 +106,12 @@ class Synapse(nn.Module):
             self.feedback = nn.Parameter(fb)
         else:
             self.register_buffer("feedback", fb)
+
+    def init_fn(self):
+        """The in-place initialiser ``init(tensor, generator)`` this synapse's weights are drawn
+        with; a rule that redraws its feedback every batch (brSF) draws from it too."""
+        shape = self.kind.weight_shape()
+        return weight_init(self.init_name, self.kind.fan_in(), shape[0] * math.prod(shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, fb = self.weight, self.bias, self.feedback

@@ -196,15 +196,24 @@ def test_kp_feedback_and_weight_gradients_are_distinct_tensors():
 
 
 def test_sign_symmetry_feedback_is_sign_of_current_w():
+    """The error delivered to the presynaptic neurons is ``δ·(sign(W)·s)``: the signs of ``W`` as
+    it is now, and one magnitude ``s`` fixed at construction (the RMS of the initial ``W``)."""
     c = Circuit(rule=SignSymmetry(), seed=0)
     c.input("x", 6)
     c.population("y", 4)
-    syn = c.dense("x", "y")
-    scale = syn.feedback.item()
-    assert scale == pytest.approx(float(syn.weight.detach().pow(2).mean().sqrt()))
+    syn = c.dense("x", "y", bias=False)
+    w0 = syn.weight.detach().clone()
+    scale = w0.pow(2).mean().sqrt().double()  # as the rule computes it, in the weights' float32
+    c.double()
     with torch.no_grad():
-        syn.weight.mul_(-3)
-    assert torch.equal(syn.feedback_matrix(), torch.sign(syn.weight) * scale)
+        syn.weight.mul_(-3)  # every sign flipped, every magnitude tripled
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(5, 4, dtype=torch.float64)
+    c(x).backward(delta)
+    w = syn.weight.detach()
+    assert torch.allclose(x.grad, delta @ (torch.sign(w) * scale), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(x.grad, -(delta @ torch.sign(w0.double())) * scale, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(x.grad, delta @ w)  # W's magnitudes do not travel
 
 
 def test_plausibility_report():

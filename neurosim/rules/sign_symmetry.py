@@ -3,25 +3,19 @@
 from typing import ClassVar
 
 import attrs
-import torch
 
-from neurosim.rules.base import PlasticityRule
+from neurosim.rules.sign_concordant import UniformSignConcordant
 
 
 @attrs.frozen
-class SignSymmetry(PlasticityRule):
-    """``B = sign(W)·scale``, formed from the current ``W`` whenever an error is sent back.
+class SignSymmetry(UniformSignConcordant):
+    """``B = sign(W)·scale``: the uniform sign-concordant rule (``usf``) under its older name ``ss``.
 
-    ``scale`` is one constant per synapse fixed at construction: the root-mean-square of the
-    initial ``W`` (so ``‖B‖ = ‖W₀‖``). Only signs travel from forward to feedback synapses, never
-    magnitudes. The synapse's feedback state is that 0-d scale.
+    Nothing differs but the name, which existing presets, run files and monitor records carry:
+    ``scale`` is one constant per synapse fixed at construction, the root-mean-square of the
+    initial ``W`` (so ``‖B‖ = ‖W₀‖``), held as the synapse's 0-d feedback state. Only signs travel
+    from forward to feedback synapses, never magnitudes. See ``UniformSignConcordant`` for the
+    choice of scale and how it compares with BioTorch's.
     """
 
     name: ClassVar[str] = "ss"
-    transports: ClassVar[str] = "signs"
-
-    def init_feedback(self, w, init, generator):
-        return w.detach().pow(2).mean().sqrt()
-
-    def feedback_matrix(self, w, feedback):
-        return torch.sign(w).mul_(feedback)

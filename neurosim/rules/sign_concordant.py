@@ -1,0 +1,125 @@
+"""Sign-concordant feedback (Liao, Leibo & Poggio 2016; Moskovitz et al. 2018).
+
+The feedback matrix has the signs of the current ``W`` and magnitudes of its own:
+``B = sign(W) ∘ magnitude``. Only signs travel from forward to feedback synapses. The three
+variants differ in where the magnitude comes from; their names are those of BioTorch:
+
+* ``usf`` — uniform: one constant per synapse (``UniformSignConcordant``; sign symmetry, ``ss``);
+* ``frsf`` — fixed random: ``|M|`` drawn once at construction (``FixedRandomSignConcordant``);
+* ``brsf`` — batchwise random: ``|M|`` drawn anew for every engaged batch
+  (``BatchRandomSignConcordant``; see ``new_batch``).
+
+Liao et al. used ``M`` itself; taking ``|M|``, as BioTorch does, keeps ``B`` sign-concordant with
+``W`` everywhere (``sign(B) = sign(W)``; where ``W = 0``, ``B = 0``). ``M`` is drawn from the
+synapse's own initial distribution (as feedback alignment's ``B`` is), so under every rule of the
+family ``‖B‖ ≈ ‖W₀‖``: the error reaching each layer keeps the scale backprop's would have at
+initialisation, whichever init the circuit uses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import torch
+
+from neurosim.rules.base import PlasticityRule, random_feedback
+
+
+@attrs.frozen
+class UniformSignConcordant(PlasticityRule):
+    """uSF: ``B = sign(W)·s``, formed from the current ``W`` whenever an error is sent back.
+
+    ``s`` is one constant per synapse fixed at construction: the root-mean-square of the initial
+    ``W``, so ``‖B‖ = ‖W₀‖``. The synapse's feedback state is that 0-d scale; it never changes.
+    This is the rule the project has called sign symmetry: ``SignSymmetry`` (name ``ss``) is this
+    rule under its older name, and ``ss`` is an alias of ``usf``.
+
+    The scale. BioTorch multiplies ``sign(W)`` by its initialiser's standard deviation:
+    ``√(2/(fan_in+fan_out))`` for its Xavier init (``1/√(3·fan_in)`` for PyTorch's default), or
+    by nothing (unit magnitudes) without its scaling option. Here ``s`` is the RMS of the weights
+    actually drawn: it equals the init's standard deviation in expectation, for *any* init —
+    ``default`` U(±1/√fan_in), ``xavier_sum`` and ``kaiming_normal`` N(0, 2/fan_out) alike, where
+    ``√(2/(fan_in+fan_out))`` would be off (by √2 for a 3×3 convolution with as many input as
+    output channels). Differences from BioTorch: ``s`` is measured from this synapse's ``W₀``
+    (within sampling noise of the init's std, and exact for the draw the synapse got), not
+    computed from fan-in and fan-out; and it is always applied. A constant scale, not the
+    current ``‖W‖``: a current norm would transport a magnitude every step.
+    """
+
+    name: ClassVar[str] = "usf"
+    transports: ClassVar[str] = "signs"
+
+    def init_feedback(self, w, init, generator):
+        return w.detach().pow(2).mean().sqrt()
+
+    def feedback_matrix(self, w, feedback):
+        return torch.sign(w).mul_(feedback)
+
+
+@attrs.frozen
+class _RandomMagnitudeSignConcordant(PlasticityRule):
+    """``B = sign(W) ∘ |M|``; the synapse's feedback state is ``|M|`` (a buffer, in ``W``'s layout),
+    drawn at construction from the synapse's own init distribution."""
+
+    transports: ClassVar[str] = "signs"
+
+    def init_feedback(self, w, init, generator):
+        return random_feedback(w, init, generator).abs_()
+
+    def feedback_matrix(self, w, feedback):
+        return torch.sign(w).mul_(feedback)
+
+
+@attrs.frozen
+class FixedRandomSignConcordant(_RandomMagnitudeSignConcordant):
+    """frSF: ``B = sign(W) ∘ |M|`` with ``M`` drawn once, at construction, and fixed.
+
+    ``M`` is the draw feedback alignment would make for the same synapse and seed (from the
+    synapse's init distribution; BioTorch draws it Xavier-uniform). Its magnitudes never change;
+    its signs are ``W``'s at the moment each error is sent back.
+    """
+
+    name: ClassVar[str] = "frsf"
+
+
+@attrs.frozen
+class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
+    """brSF: ``B = sign(W) ∘ |M|`` with ``M`` redrawn for every engaged batch.
+
+    The draw is explicit and outside the autograd graph: the synapse's feedback buffer holds the
+    current ``|M|``, and ``redraw`` refills it in place, from a generator the caller passes, before
+    the batch's forward pass (``new_batch(circuit, generator)`` does it for a whole circuit). Both
+    executions of a step (compiled and reference) read the same buffer, so they deliver the same
+    errors; under ``torch.compile`` the buffer is an input like any other and nothing recompiles.
+    Redrawing between a forward and its backward is refused by autograd (the buffer was saved for
+    the backward). A circuit whose batches never call ``new_batch`` keeps its construction draw and
+    behaves as frSF. BioTorch redraws ``M`` (Xavier-uniform) in every forward call.
+    """
+
+    name: ClassVar[str] = "brsf"
+
+    def redraw(self, feedback: torch.Tensor, init, generator: torch.Generator | None = None) -> None:
+        """Refill ``feedback`` in place with a fresh ``|M|``, ``M`` drawn by ``init(tensor, generator)``
+        (the synapse's initialiser). ``generator`` ``None``: the default generator of the buffer's
+        device; a generator on another device draws there and the result is copied over."""
+        with torch.no_grad():
+            if generator is not None and generator.device != feedback.device:
+                m = torch.empty(feedback.shape, dtype=feedback.dtype, device=generator.device)
+                feedback.copy_(init(m, generator).abs_())
+            else:
+                init(feedback, generator).abs_()
+
+
+def new_batch(circuit, generator: torch.Generator | None = None) -> None:
+    """Start an engaged batch: every synapse whose rule redraws its feedback per batch (brSF)
+    draws it anew, synapse by synapse in construction order, from ``generator``.
+
+    Call it once before each engaged forward pass (compiled or reference), never between a forward
+    and its backward. Synapses under other rules are left alone, so it may be called for any
+    circuit.
+    """
+    for syn in circuit.synapses.values():
+        redraw = getattr(syn.rule, "redraw", None)
+        if redraw is not None:
+            redraw(syn.feedback, syn.init_fn(), generator)
