@@ -219,6 +219,7 @@ def test_brsf_redraw_comes_from_the_synapse_init_and_its_generator(init):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("where", ["cpu", "cuda"])
 def test_brsf_redraw_on_cuda_with_a_generator_on_either_device(where):
     c = deep_circuit(BatchRandomSignConcordant(), "dense")
