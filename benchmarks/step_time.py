@@ -35,10 +35,13 @@ after building to after two steps (the kernel's peak mark, ``ru_maxrss``/``VmHWM
 building where Linux allows): the memory the steps need (activations, gradients, optimizer
 state), uncontaminated by the other variants.
 
-``--compile`` wraps each model in ``torch.compile``. Each variant is first compiled and stepped
-in a subprocess of its own (``--compile-check VARIANT``), so one whose compiled code fails —
-an exception or a hard crash of the interpreter — is reported as failed and the others are
-still measured.
+``--compile`` wraps each model in ``torch.compile`` (``--compile-backend``, default inductor;
+``aot_eager`` traces and runs the same graphs without generating kernels, for quick checks). Each
+variant is first compiled and stepped in a subprocess of its own (``--compile-check VARIANT``), so
+one whose compiled code fails — an exception or a hard crash of the interpreter — is reported as
+failed and the others are still measured. ``--no-compile-check`` skips that step (each variant is
+then compiled once, in the timing process, during its warm-up): for a caller that runs this script
+in a process of its own with a time limit, where the second compilation costs more than it buys.
 
 Bad arguments end in one message and exit status 2. Timings on a shared machine are noisy: the
 JSON records the load average before and after.
@@ -97,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                    help="bf16: torch.autocast around forward and loss (default fp32)")
     p.add_argument("--compile", action="store_true", help="wrap each model (circuit or native) in torch.compile")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile (default inductor; aot_eager for a quick check)")
+    p.add_argument("--no-compile-check", action="store_true",
+                   help="with --compile: skip compiling each variant in a subprocess first (compile once, "
+                        "in the warm-up of the timing process)")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--rules", default=",".join(RULES), help=f"variants, comma-separated, from {','.join(RULES)}")
     p.add_argument("--monitors", action="store_true",
@@ -129,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} asked for but no CUDA GPU is available; use --device cpu")
+    if args.compile:  # importing the compiler's registry takes seconds: only when it is used
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.compile_backend not in backends:
+            p.error(f"unknown --compile-backend {args.compile_backend!r}; choose from {', '.join(sorted(backends))}")
     args.device = device
     for name in ("batch", "reps", "warmup", "steps_per_rep", "threads"):
         value = getattr(args, name)
@@ -197,6 +209,15 @@ def make_rule(name: str, model: str):
     return {"bp": Backprop, "fa": FeedbackAlignment, "ss": SignSymmetry, "kp": KolenPollack}[name]()
 
 
+def wm_setting(cfg, name: str):
+    """A sleep setting of a ``wm_*`` configuration: a field of its own (``sleep_every``) or, where
+    rules carry their settings, the rule's (``wm_sleep_every``)."""
+    try:
+        return getattr(cfg, name)
+    except AttributeError:
+        return getattr(cfg, f"wm_{name}")
+
+
 class Variant:
     """One model, its optimizers and (for WM) its sleep, stepping on a fixed batch.
 
@@ -228,7 +249,7 @@ class Variant:
             cfg = preset(f"wm_{args.model}")
             self.sleep_optimizer = torch.optim.SGD(self.net.sleep_parameters(), lr=cfg.wm_lr)
             self.schedule = self.net.rule.schedule
-            self.sleep_batch = cfg.sleep_batch_size or args.batch
+            self.sleep_batch = wm_setting(cfg, "sleep_batch_size") or args.batch
             self.sleep_generator = torch.Generator(device).manual_seed(args.seed + 1)
         if name.endswith(MONITOR_SUFFIX):
             self.monitor = MonitorHook(self.net, args, *batch, monitor_dir)
@@ -236,7 +257,7 @@ class Variant:
             # Lower the circuit before tracing: dynamo cannot build the plan's frozen attrs
             # records itself (InternalTorchDynamoError in Circuit._plan on torch 2.14).
             self.net.order()
-        self.model = torch.compile(self.net) if args.compile else self.net
+        self.model = torch.compile(self.net, backend=args.compile_backend) if args.compile else self.net
         self.steps = 0
         self.last_loss = None
 
@@ -425,7 +446,7 @@ def child_argv(args, mode: str, variant: str) -> list[str]:
             "--width", repr(args.width), "--batch", str(args.batch), "--device", str(args.device),
             "--dtype", args.dtype, "--seed", str(args.seed), "--rules", variant.removesuffix(MONITOR_SUFFIX)]
     if args.compile:
-        argv.append("--compile")
+        argv += ["--compile", "--compile-backend", args.compile_backend]
     if args.channels_last:
         argv.append("--channels-last")
     if args.threads:
@@ -652,8 +673,8 @@ def _duration(seconds: float) -> str:
 
 
 def settings_of(args) -> dict:
-    keys = ("model", "width", "batch", "dtype", "compile", "channels_last", "rules", "variants", "monitors",
-            "reps", "warmup", "steps_per_rep", "threads", "memory", "seed")
+    keys = ("model", "width", "batch", "dtype", "compile", "compile_backend", "no_compile_check", "channels_last",
+            "rules", "variants", "monitors", "reps", "warmup", "steps_per_rep", "threads", "memory", "seed")
     s = {k: getattr(args, k) for k in keys}
     if any(v.endswith(MONITOR_SUFFIX) for v in args.variants):
         s["monitor_every"] = monitor_every(args)
@@ -663,9 +684,9 @@ def settings_of(args) -> dict:
         from neurosim.config import preset
 
         cfg = preset(f"wm_{args.model}")
-        s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=cfg.sleep_every,
-                             sleep_batches=cfg.sleep_batches, sleep_batch_size=cfg.sleep_batch_size or args.batch,
-                             wm_lr=cfg.wm_lr)
+        s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=wm_setting(cfg, "sleep_every"),
+                             sleep_batches=wm_setting(cfg, "sleep_batches"),
+                             sleep_batch_size=wm_setting(cfg, "sleep_batch_size") or args.batch, wm_lr=cfg.wm_lr)
     return s
 
 
@@ -684,14 +705,15 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     print(f"{args.model} width {args.width} batch {args.batch} on {device_name(args.device)}, {args.dtype}"
-          f"{', compiled' if args.compile else ''}{', channels_last' if args.channels_last else ''}; "
+          f"{f', compiled ({args.compile_backend})' if args.compile else ''}"
+          f"{', channels_last' if args.channels_last else ''}; "
           f"{args.reps} reps x {args.steps_per_rep} steps after {args.warmup} warm-up; "
           f"load average {load_before[0]:.2f}", file=sys.stderr)
     if args.monitor_note:
         print(args.monitor_note, file=sys.stderr)
 
     x, y = synthetic_batch(args)
-    failures = compile_preflight(args, args.variants) if args.compile else {}
+    failures = compile_preflight(args, args.variants) if args.compile and not args.no_compile_check else {}
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
