@@ -74,7 +74,9 @@ import torch.nn.functional as F  # noqa: E402
 from neurosim.models import RESNETS, build_resnet  # noqa: E402
 from neurosim.models.native import native_resnet  # noqa: E402
 
-RULES = ("native", "bp", "fa", "ss", "kp", "wm")
+from neurosim.rules import RULES as _REGISTRY  # noqa: E402
+
+RULES = ("native", *_REGISTRY)  # every registered rule
 NUM_CLASSES = 100
 IN_SHAPE = (3, 32, 32)
 EPOCH_IMAGES = 50_000
@@ -199,23 +201,11 @@ def monitor_every(args) -> int:
 # variants
 
 def make_rule(name: str, model: str):
-    """The plasticity rule of a circuit variant; WM takes its hyper-parameters and sleep
-    schedule from the ``wm_<model>`` preset (the ResNet presets share them)."""
+    """The plasticity rule of a circuit variant, with the settings of its ``<rule>_<model>`` preset
+    (WM's sleep schedule, KP's decay, ...)."""
     from neurosim.config import preset
-    from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry
 
-    if name == "wm":
-        return preset(f"wm_{model}").make_rule()
-    return {"bp": Backprop, "fa": FeedbackAlignment, "ss": SignSymmetry, "kp": KolenPollack}[name]()
-
-
-def wm_setting(cfg, name: str):
-    """A sleep setting of a ``wm_*`` configuration: a field of its own (``sleep_every``) or, where
-    rules carry their settings, the rule's (``wm_sleep_every``)."""
-    try:
-        return getattr(cfg, name)
-    except AttributeError:
-        return getattr(cfg, f"wm_{name}")
+    return preset(f"{name}_{model}").make_rule()
 
 
 class Variant:
@@ -243,14 +233,12 @@ class Variant:
             self.net.to(memory_format=torch.channels_last)
         self.net.train()
         self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        if self.rule_name == "wm":
-            from neurosim.config import preset
-
-            cfg = preset(f"wm_{args.model}")
-            self.sleep_optimizer = torch.optim.SGD(self.net.sleep_parameters(), lr=cfg.wm_lr)
-            self.schedule = self.net.rule.schedule
-            self.sleep_batch = wm_setting(cfg, "sleep_batch_size") or args.batch
-            self.sleep_generator = torch.Generator(device).manual_seed(args.seed + 1)
+        self.sleep_generator = torch.Generator(device).manual_seed(args.seed + 1)
+        if self.rule_name != "native" and self.net.rule.sleeps:
+            rule = self.net.rule
+            self.sleep_optimizer = torch.optim.SGD(self.net.sleep_parameters(), lr=rule.lr)
+            self.schedule = rule.schedule
+            self.sleep_batch = rule.sleep_batch_size or args.batch
         if name.endswith(MONITOR_SUFFIX):
             self.monitor = MonitorHook(self.net, args, *batch, monitor_dir)
         if args.compile and self.rule_name != "native":
@@ -264,6 +252,8 @@ class Variant:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One full training step (no host synchronisation)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.rule_name != "native":
+            self.net.new_batch(self.sleep_generator)
         with torch.autocast(x.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
             loss = F.cross_entropy(self.model(x).float(), y)
         loss.backward()
@@ -684,9 +674,9 @@ def settings_of(args) -> dict:
         from neurosim.config import preset
 
         cfg = preset(f"wm_{args.model}")
-        s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=wm_setting(cfg, "sleep_every"),
-                             sleep_batches=wm_setting(cfg, "sleep_batches"),
-                             sleep_batch_size=wm_setting(cfg, "sleep_batch_size") or args.batch, wm_lr=cfg.wm_lr)
+        s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=cfg.wm_sleep_every,
+                             sleep_batches=cfg.wm_sleep_batches,
+                             sleep_batch_size=cfg.wm_sleep_batch_size or args.batch, wm_lr=cfg.wm_lr)
     return s
 
 

@@ -203,6 +203,17 @@ class Circuit(nn.Module):
     def train(self, mode: bool = True):
         return self.set_mode("engaged" if mode else "eval")
 
+    def new_batch(self, generator: torch.Generator | None = None) -> None:
+        """Start an engaged batch: every synapse whose rule redraws its feedback per batch (brSF)
+        draws it anew, in construction order, from ``generator`` (None: the device's default).
+
+        Call it once before each engaged forward (compiled or reference), never between a forward
+        and its backward; synapses under other rules are left alone."""
+        for syn in self.synapses.values():
+            redraw = getattr(syn.rule, "redraw", None)
+            if redraw is not None:
+                redraw(syn.feedback, syn.init_fn(), generator)
+
     def sleeping_synapses(self) -> list[Synapse]:
         return [s for s in self.synapses.values() if s.rule.sleeps]
 

@@ -76,7 +76,7 @@ def run_usage() -> str:
     """The help of ``run_circuit.py``: presets and every option, read from the configuration."""
     import attrs
 
-    from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig
+    from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig, rule_settings
 
     lines = [
         "usage: run_circuit.py PRESET [--out DIR | --resume RUN_DIR] [--quiet] [--field-name VALUE ...]",
@@ -96,16 +96,16 @@ def run_usage() -> str:
         "Settings, with their defaults (a preset sets some of them otherwise):",
     ]
     defaults = RunConfig()
-    for f in attrs.fields(RunConfig):
-        if f.name == "preset":
-            continue
-        option = f"--{f.name.replace('_', '-')} {_value_form(f)}"
-        shown = getattr(defaults, f.name)
+    fields = [(f.name, f, getattr(defaults, f.name), _NOTES.get(f.name)) for f in attrs.fields(RunConfig)
+              if f.name not in ("preset", "rule_params")]
+    fields += [(key, f, f.default, f"{rule} only" + (f"; {_NOTES[key]}" if key in _NOTES else ""))
+               for key, (rule, f) in rule_settings().items()]
+    for key, f, shown, note in fields:
+        option = f"--{key.replace('_', '-')} {_value_form(f)}"
         if isinstance(shown, tuple):
             shown = ",".join(map(str, shown)) or "none"
         elif isinstance(shown, bool) or shown is None:
             shown = str(shown).lower()
-        note = _NOTES.get(f.name)
         lines.append(f"  {option:<48} {shown}" + (f"  ({note})" if note else ""))
     lines += ["", *textwrap.wrap("Presets: " + " ".join(sorted(PRESETS)), 100, subsequent_indent="  ")]
     return "\n".join(lines) + "\n"
@@ -115,9 +115,8 @@ _NOTES = {
     "rule": "fixed by the preset", "model": "fixed by the preset", "val_per_class": "image folders only",
     "train_limit": "0: every training image", "hidden": "MLPs only", "activation": "MLPs only",
     "init": "MLPs only", "width": "ResNets only", "milestones": "epochs at which lr is multiplied by lr-gamma",
-    "kp_decay": "kp only", "wm_sigma": "wm only", "wm_noise": "wm only", "wm_decay": "wm only",
-    "wm_response": "wm only", "wm_lr": "wm only", "sleep_before": "wm only; -1: one epoch's worth",
-    "sleep_every": "wm only", "sleep_batches": "wm only", "sleep_batch_size": "wm only; 0: --batch-size",
+    "wm_lr": "of the sleep optimizer", "wm_sleep_before": "-1: one epoch's worth",
+    "wm_sleep_batch_size": "0: --batch-size",
     "monitor_every": "engaged steps between records; 0: no monitor", "monitor_synapses": "e.g. 'x->h1,h2->*'",
     "log_every": "steps between progress lines; 0: by time",
     "max_loss_ratio": "stop at this multiple of the first loss; 0: at a non-finite one",
@@ -128,12 +127,14 @@ def _value_form(field) -> str:
     choices = getattr(field.validator, "options", None)
     if choices:
         return "|".join(map(str, choices))
-    special = {"data": "digits|cifar10|cifar100|synthetic|FOLDER", "data_dir": "DIR",
+    from neurosim.config import RULE_NAMES
+
+    special = {"rule": "|".join(RULE_NAMES), "data": "digits|cifar10|cifar100|synthetic|FOLDER", "data_dir": "DIR",
                "device": "auto|cpu|cuda|cuda:N", "monitor_synapses": "PATTERNS", "val_per_class": "N|none"}
     if field.name in special:
         return special[field.name]
-    return {"bool": "true|false", "int": "N", "float": "X", "tuple[int, ...]": "N,N,..."}.get(str(field.type),
-                                                                                             "VALUE")
+    typ = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    return {"bool": "true|false", "int": "N", "float": "X", "tuple[int, ...]": "N,N,..."}.get(typ, "VALUE")
 
 
 def unique_run_dir(root: Path, name: str) -> Path:

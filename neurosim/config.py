@@ -6,16 +6,51 @@ import json
 import math
 import re
 import typing
+from collections.abc import Mapping
 
 import attrs
 
 from neurosim.errors import UserError
 from neurosim.models import RESNETS
-from neurosim.rules import (Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, SleepSchedule,
-                            WeightMirror)
+from neurosim.rules import RULES
 
-RULE_NAMES = ("bp", "fa", "ss", "wm", "kp")
 MODELS = ("mlp", *RESNETS)
+
+
+def rule_names() -> tuple[str, ...]:
+    """Every registered rule, in registration order (the built-in ones first)."""
+    return tuple(RULES)
+
+
+class _RuleNames(tuple):
+    """``RULE_NAMES``: the registered rules, read afresh so late-registered rules count."""
+
+    def __iter__(self):
+        return iter(rule_names())
+
+    def __len__(self):
+        return len(rule_names())
+
+    def __contains__(self, name):
+        return name in RULES
+
+    def __getitem__(self, i):
+        return rule_names()[i]
+
+    def __repr__(self):
+        return repr(rule_names())
+
+
+RULE_NAMES = _RuleNames()
+
+
+def rule_settings() -> dict[str, tuple[str, "attrs.Attribute"]]:
+    """Every rule's own settings as command-line fields: ``"<rule>_<field>" → (rule, attrs field)``."""
+    out = {}
+    for name, cls in RULES.items():
+        for f in attrs.fields(attrs.resolve_types(cls)):
+            out[f"{name}_{f.name}"] = (name, f)
+    return out
 
 _v = attrs.validators
 
@@ -68,6 +103,11 @@ def _device(inst, att, value):
         raise ValueError(problem)
 
 
+def _registered(inst, att, value):
+    if value not in RULES:
+        raise ValueError(f"unknown rule {value!r}; registered rules: {', '.join(RULES)}")
+
+
 def _seed(inst, att, value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
         raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {value}")
@@ -78,7 +118,10 @@ class RunConfig:
     """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON)."""
 
     preset: str = "custom"
-    rule: str = attrs.field(default="bp", validator=_v.in_(RULE_NAMES))
+    rule: str = attrs.field(default="bp", validator=_registered)
+    # The rule's own settings (its attrs fields), e.g. {"decay": 0.01}; on the command line
+    # and in presets they are "<rule>_<field>" (--kp-decay).
+    rule_params: dict = attrs.field(factory=dict, converter=dict)
     model: str = attrs.field(default="mlp", validator=_v.in_(MODELS))
     # data
     data: str = "digits"
@@ -105,17 +148,6 @@ class RunConfig:
     weight_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
     milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing])
     lr_gamma: float = attrs.field(default=0.2, validator=_positive)
-    # rule hyper-parameters
-    kp_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
-    wm_sigma: float = attrs.field(default=1.0, validator=_positive)
-    wm_noise: str = attrs.field(default="gaussian", validator=_v.in_(("gaussian", "uniform")))
-    wm_decay: float = attrs.field(default=1.0, validator=_v.ge(0.0))
-    wm_response: str = attrs.field(default="linear", validator=_v.in_(("linear", "sigmoid")))
-    wm_lr: float = attrs.field(default=0.05, validator=_positive)
-    sleep_before: int = attrs.field(default=0, validator=_v.ge(-1))  # -1: one epoch's worth of batches
-    sleep_every: int = attrs.field(default=1, validator=_positive)
-    sleep_batches: int = attrs.field(default=1, validator=_v.ge(0))
-    sleep_batch_size: int = attrs.field(default=0, validator=_v.ge(0))  # 0: the training batch size
     # execution
     seed: int = attrs.field(default=0, validator=_seed)
     device: str = attrs.field(default="auto", validator=_device)
@@ -144,6 +176,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        d = _migrate(dict(d))
         known = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -151,18 +184,35 @@ class RunConfig:
         return cls(**d)
 
     def make_rule(self):
-        """The plasticity rule this configuration names, with its hyper-parameters."""
-        if self.rule == "bp":
-            return Backprop()
-        if self.rule == "fa":
-            return FeedbackAlignment()
-        if self.rule == "ss":
-            return SignSymmetry()
-        if self.rule == "kp":
-            return KolenPollack(decay=self.kp_decay)
-        schedule = SleepSchedule(before=self.sleep_before, every=self.sleep_every, batches=self.sleep_batches)
-        return WeightMirror(sigma=self.wm_sigma, noise=self.wm_noise, decay=self.wm_decay,
-                            response=self.wm_response, schedule=schedule)
+        """The plasticity rule this configuration names, with its own settings."""
+        return RULES[self.rule](**self.rule_params)
+
+    def __getattr__(self, name):
+        # The rule's settings read as the command line names them: cfg.wm_lr, cfg.kp_decay.
+        prefix = f"{self.rule}_"
+        if name.startswith(prefix):
+            field = name[len(prefix):]
+            fields = {f.name: f for f in attrs.fields(RULES[self.rule])}
+            if field in fields:
+                return self.rule_params.get(field, fields[field].default)
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+
+# Before rules declared their settings, configurations held them as top-level fields.
+_LEGACY = {"kp_decay": "kp_decay", "wm_sigma": "wm_sigma", "wm_noise": "wm_noise", "wm_decay": "wm_decay",
+           "wm_response": "wm_response", "wm_lr": "wm_lr", "sleep_before": "wm_sleep_before",
+           "sleep_every": "wm_sleep_every", "sleep_batches": "wm_sleep_batches",
+           "sleep_batch_size": "wm_sleep_batch_size"}
+
+
+def _migrate(d: dict) -> dict:
+    """A configuration written before ``rule_params``: its rule's settings move there."""
+    legacy = {_LEGACY[k]: d.pop(k) for k in list(d) if k in _LEGACY}
+    if legacy and "rule_params" not in d:
+        settings = rule_settings()
+        d["rule_params"] = {settings[k][1].name: v for k, v in legacy.items()
+                            if k in settings and settings[k][0] == d.get("rule")}
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +220,6 @@ class RunConfig:
 
 _DIGITS = dict(model="mlp", data="digits", hidden=(128, 64), activation="relu", epochs=30,
                batch_size=32, lr=0.05, momentum=0.9, monitor_every=20)
-_DIGITS_RULE = {
-    "bp": {}, "fa": {}, "ss": {},
-    "kp": dict(kp_decay=0.01),
-    # Twenty mirror batches before training, then one after every engaged step. The mirror
-    # rate must let B keep pace with W: at wm_lr=0.05 B lags W by ~20 steps and training with
-    # momentum diverges even though the angle stays small (docs/design.md).
-    "wm": dict(sleep_before=20, sleep_batches=1, wm_lr=0.2, sleep_batch_size=256),
-}
 
 # The weight-mirror authors' NumPy experiments (MLP, MNIST/CIFAR-10): sigmoid units, sigmoid
 # cross-entropy, plain SGD on batch 128 without shuffling, N(0, 1/(n_in+n_out)) init, 400 epochs.
@@ -185,44 +227,40 @@ _DIGITS_RULE = {
 _ORIGINAL = dict(model="mlp", data="cifar10", hidden=(1000,), activation="sigmoid", init="xavier_sum",
                  loss="sigmoid_bce", normalize="unit", shuffle=False, epochs=400, batch_size=128,
                  momentum=0.0)
-_ORIGINAL_RULE = {
-    "bp": dict(lr=0.2), "fa": dict(lr=0.2), "ss": dict(lr=0.2),
-    "kp": dict(lr=0.3, kp_decay=0.0),
-    # Uniform noise in ±0.05, response through the sigmoid, a full pass of mirror batches before
-    # training (sleep_before=-1: as many as there are training batches), one after every SGD step.
-    # Decay 0.25 = f'(0) of the sigmoid, so B settles at Wᵀ; their size control was a no-op.
-    "wm": dict(lr=0.05, wm_noise="uniform", wm_sigma=0.05 / 3**0.5, wm_response="sigmoid", wm_decay=0.25,
-               wm_lr=0.01, sleep_before=-1, sleep_batches=1),
-}
 
 # Standard CIFAR-100 ResNet recipe: SGD momentum 0.9, lr 0.1 at batch 128, weight decay 5e-4,
 # 200 epochs, lr ×0.2 at epochs 60/120/160, random crop (pad 4) + horizontal flip.
 _RESNET = dict(data="cifar100", init="kaiming_normal", epochs=200, batch_size=128, lr=0.1, momentum=0.9,
                weight_decay=5e-4, milestones=(60, 120, 160), lr_gamma=0.2, crop_padding=4, flip=True)
-_RESNET_RULE = {
-    "bp": {}, "fa": {}, "ss": {},
-    # The optimizer's weight decay acts on W and B alike and is KP's shared decay λ.
-    "kp": dict(kp_decay=0.0),
-    # One mirror batch of 32 noise images after every 4th engaged step. A convolution sees every
-    # output position as a co-activation, so 32 images give tens of thousands of events per
-    # weight in early layers. Sleeping every step with 8 or 16 images (the same events per step)
-    # cost 1.19x / 1.28x native at batch 64 on CPU: small-batch convolutions run slowly and the
-    # mirror optimizer touches every B each time (docs/benchmarks.md). 200 mirror batches first.
-    "wm": dict(sleep_before=200, sleep_every=4, sleep_batches=1, sleep_batch_size=32, wm_lr=0.1, wm_sigma=1.0),
-}
 
 
-def _presets() -> dict[str, dict]:
+def presets() -> dict[str, dict]:
+    """Every preset ``<rule>_<model>`` of every registered rule, as command-line fields: the
+    model family's recipe with the settings the rule's file declares for that family."""
     out = {}
-    for rule in RULE_NAMES:
-        out[f"{rule}_mlp_digits"] = dict(_DIGITS, **_DIGITS_RULE[rule], rule=rule)
-        out[f"{rule}_mlp_original"] = dict(_ORIGINAL, **_ORIGINAL_RULE[rule], rule=rule)
+    for rule, cls in RULES.items():
+        own = cls.presets
+        out[f"{rule}_mlp_digits"] = dict(_DIGITS, **own.get("mlp_digits", {}), rule=rule)
+        out[f"{rule}_mlp_original"] = dict(_ORIGINAL, **own.get("mlp_original", {}), rule=rule)
         for model in RESNETS:
-            out[f"{rule}_{model}"] = dict(_RESNET, **_RESNET_RULE[rule], rule=rule, model=model)
+            out[f"{rule}_{model}"] = dict(_RESNET, **own.get("resnet", {}), rule=rule, model=model)
     return out
 
 
-PRESETS = _presets()
+class _Presets(Mapping):
+    """``PRESETS``: the presets of the rules registered now (see ``presets()``)."""
+
+    def __getitem__(self, name):
+        return presets()[name]
+
+    def __iter__(self):
+        return iter(presets())
+
+    def __len__(self):
+        return len(presets())
+
+
+PRESETS = _Presets()
 
 
 def preset(name: str, **overrides) -> RunConfig:
@@ -237,6 +275,7 @@ def preset(name: str, **overrides) -> RunConfig:
                         f"e.g. kp_mlp_digits, wm_resnet18.\n"
                         f"All presets: {' '.join(sorted(PRESETS))}")
     _check_overrides(name, overrides)
+    check_rule_settings(name, overrides)
     fields = dict(PRESETS[name], preset=name)
     fields.update(overrides)
     return build(fields)
@@ -247,11 +286,6 @@ MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS)
 # Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
 _MLP_ONLY = {"hidden": "scale a ResNet with --width", "activation": "ResNet circuits use ReLU",
              "init": "ResNet circuits use Kaiming-normal initialisation"}
-_RULE_ONLY = {"kp_decay": "kp", "wm_sigma": "wm", "wm_noise": "wm", "wm_decay": "wm", "wm_response": "wm",
-              "wm_lr": "wm", "sleep_before": "wm", "sleep_every": "wm", "sleep_batches": "wm",
-              "sleep_batch_size": "wm"}
-
-
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -260,6 +294,7 @@ def _changes(name: str, overrides: dict):
     """``changes(key)``: whether ``overrides`` sets ``key`` away from the preset's value."""
     base = PRESETS[name]
     defaults = {f.name: f.default for f in attrs.fields(RunConfig)}
+    defaults.update({k: f.default for k, (_, f) in rule_settings().items()})
 
     def changes(key):
         value = overrides.get(key)
@@ -303,33 +338,56 @@ def check_rule_settings(name: str, overrides: dict) -> None:
     if name not in PRESETS:
         return  # preset() names the problem
     rule, family, changes = PRESETS[name]["rule"], name.split("_", 1)[1], _changes(name, overrides)
-    for key, owner in _RULE_ONLY.items():
+    for key, (owner, _) in rule_settings().items():
         if owner != rule and changes(key):
             raise UserError(f"{_option(key)} applies to the {owner} rule only and {name} trains {rule}; "
                             f"for the {owner} rule use the preset {owner}_{family}")
 
 
 def build(fields: dict) -> RunConfig:
-    """A validated configuration (its rule is built once too, so rule settings are checked)."""
+    """A validated configuration from command-line fields (a rule's settings as ``<rule>_<field>``).
+
+    The rule is built once too, so its own validators check its settings."""
+    fields = dict(fields)
+    rule = fields.get("rule", "bp")
+    settings = rule_settings()
+    params = dict(fields.pop("rule_params", {}) or {})
+    for key in [k for k in fields if k in settings]:
+        owner, f = settings[key]
+        value = fields.pop(key)
+        if owner == rule and value != f.default:
+            params[f.name] = value
     try:
-        cfg = RunConfig(**fields)
+        for key, value in params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{rule}_{key} must be a finite number, got {value}")
+        cfg = RunConfig(**fields, rule_params=params)
         cfg.make_rule()
         return cfg
     except (TypeError, ValueError) as e:
         raise UserError(f"invalid setting: {e}") from None
 
 
+def flat_settings(cfg: RunConfig) -> dict:
+    """A configuration as command-line fields: its own, then its rule's as ``<rule>_<field>``."""
+    out = {k: v for k, v in cfg.to_dict().items() if k != "rule_params"}
+    for f in attrs.fields(RULES[cfg.rule]):
+        out[f"{cfg.rule}_{f.name}"] = cfg.rule_params.get(f.name, f.default)
+    return out
+
+
 def parse_overrides(args: list[str]) -> dict:
     """``["--lr", "0.05", "--milestones", "30,60"]`` → typed values for RunConfig fields."""
-    types = typing.get_type_hints(RunConfig)
+    types = {k: v for k, v in typing.get_type_hints(RunConfig).items() if k not in ("preset", "rule_params")}
+    types.update({k: f.type for k, (_, f) in rule_settings().items()})
     out, i = {}, 0
-    names = sorted(f.name.replace("_", "-") for f in attrs.fields(RunConfig) if f.name != "preset")
+    names = sorted(k.replace("_", "-") for k in types)
     while i < len(args):
         key = args[i]
         if not key.startswith("--"):
             raise UserError(f"unexpected argument {key!r}; options are --name value")
         name = key[2:].replace("-", "_")
-        if name not in types or name == "preset":
+        if name not in types:
             raise UserError(f"unknown option {key}. Options: {' '.join('--' + n for n in names)}")
         if i + 1 >= len(args):
             raise UserError(f"option {key} needs a value")
@@ -380,11 +438,12 @@ def _is_int(text: str) -> bool:
 
 def presets_markdown() -> str:
     """The preset table of ``docs/presets.md`` (``python -m neurosim.config > docs/presets.md``)."""
-    defaults = RunConfig()
+    defaults = flat_settings(RunConfig())
     lines = ["# Presets", "",
-             "Generated by `python -m neurosim.config > docs/presets.md`. A preset is `<rule>_<model>`;",
-             "each row lists the fields it sets away from the defaults below. Any field can be",
-             "overridden on the command line as `--field-name value` (tuples as `60,120,160`).", ""]
+             "Generated by `python -m neurosim.config > docs/presets.md` from the rule registry. A preset is",
+             "`<rule>_<model>`; each row lists the fields it sets away from the defaults below. Any field",
+             "can be overridden on the command line as `--field-name value` (tuples as `60,120,160`); a",
+             "rule's own settings are `--<rule>-<setting>` and apply to that rule's presets only.", ""]
     families = [("mlp_digits", "8×8 digits MLP (64-128-64-10, ReLU)"),
                 ("mlp_original", "the weight-mirror authors' NumPy MLP experiments"),
                 *[(m, f"CIFAR {m}, standard CIFAR-100 recipe") for m in RESNETS]]
@@ -392,12 +451,22 @@ def presets_markdown() -> str:
         lines += [f"## `*_{model}`: {title}", "", "| preset | settings |", "| --- | --- |"]
         for rule in RULE_NAMES:
             name = f"{rule}_{model}"
-            cfg = preset(name)
-            diff = {k: v for k, v in cfg.to_dict().items() if k != "preset" and getattr(defaults, k) != v}
+            flat = flat_settings(preset(name))
+            diff = {k: v for k, v in flat.items()
+                    if k not in ("preset", "rule") and k in defaults and defaults[k] != v
+                    or k.startswith(f"{rule}_") and k not in defaults and v != rule_settings()[k][1].default}
             lines.append(f"| `{name}` | " + ", ".join(f"{k}={_show(v)}" for k, v in diff.items()) + " |")
         lines.append("")
-    lines += ["## Defaults of every field", "", "| field | default |", "| --- | --- |"]
-    lines += [f"| `{f.name}` | {_show(getattr(defaults, f.name))} |" for f in attrs.fields(RunConfig)]
+    lines += ["## Rules and their own settings", "", "| rule | class | option | default |", "| --- | --- | --- | --- |"]
+    for rule, cls in RULES.items():
+        fields = attrs.fields(cls)
+        if not fields:
+            lines.append(f"| `{rule}` | `{cls.__name__}` | — | |")
+        for f in fields:
+            lines.append(f"| `{rule}` | `{cls.__name__}` | `--{rule}-{f.name.replace('_', '-')}` | {_show(f.default)} |")
+    lines += ["", "## Defaults of every other field", "", "| field | default |", "| --- | --- |"]
+    lines += [f"| `{k}` | {_show(v)} |" for k, v in defaults.items() if k != "preset" and not k.startswith("bp_")
+              and k in {f.name for f in attrs.fields(RunConfig)}]
     return "\n".join(lines) + "\n"
 
 

@@ -124,7 +124,7 @@ class Run:
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         sleepers = self.circuit.sleep_parameters()
-        self.sleep_optimizer = torch.optim.SGD(sleepers, lr=cfg.wm_lr) if sleepers else None
+        self.sleep_optimizer = torch.optim.SGD(sleepers, lr=self.circuit.rule.lr) if sleepers else None
         self.schedule = self.circuit.rule.schedule if self.sleep_optimizer else None
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
         self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
@@ -217,6 +217,8 @@ class Run:
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Forward, feedback and local updates on one batch; statistics stay on the device."""
         self.optimizer.zero_grad(set_to_none=True)
+        # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
+        self.circuit.new_batch(self.sleep_generator)
         if self.cfg.execution == "reference":
             out_holder = []
 
@@ -278,7 +280,7 @@ class Run:
 
     def sleep(self, batches: int) -> None:
         """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
-        bs = self.cfg.sleep_batch_size or self.cfg.batch_size
+        bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
         if self.monitor is not None:
             self.monitor.before_sleep(self.step)
         for _ in range(batches):

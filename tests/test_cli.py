@@ -13,7 +13,7 @@ import attrs
 import pytest
 
 from neurosim.cli import evaluate, main, run_circuit
-from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig
+from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig, rule_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,8 @@ def test_existing_out_is_refused(tmp_path, capsys):
     (["kp_mlp_digits", "--rule", "fa"], "use the preset fa_mlp_digits instead"),
     (["kp_mlp_digits", "--model", "resnet18"], "use the preset kp_resnet18 instead"),
     (["kp_resnet18", "--hidden", "64"], "--hidden applies to MLPs only"),
-    (["kp_mlp_digits", "--sleep-every", "2"], "--sleep-every applies to the wm rule only"),
+    (["kp_mlp_digits", "--wm-sleep-every", "2"], "--wm-sleep-every applies to the wm rule only"),
+    (["kp_mlp_digits", "--sleep-every", "2"], "unknown option --sleep-every"),
     (["bp_mlp_digits", "--kp-decay", "0.1"], "--kp-decay applies to the kp rule only"),
     (["kp_mlp_digits", "--out", "a", "--resume", "b"], "--out and --resume cannot go together"),
     (["--epochs", "3", "kp_mlp_digits"], "the first argument is the preset"),
@@ -179,11 +180,13 @@ def test_help_lists_every_option(capsys):
     code, out, _ = in_process("kp_mlp_digits", "--help", capsys=capsys)
     assert code == 0
     for f in attrs.fields(RunConfig):
-        if f.name != "preset":
+        if f.name not in ("preset", "rule_params"):
             assert f"--{f.name.replace('_', '-')} " in out
+    for key in rule_settings():  # every registered rule's own settings: --kp-decay, --wm-lr, ...
+        assert f"--{key.replace('_', '-')} " in out
     for word in ("--out DIR", "--resume RUN_DIR", "--quiet", *RULE_NAMES, *MODEL_FAMILIES, *PRESETS):
         assert word in out
-    assert "--rule bp|fa|ss|wm|kp" in out and "--device auto|cpu|cuda|cuda:N" in out
+    assert f"--rule {'|'.join(RULE_NAMES)}" in out and "--device auto|cpu|cuda|cuda:N" in out
     code, _, err = in_process(capsys=capsys)  # no arguments: the help, as an error
     assert code == 2 and "usage: run_circuit.py PRESET" in err
 

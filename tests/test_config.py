@@ -5,7 +5,7 @@ import math
 import attrs
 import pytest
 
-from neurosim.config import (PRESETS, RULE_NAMES, RunConfig, build, check_rule_settings, device_problem,
+from neurosim.config import (PRESETS, RULE_NAMES, RunConfig, build, check_rule_settings, device_problem, rule_settings,
                              parse_overrides, preset)
 from neurosim.errors import UserError
 
@@ -49,7 +49,8 @@ def test_bad_overrides(args, message):
     ("epochs", 0, "epochs must be positive"),
     ("rule", "xx", "rule"),
     ("momentum", 1.0, "momentum"),
-    ("sleep_before", -2, "before"),
+    ("wm_sleep_before", -2, "sleep_before"),
+    ("wm_lr", -1.0, "lr"),
 ])
 def test_invalid_values_are_user_errors(field, value, message):
     with pytest.raises(UserError, match=message):
@@ -57,12 +58,13 @@ def test_invalid_values_are_user_errors(field, value, message):
 
 
 def test_presets_cover_rules_times_models():
-    assert len(PRESETS) == 5 * 5
+    assert len(PRESETS) == len(RULE_NAMES) * 5 and len(RULE_NAMES) >= 5
 
 
 # -- values that used to pass validation and fail (or mislead) later ----------------------------
 
-FLOAT_FIELDS = [f.name for f in attrs.fields(RunConfig) if f.type in ("float", float)]
+FLOAT_FIELDS = [f.name for f in attrs.fields(RunConfig) if f.type in ("float", float)] + [
+    k for k, (rule, f) in rule_settings().items() if rule == "wm" and f.type in ("float", float)]
 
 
 @pytest.mark.parametrize("field", FLOAT_FIELDS)
@@ -139,9 +141,11 @@ def test_preset_accepts_its_own_values():
 
 
 def test_rule_settings_of_another_rule_are_refused():
-    with pytest.raises(UserError, match="--sleep-every applies to the wm rule only.*use the preset wm_mlp_digits"):
-        check_rule_settings("kp_mlp_digits", dict(sleep_every=2))
+    with pytest.raises(UserError, match="--wm-sleep-every applies to the wm rule only.*use the preset wm_mlp_digits"):
+        check_rule_settings("kp_mlp_digits", dict(wm_sleep_every=2))
+    with pytest.raises(UserError, match="--wm-sleep-every applies to the wm rule only"):
+        preset("kp_mlp_digits", wm_sleep_every=2)
     with pytest.raises(UserError, match="--kp-decay applies to the kp rule only.*kp_resnet18"):
         check_rule_settings("bp_resnet18", dict(kp_decay=0.1))
-    check_rule_settings("wm_mlp_digits", dict(sleep_every=2, wm_lr=0.1))
-    check_rule_settings("bp_resnet18", dict(kp_decay=0.0, sleep_before=0))  # the preset's own values
+    check_rule_settings("wm_mlp_digits", dict(wm_sleep_every=2, wm_lr=0.1))
+    check_rule_settings("bp_resnet18", dict(kp_decay=0.0, wm_sleep_before=0))  # the preset's own values

@@ -56,7 +56,7 @@ def test_weight_mirror_aligns_in_sleep_without_data(digits):
     weights = {n: s.weight.detach().clone() for n, s in circuit.synapses.items()}
     for _ in range(30):  # sleep only: noise in, no data anywhere
         opt.zero_grad()
-        circuit.sleep(cfg.sleep_batch_size, g)
+        circuit.sleep(cfg.wm_sleep_batch_size, g)
         opt.step()
     after = circuit.alignment_angles()
     assert all(a < 20 for a in after.values()), after

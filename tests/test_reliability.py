@@ -29,7 +29,7 @@ from neurosim.train import RunDiverged, RunInterrupted, open_run, resume_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["wm_mlp_digits", "--epochs", "2", "--hidden", "24,16", "--monitor-every", "10", "--device", "cpu",
-        "--sleep-before", "2", "--quiet"]
+        "--wm-sleep-before", "2", "--quiet"]
 
 # Runs the command line in a process that SIGKILLs itself at the moment KILL names.
 DRIVER = textwrap.dedent("""
@@ -267,7 +267,7 @@ def test_non_finite_weights_are_named_and_the_last_good_checkpoint_kept(tmp_path
 def test_the_design_notes_lagging_mirror_is_caught(tmp_path):
     """docs/design.md: a mirror that lags W lets training blow up (loss ~2,400) while its angles
     look fine, and used to finish 'normally' at chance."""
-    cfg = preset("wm_mlp_digits", wm_lr=0.05, sleep_batches=2, epochs=6, device="cpu", monitor_every=0)
+    cfg = preset("wm_mlp_digits", wm_lr=0.05, wm_sleep_batches=2, epochs=6, device="cpu", monitor_every=0)
     with pytest.raises(RunDiverged, match="over 100× the first step's"):
         open_run(tmp_path / "r", cfg, quiet=True).train()
 

@@ -15,7 +15,7 @@ from neurosim.models.mlp import build_mlp
 from neurosim.reference import reference_backward
 from neurosim.rules import FeedbackAlignment, SignSymmetry
 from neurosim.rules.sign_concordant import (BatchRandomSignConcordant, FixedRandomSignConcordant,
-                                            UniformSignConcordant, new_batch)
+                                            UniformSignConcordant)
 from neurosim.synapse import weight_init
 
 RULES = {"usf": UniformSignConcordant, "frsf": FixedRandomSignConcordant, "brsf": BatchRandomSignConcordant}
@@ -83,7 +83,7 @@ def test_delivered_error_is_delta_through_sign_w_times_magnitude(rule, kind):
     w0 = syn.weight.detach().double().clone()
     c.double()
     if rule == "brsf":
-        new_batch(c, gen(5))
+        c.new_batch(gen(5))
     magnitude = expected_magnitude(rule, kind, syn, scale0, 5)
     # W has changed since construction: about half its signs flipped, every magnitude grown.
     flip = torch.where(torch.rand(syn.weight.shape, generator=gen(1)) < 0.5, -2.0, 2.0).double()
@@ -169,8 +169,8 @@ def test_brsf_redraw_is_identical_for_compiled_and_reference_executions(kind):
     loss_fn = lambda out: F.cross_entropy(out, target)
     before = feedbacks(compiled)
     for step in range(3):
-        new_batch(compiled, gen(100 + step))
-        new_batch(literal, gen(100 + step))
+        compiled.new_batch(gen(100 + step))
+        literal.new_batch(gen(100 + step))
         now = feedbacks(compiled)
         for n, m in now.items():
             assert torch.equal(m, literal.synapses[n].feedback), n
@@ -202,17 +202,17 @@ def test_brsf_redraw_comes_from_the_synapse_init_and_its_generator(init):
     c.population("y", 64)
     syn = c.dense("x", "y", init=init)
     start = syn.feedback.clone()
-    new_batch(c, gen(7))
+    c.new_batch(gen(7))
     first = syn.feedback.clone()
     assert torch.equal(first, weight_init(init, 128, 64)(torch.empty(64, 128), gen(7)).abs())
     assert not torch.equal(first, start)
-    new_batch(c, gen(7))
+    c.new_batch(gen(7))
     assert torch.equal(syn.feedback, first)  # the generator alone decides the draw
     torch.manual_seed(3)
-    new_batch(c)  # None: the default generator of the buffer's device
+    c.new_batch()  # None: the default generator of the buffer's device
     drawn = syn.feedback.clone()
     torch.manual_seed(3)
-    new_batch(c)
+    c.new_batch()
     assert torch.equal(syn.feedback, drawn) and not torch.equal(drawn, first)
     # |M| has W's scale: ‖B‖ ≈ ‖W₀‖ whatever the init.
     assert syn.feedback.norm() / syn.weight.detach().norm() == pytest.approx(1.0, abs=0.05)
@@ -224,8 +224,8 @@ def test_brsf_redraw_comes_from_the_synapse_init_and_its_generator(init):
 def test_brsf_redraw_on_cuda_with_a_generator_on_either_device(where):
     c = deep_circuit(BatchRandomSignConcordant(), "dense")
     on_gpu = copy.deepcopy(c).cuda()
-    new_batch(on_gpu, torch.Generator(where).manual_seed(3))
-    new_batch(c, gen(3))
+    on_gpu.new_batch(torch.Generator(where).manual_seed(3))
+    c.new_batch(gen(3))
     for n, syn in on_gpu.synapses.items():
         assert syn.feedback.device.type == "cuda" and (syn.feedback >= 0).all()
         if where == "cpu":  # drawn on the CPU and moved: the CPU circuit's draw
@@ -236,7 +236,7 @@ def test_brsf_redraw_on_cuda_with_a_generator_on_either_device(where):
 def test_brsf_redraw_between_forward_and_backward_is_refused():
     c = deep_circuit(BatchRandomSignConcordant(), "dense")
     out = c(torch.randn(4, 8))
-    new_batch(c, gen(0))
+    c.new_batch(gen(0))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
 
@@ -245,7 +245,7 @@ def test_new_batch_leaves_other_rules_alone():
     for rule in (UniformSignConcordant(), FixedRandomSignConcordant(), FeedbackAlignment()):
         c = deep_circuit(rule, "dense")
         before = copy.deepcopy(c.state_dict())
-        new_batch(c, gen(0))
+        c.new_batch(gen(0))
         for n, t in c.state_dict().items():
             assert torch.equal(t, before[n]), n
 
@@ -262,7 +262,7 @@ def test_feedback_is_always_sign_concordant_with_current_w(rule, kind):
         with torch.no_grad():  # some weights exactly zero: their feedback must be zero too
             for syn in c.synapses.values():
                 syn.weight.view(-1)[step::5] = 0.0
-        new_batch(c, g)
+        c.new_batch(g)
         x = torch.randn(6, *c.populations["x"].shape, generator=g)
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(c(x), torch.arange(6) % 4).backward()
@@ -310,7 +310,7 @@ def test_sign_symmetry_is_usf_under_its_older_name():
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_forward_is_one_graph_without_breaks(rule, kind):
     c = deep_circuit(RULES[rule](), kind)
-    new_batch(c, gen(0))
+    c.new_batch(gen(0))
     explained = torch._dynamo.explain(c)(torch.randn(4, *c.populations["x"].shape))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
@@ -329,7 +329,7 @@ def test_brsf_compiled_steps_with_redraws_equal_eager_steps(kind):
         opt = torch.optim.SGD(net.engaged_parameters(), lr=0.1, momentum=0.9)
         g = gen(1)
         for i, (x, y) in enumerate(data):
-            new_batch(net, g)
+            net.new_batch(g)
             opt.zero_grad(set_to_none=True)
             with torch._dynamo.config.patch(error_on_recompile=i > 0):
                 F.cross_entropy(m(x), y).backward()
@@ -368,7 +368,7 @@ def test_digits_mlp_learns(rule, digits, one_thread):
         perm = torch.randperm(len(train_y), generator=order)
         for i in range(0, len(perm), 32):
             idx = perm[i:i + 32]
-            new_batch(c, redraws)
+            c.new_batch(redraws)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(c(train_x[idx]), train_y[idx]).backward()
             opt.step()

@@ -1,13 +1,21 @@
-"""The plasticity rules, one small module each, all written against ``LocalSignals``."""
+"""The plasticity rules, one small module each, all written against ``LocalSignals``.
 
+Every module of this package is imported here, and each rule in it registers itself with
+``@register_rule``: adding a rule is adding its file. ``RULES`` maps names to rule classes.
+"""
+
+import importlib
+import pkgutil
+
+from neurosim.rules.base import RULES, LocalSignals, PlasticityRule, register_rule
 from neurosim.rules.backprop import Backprop
-from neurosim.rules.base import LocalSignals, PlasticityRule
 from neurosim.rules.feedback_alignment import FeedbackAlignment
-from neurosim.rules.kolen_pollack import KolenPollack
 from neurosim.rules.sign_symmetry import SignSymmetry
 from neurosim.rules.weight_mirror import SleepSchedule, WeightMirror
+from neurosim.rules.kolen_pollack import KolenPollack
 
-RULES = {r.name: r for r in (Backprop, FeedbackAlignment, SignSymmetry, WeightMirror, KolenPollack)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Backprop", "FeedbackAlignment", "SignSymmetry", "KolenPollack", "WeightMirror",
-           "SleepSchedule", "LocalSignals", "PlasticityRule", "RULES"]
+           "SleepSchedule", "LocalSignals", "PlasticityRule", "RULES", "register_rule"]

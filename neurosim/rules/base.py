@@ -39,6 +39,35 @@ class LocalSignals:
         return self.product() / self.kind.events(self.pre)
 
 
+RULES: dict[str, type] = {}
+
+
+def register_rule(cls: type) -> type:
+    """Class decorator that makes a rule known by its ``name`` everywhere: configuration fields
+    and command-line options (``--<name>-<field>`` for each attrs field), presets
+    ``<name>_<model>``, help, docs and the rule-generic tests.
+
+    A rule file declares itself once::
+
+        @register_rule
+        @attrs.frozen
+        class MyRule(PlasticityRule):
+            name: ClassVar[str] = "my"
+            gain: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+    """
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name.isidentifier() or "_" in name or not name.islower():
+        raise ValueError(f"rule {cls.__name__} needs a class attribute name: a short lower-case word "
+                         f"without '_' (it starts preset names such as <name>_mlp_digits), not {name!r}")
+    if not attrs.has(cls):
+        raise TypeError(f"rule {cls.__name__} must be an attrs class (decorate it with @attrs.frozen first)")
+    known = RULES.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"rule name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+    RULES[name] = cls
+    return cls
+
+
 @attrs.frozen
 class PlasticityRule:
     """Base of the rules: which matrix carries feedback, and the local updates of W and B.
@@ -52,6 +81,14 @@ class PlasticityRule:
     transports: ClassVar[str] = "nothing"
     # When the feedback weight learns: None (never, or has none), "engaged" or "sleep".
     feedback_learns: ClassVar[str | None] = None
+    # Settings of this rule's presets, per model family ("mlp_digits", "mlp_original", "resnet"),
+    # written as command-line fields: the rule's own as "<name>_<field>", others as they are.
+    presets: ClassVar[dict] = {}
+
+    @classmethod
+    def example(cls) -> "PlasticityRule":
+        """An instance for the rule-generic tests (non-default settings where defaults hide terms)."""
+        return cls()
 
     def init_feedback(self, w: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor | None:
         """The synapse's feedback state at construction (None when the rule keeps none)."""

@@ -4,9 +4,10 @@ from typing import ClassVar
 
 import attrs
 
-from neurosim.rules.base import PlasticityRule, random_feedback
+from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
 
+@register_rule
 @attrs.frozen
 class KolenPollack(PlasticityRule):
     """``ΔW = −η δ_y xᵀ − λW`` at the forward synapse, ``ΔB = −η x δ_yᵀ − λB`` at the feedback one.
@@ -22,6 +23,15 @@ class KolenPollack(PlasticityRule):
     name: ClassVar[str] = "kp"
     feedback_learns: ClassVar[str] = "engaged"
     decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    presets: ClassVar[dict] = {
+        "mlp_digits": {"kp_decay": 0.01},
+        "mlp_original": {"lr": 0.3},  # the authors' rate; their KP ran with no decay
+        # On ResNets the optimizer's weight decay acts on W and B alike and is KP's shared decay.
+    }
+
+    @classmethod
+    def example(cls):
+        return cls(decay=0.05)
 
     def init_feedback(self, w, init, generator):
         return random_feedback(w, init, generator)

@@ -23,9 +23,10 @@ from typing import ClassVar
 import attrs
 import torch
 
-from neurosim.rules.base import PlasticityRule, random_feedback
+from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
 
+@register_rule
 @attrs.frozen
 class UniformSignConcordant(PlasticityRule):
     """uSF: ``B = sign(W)·s``, formed from the current ``W`` whenever an error is sent back.
@@ -48,6 +49,7 @@ class UniformSignConcordant(PlasticityRule):
     """
 
     name: ClassVar[str] = "usf"
+    presets: ClassVar[dict] = {"mlp_original": {"lr": 0.2}}  # the weight-mirror authors' rate
     transports: ClassVar[str] = "signs"
 
     def init_feedback(self, w, init, generator):
@@ -63,6 +65,7 @@ class _RandomMagnitudeSignConcordant(PlasticityRule):
     drawn at construction from the synapse's own init distribution."""
 
     transports: ClassVar[str] = "signs"
+    presets: ClassVar[dict] = {"mlp_original": {"lr": 0.2}}  # the weight-mirror authors' rate
 
     def init_feedback(self, w, init, generator):
         return random_feedback(w, init, generator).abs_()
@@ -71,6 +74,7 @@ class _RandomMagnitudeSignConcordant(PlasticityRule):
         return torch.sign(w).mul_(feedback)
 
 
+@register_rule
 @attrs.frozen
 class FixedRandomSignConcordant(_RandomMagnitudeSignConcordant):
     """frSF: ``B = sign(W) ∘ |M|`` with ``M`` drawn once, at construction, and fixed.
@@ -83,6 +87,7 @@ class FixedRandomSignConcordant(_RandomMagnitudeSignConcordant):
     name: ClassVar[str] = "frsf"
 
 
+@register_rule
 @attrs.frozen
 class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
     """brSF: ``B = sign(W) ∘ |M|`` with ``M`` redrawn for every engaged batch.
@@ -109,17 +114,3 @@ class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
                 feedback.copy_(init(m, generator).abs_())
             else:
                 init(feedback, generator).abs_()
-
-
-def new_batch(circuit, generator: torch.Generator | None = None) -> None:
-    """Start an engaged batch: every synapse whose rule redraws its feedback per batch (brSF)
-    draws it anew, synapse by synapse in construction order, from ``generator``.
-
-    Call it once before each engaged forward pass (compiled or reference), never between a forward
-    and its backward. Synapses under other rules are left alone, so it may be called for any
-    circuit.
-    """
-    for syn in circuit.synapses.values():
-        redraw = getattr(syn.rule, "redraw", None)
-        if redraw is not None:
-            redraw(syn.feedback, syn.init_fn(), generator)

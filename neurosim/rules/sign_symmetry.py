@@ -4,9 +4,11 @@ from typing import ClassVar
 
 import attrs
 
+from neurosim.rules.base import register_rule
 from neurosim.rules.sign_concordant import UniformSignConcordant
 
 
+@register_rule
 @attrs.frozen
 class SignSymmetry(UniformSignConcordant):
     """``B = sign(W)·scale``: the uniform sign-concordant rule (``usf``) under its older name ``ss``.

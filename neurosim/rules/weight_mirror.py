@@ -5,7 +5,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from neurosim.rules.base import PlasticityRule, random_feedback
+from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
 
 @attrs.frozen
@@ -23,6 +23,7 @@ class SleepSchedule:
         return self.batches if step % self.every == 0 else 0
 
 
+@register_rule
 @attrs.frozen
 class WeightMirror(PlasticityRule):
     """Engaged: errors return through ``B``; ``B`` is untouched. Sleep: every synapse's
@@ -50,7 +51,41 @@ class WeightMirror(PlasticityRule):
     noise: str = attrs.field(default="gaussian", validator=attrs.validators.in_(("gaussian", "uniform")))
     decay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
     response: str = attrs.field(default="linear", validator=attrs.validators.in_(("linear", "sigmoid")))
-    schedule: SleepSchedule = attrs.field(factory=SleepSchedule)
+    lr: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0))  # of the sleep optimizer
+    # The schedule (see SleepSchedule); sleep_before -1: one epoch's worth of mirror batches.
+    sleep_before: int = attrs.field(default=0, validator=attrs.validators.ge(-1))
+    sleep_every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    sleep_batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+    sleep_batch_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: the training batch size
+
+    presets: ClassVar[dict] = {
+        # Twenty mirror batches before training, then one after every engaged step. The mirror
+        # rate must let B keep pace with W: at wm_lr=0.05 B lags W by ~20 steps and training with
+        # momentum diverges even though the angle stays small (docs/design.md).
+        "mlp_digits": {"wm_sleep_before": 20, "wm_sleep_batches": 1, "wm_lr": 0.2, "wm_sleep_batch_size": 256},
+        # The authors' NumPy code: uniform noise in ±0.05, response through the sigmoid, a full pass
+        # of mirror batches before training (-1: as many as there are training batches), one after
+        # every SGD step. Decay 0.25 = f'(0) of the sigmoid, so B settles at Wᵀ; their size control
+        # was a no-op.
+        "mlp_original": {"lr": 0.05, "wm_noise": "uniform", "wm_sigma": 0.05 / 3**0.5, "wm_response": "sigmoid",
+                         "wm_decay": 0.25, "wm_lr": 0.01, "wm_sleep_before": -1, "wm_sleep_batches": 1},
+        # One mirror batch of 32 noise images after every 4th engaged step. A convolution sees every
+        # output position as a co-activation, so 32 images give tens of thousands of events per
+        # weight in early layers. Sleeping every step with 8 or 16 images (the same events per step)
+        # cost 1.19x / 1.28x native at batch 64 on CPU: small-batch convolutions run slowly and the
+        # mirror optimizer touches every B each time (docs/benchmarks.md). 200 mirror batches first.
+        "resnet": {"wm_sleep_before": 200, "wm_sleep_every": 4, "wm_sleep_batches": 1, "wm_sleep_batch_size": 32,
+                   "wm_lr": 0.1, "wm_sigma": 1.0},
+    }
+
+    @classmethod
+    def example(cls):
+        return cls(sigma=0.5)
+
+    @property
+    def schedule(self) -> SleepSchedule:
+        """When the circuit sleeps, from this rule's sleep settings."""
+        return SleepSchedule(before=self.sleep_before, every=self.sleep_every, batches=self.sleep_batches)
 
     def init_feedback(self, w, init, generator):
         return random_feedback(w, init, generator)
