@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn as nn
 
 from neurosim.analysis import angle_deg
 from neurosim.kinds import Conv2d, Dense
+from neurosim.pathways import FeedbackPathway, _DirectFeedback
 from neurosim.population import NeuronPopulation
 from neurosim.rules.base import PlasticityRule
 from neurosim.synapse import Synapse
@@ -27,10 +30,12 @@ class _Step(NamedTuple):
     incoming: tuple  # ((synapse or None for identity, source index), ...)
     free: tuple  # indices of activities no later step reads
     fresh: bool  # the summed drive is a new tensor that no one else holds
+    direct: bool  # a feedback pathway targets this population: keep its activity
 
 
 class Circuit(nn.Module):
-    """A graph of ``NeuronPopulation``s joined by plastic ``Synapse``s and identity pathways.
+    """A graph of ``NeuronPopulation``s joined by plastic ``Synapse``s and identity pathways,
+    with optional ``FeedbackPathway``s that send the output error straight to hidden populations.
 
     Build it in a few lines::
 
@@ -45,6 +50,10 @@ class Circuit(nn.Module):
     leaves every local update in ``.grad``. ``reference_backward`` runs the same circuit
     literally instead (see ``neurosim.reference``). Modes: ``engaged`` (learning from data),
     ``sleep`` (noise-driven feedback learning), ``eval``.
+
+    Feedback pathways (``feedback_pathway``, ``add_direct_feedback``) deliver ``B e`` — the
+    output error ``e`` through a pathway's own weight — to a target population's activity, on
+    top of whatever error its consumers send back; direct feedback alignment is built from them.
     """
 
     def __init__(self, rule: PlasticityRule | None = None, seed: int = 0):
@@ -53,6 +62,8 @@ class Circuit(nn.Module):
         self.populations = nn.ModuleDict()
         self.synapses = nn.ModuleDict()
         self.identities: list[tuple[str, str]] = []
+        self.feedback_pathways = nn.ModuleDict()
+        self.pathways_enabled = True
         self.input_name: str | None = None
         self.output_name: str | None = None
         self._generator = torch.Generator().manual_seed(seed)
@@ -113,6 +124,54 @@ class Circuit(nn.Module):
         self.identities.append((pre, post))
         self._relower()
 
+    def feedback_pathway(self, source: str, target: str, rule: PlasticityRule | None = None,
+                         init: str = "default", name: str | None = None) -> FeedbackPathway:
+        """A feedback pathway from ``source``'s error to ``target``'s activity (``B e``).
+
+        ``source`` must be the output population (its error is the loss's gradient, ``e``);
+        ``rule`` is the pathway's own (default ``FeedbackAlignment()``: a fixed random ``B``
+        drawn from the circuit's seeded generator); see ``neurosim.pathways``."""
+        src, dst = self._pop(source), self._pop(target)
+        if source != self.output_name:
+            raise ValueError(f"a feedback pathway carries the output error: source must be the output "
+                             f"population {self.output_name!r}, not {source!r}")
+        if target in (source, self.input_name):
+            raise ValueError(f"a feedback pathway cannot target the {'input' if target == self.input_name else 'output'} "
+                             f"population {target!r}")
+        if any(p.target == target for p in self.feedback_pathways.values()):
+            raise ValueError(f"population {target!r} already receives a feedback pathway")
+        pathway = FeedbackPathway(source, target, src.shape, dst.shape, rule, self._generator, init, name)
+        like = next((s.weight for s in self.synapses.values()), None)
+        if like is not None:  # drawn on the CPU in float32, like every weight; then where the circuit is
+            pathway.to(like.device, like.dtype)
+        if pathway.name in self.feedback_pathways or "." in pathway.name:
+            raise ValueError(f"feedback pathway name {pathway.name!r} is taken or contains '.'")
+        self.feedback_pathways[pathway.name] = pathway
+        self._relower()
+        return pathway
+
+    def add_direct_feedback(self, rule: PlasticityRule | None = None, init: str = "default") -> list[FeedbackPathway]:
+        """Direct feedback: a pathway from the output to every hidden population that is the post
+        of a plastic synapse (and has no pathway yet), in the order populations were added.
+
+        Populations that no synapse drives (residual sums, pooling) receive no direct error;
+        identity pathways still carry whatever error their post population has — under direct
+        feedback alignment, whose synapses send nothing back, none."""
+        posts = {s.post for s in self.synapses.values()}
+        have = {p.target for p in self.feedback_pathways.values()}
+        return [self.feedback_pathway(self.output_name, n, rule=rule, init=init) for n in self.populations
+                if n in posts and n not in have and n not in (self.input_name, self.output_name)]
+
+    @contextlib.contextmanager
+    def feedback_pathways_off(self):
+        """Run the circuit (both executions) without its feedback pathways, e.g. to compute the
+        errors plain backprop would deliver with every synapse's rule swapped for ``Backprop``."""
+        previous, self.pathways_enabled = self.pathways_enabled, False
+        try:
+            yield self
+        finally:
+            self.pathways_enabled = previous
+
     def _pop(self, name: str) -> NeuronPopulation:
         if name not in self.populations:
             raise ValueError(f"no population {name!r}; have {list(self.populations)}")
@@ -163,32 +222,55 @@ class Circuit(nn.Module):
         for i, n in enumerate(order):
             for pre in preds[n]:
                 last_use[pre] = i
-        steps = []
+        for p in self.feedback_pathways.values():
+            if p.source != self.output_name:
+                raise ValueError(f"feedback pathway {p.name!r} starts at {p.source!r}, which is no longer the "
+                                 f"output population {self.output_name!r}")
+        targets = {p.target: p for p in self.feedback_pathways.values()}
+        steps, direct = [], []
         for i, n in enumerate(order):
             free = tuple(index[p] for p, j in last_use.items() if j == i and p != self.output_name)
             incoming = tuple((s, index[pre]) for s, pre in self.incoming(n))
             # A sum of pathways is a tensor nobody else holds. A lone synapse's output is not
             # treated so: forward hooks (monitors) hold it as the synapse's drive.
             fresh = len(incoming) > 1
-            steps.append(_Step(index[n], self.populations[n], incoming, free, fresh))
+            steps.append(_Step(index[n], self.populations[n], incoming, free, fresh, n in targets))
+            if n in targets:
+                direct.append(targets[n])
         self._names = names
         self._ends = (index[self.input_name], index[self.output_name])
+        # Feedback pathways in the order their targets' activities are made.
+        self._direct = tuple(direct)
+        self._direct_shapes = tuple(p.target_shape for p in direct)
         self._plan_cache = steps
         return steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         steps = self._plan()
         first, last = self._ends
+        direct = self._direct if self.pathways_enabled and torch.is_grad_enabled() else ()
         acts = [None] * len(self.populations)
         acts[first] = x
+        kept = []  # activities that feedback pathways deliver to, in the order of self._direct
         for step in steps:
             drive = None
             for syn, src in step.incoming:
                 d = acts[src] if syn is None else syn(acts[src])
                 drive = d if drive is None else drive + d
             acts[step.target] = step.population(drive, step.fresh)
+            if direct and step.direct:
+                # Kept past its last use (the step's `free` still drops it from `acts`); the
+                # backward needs only its place in the graph, which the synapses reading it keep
+                # anyway. No later step modifies an activity in place (in-place ReLU acts on a
+                # population's own fresh drive, before it becomes the activity).
+                kept.append(acts[step.target])
             for f in step.free:
                 acts[f] = None
+        if direct:
+            # The output error e enters every target as B e, through autograd: the returned
+            # activity is the output's, and its backward hands B_l e to each kept activity.
+            return _DirectFeedback.apply(acts[last], self._direct_shapes, *kept,
+                                         *(p.feedback_matrix() for p in direct))
         return acts[last]
 
     # -- modes and phases ---------------------------------------------------------------------
@@ -253,8 +335,15 @@ class Circuit(nn.Module):
 
     @torch.no_grad()
     def alignment_angles(self) -> dict[str, float]:
-        """Angle in degrees between each ``W`` and its feedback matrix ``Bᵀ`` (flattened)."""
-        return {n: float(angle_deg(s.weight, s.feedback_matrix())) for n, s in self.synapses.items()}
+        """Angle in degrees between each ``W`` and its feedback matrix ``Bᵀ`` (flattened).
+
+        NaN for a synapse whose rule sends nothing back (direct feedback alignment): it has no
+        feedback matrix, and the angle is undefined."""
+        out = {}
+        for n, s in self.synapses.items():
+            m = s.feedback_matrix()
+            out[n] = math.nan if m is None else float(angle_deg(s.weight, m))
+        return out
 
     def __repr__(self) -> str:
         lines = [f"Circuit(mode={self.mode!r})", "  populations:"]
@@ -272,7 +361,12 @@ class Circuit(nn.Module):
             lines.append(f"    {label}{s.extra_repr()}, W{tuple(s.weight.shape)}")
         for pre, post in self.identities:
             lines.append(f"    {pre} -> {post}: identity")
+        if self.feedback_pathways:
+            lines.append("  feedback pathways:")
+            for p in self.feedback_pathways.values():
+                lines.append(f"    {p.describe()}")
         rules = {s.rule.describe() for s in self.synapses.values()}
+        rules |= {p.rule.describe() for p in self.feedback_pathways.values()}
         lines.append(f"  rules: {'; '.join(sorted(rules))}")
         t = sorted(set(self.plausibility().values()))
         lines.append(f"  feedback transports: {', '.join(t) if t else 'nothing'}")

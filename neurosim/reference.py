@@ -6,6 +6,11 @@ walks the populations in reverse, sends each post error back through the rule's 
 matrix, and forms every local update from the signals present at its synapse. Autograd is used
 only *inside* a population (its pooling, batch norm and nonlinearity are population-local).
 
+Feedback pathways are walked literally too: the output error ``e`` enters every pathway's
+target as ``pathway.ref_feedback(e)`` (added to whatever error that population receives from
+its consumers), and a synapse whose rule sends nothing back (no feedback matrix, as in direct
+feedback alignment) adds nothing to its presynaptic population's error.
+
 It is slow and obvious on purpose: it is the ground truth the compiled execution is tested
 against, for every rule and synapse kind.
 """
@@ -38,6 +43,12 @@ def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
         a = acts[out].detach().requires_grad_(True)
         loss = loss_fn(a)
         errors = {out: torch.autograd.grad(loss, a)[0]}
+    if circuit.pathways_enabled:
+        e = errors[out]
+        for pathway in circuit.feedback_pathways.values():
+            with torch.no_grad():
+                sent = pathway.ref_feedback(e)
+            errors[pathway.target] = sent if pathway.target not in errors else errors[pathway.target] + sent
 
     for name in reversed(circuit.order()[1:]):
         if name not in errors:
@@ -49,7 +60,8 @@ def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
         _accumulate(params, grads[1:])
         for syn, pre in circuit.incoming(name):
             with torch.no_grad():
-                if pre != circuit.input_name:
+                sends = syn is None or syn.feedback_matrix() is not None
+                if pre != circuit.input_name and sends:
                     sent = post_error if syn is None else syn.ref_feedback(post_error, acts[pre].shape)
                     errors[pre] = sent if pre not in errors else errors[pre] + sent
                 if syn is not None:

@@ -51,15 +51,20 @@ class _SynapseFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, feedback, kind, rule):
         ctx.save_for_backward(x, w, feedback)
         ctx.kind, ctx.rule = kind, rule
+        ctx.set_materialize_grads(False)
         return kind.forward(x, w, b)
 
     @staticmethod
     def backward(ctx, grad_y):
+        if grad_y is None:  # no error reached the post population (DFA without a pathway to it)
+            return None, None, None, None, None, None
         x, w, feedback = ctx.saved_tensors
         kind, rule = ctx.kind, ctx.rule
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         need_fb = need_fb and rule.feedback_learns == "engaged"
         m = rule.feedback_matrix(w, feedback) if need_x else w
+        if m is None:  # the rule sends no error back (direct feedback alignment)
+            need_x, m = False, w
         gx, product, gb = kind.fused_backward(grad_y, x, m, need_x, need_w or need_fb, need_b)
         gw = rule.forward_update(LocalSignals(kind, x, grad_y, w, product)) if need_w else None
         gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product)) if need_fb else None

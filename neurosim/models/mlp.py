@@ -11,7 +11,8 @@ def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activati
     """``input → hidden[0] → … → output``, every pathway a dense plastic synapse under ``rule``.
 
     Populations are named ``x``, ``h1``, ``h2``, …, ``y``; the output population is linear
-    (its activity is the logits).
+    (its activity is the logits). A rule with ``direct_feedback`` (DFA) also gets a feedback
+    pathway from ``y`` to every hidden population.
     """
     c = Circuit(rule=rule, seed=seed)
     c.input("x", in_shape)
@@ -22,4 +23,6 @@ def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activati
         pre = f"h{i}"
     c.population("y", num_classes)
     c.dense(pre, "y", init=init)
+    if getattr(rule, "direct_feedback", False):
+        c.add_direct_feedback()  # the output error straight to every synapse's post population
     return c

@@ -20,7 +20,11 @@ DEPTHS = {
 
 def build_resnet(depth: str, rule: PlasticityRule, num_classes: int = 100, in_shape=(3, 32, 32),
                  width: float = 1.0, seed: int = 0) -> Circuit:
-    """A CIFAR ResNet circuit; ``depth`` is ``resnet18``, ``resnet34`` or ``resnet50``."""
+    """A CIFAR ResNet circuit; ``depth`` is ``resnet18``, ``resnet34`` or ``resnet50``.
+
+    A rule with ``direct_feedback`` (DFA) also gets a feedback pathway from ``logits`` to the post
+    population of every convolution (``Circuit.add_direct_feedback``); residual sums and the
+    pooling population receive no direct error."""
     if depth not in DEPTHS:
         raise ValueError(f"unknown ResNet {depth!r}; choose from {sorted(DEPTHS)}")
     if width <= 0:
@@ -60,6 +64,8 @@ def build_resnet(depth: str, rule: PlasticityRule, num_classes: int = 100, in_sh
     c.identity(pre, "pool")
     c.population("logits", (num_classes,))
     c.dense("pool", "logits", name="fc")
+    if getattr(rule, "direct_feedback", False):
+        c.add_direct_feedback()  # the output error straight to every synapse's post population
     return c
 
 

@@ -1,0 +1,35 @@
+"""Direct feedback alignment (Nøkland 2016): the output error reaches every hidden population
+through a fixed random pathway of its own."""
+
+from typing import ClassVar
+
+import attrs
+
+from neurosim.rules.base import PlasticityRule
+
+
+@attrs.frozen
+class DirectFeedbackAlignment(PlasticityRule):
+    """Synapses send no error back; ``ΔW = −η δ_y xᵀ`` from the error at their post's drive.
+
+    A synapse under this rule keeps no feedback weight and delivers nothing to its presynaptic
+    population (``feedback_matrix`` is ``None``). The error at its post population comes from
+    elsewhere: the loss for the output population, and for a hidden population ``l`` a
+    ``FeedbackPathway`` from the output, which delivers ``B_l e`` (``e`` the output error,
+    ``B_l`` fixed random) to the population's activity; the population's own derivative
+    (nonlinearity, batch norm) turns it into ``δ_y``, and the synapse forms its usual local
+    product ``δ_y ⊗ x``.
+
+    ``direct_feedback`` tells circuit builders (``build_mlp``, ``build_resnet``) to call
+    ``Circuit.add_direct_feedback()``: a fixed random pathway from the output to the post
+    population of every synapse except those into the output. Populations no synapse drives
+    (a ResNet's residual sums and pooling) receive no direct error, and identity pathways carry
+    the error of their post population, which under this rule is none.
+    """
+
+    name: ClassVar[str] = "dfa"
+    transports: ClassVar[str] = "nothing"
+    direct_feedback: ClassVar[bool] = True
+
+    def feedback_matrix(self, w, feedback):
+        return None  # nothing goes back to the presynaptic population
