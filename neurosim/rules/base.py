@@ -34,10 +34,6 @@ class LocalSignals:
             return self.formed
         return self.kind.ref_product(self.post, self.pre)
 
-    def mean_product(self) -> torch.Tensor:
-        """The correlation averaged over co-activation events (batch × positions)."""
-        return self.product() / self.kind.events(self.pre)
-
 
 RULES: dict[str, type] = {}
 
