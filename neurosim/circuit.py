@@ -172,6 +172,24 @@ class Circuit(nn.Module):
         finally:
             self.pathways_enabled = previous
 
+    @contextlib.contextmanager
+    def backprop_truth(self):
+        """Run the circuit as backprop would: every synapse's rule swapped for ``Backprop`` and
+        the feedback pathways off; the rules are restored on leaving. What monitors compare the
+        errors a rule delivers with."""
+        from neurosim.rules.backprop import Backprop
+
+        rules = {name: syn.rule for name, syn in self.synapses.items()}
+        truth = Backprop()
+        try:
+            for syn in self.synapses.values():
+                syn.rule = truth
+            with self.feedback_pathways_off():
+                yield self
+        finally:
+            for name, syn in self.synapses.items():
+                syn.rule = rules[name]
+
     def _pop(self, name: str) -> NeuronPopulation:
         if name not in self.populations:
             raise ValueError(f"no population {name!r}; have {list(self.populations)}")

@@ -137,6 +137,10 @@ def _value_form(field) -> str:
     return {"bool": "true|false", "int": "N", "float": "X", "tuple[int, ...]": "N,N,..."}.get(typ, "VALUE")
 
 
+def _degrees(angle: float) -> str:
+    return "n/a (no feedback matrix)" if angle != angle else f"{angle:.1f}°"
+
+
 def unique_run_dir(root: Path, name: str) -> Path:
     """``root/name-YYYYmmdd-HHMMSS`` (with a suffix if taken): never an existing directory."""
     base = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -259,7 +263,7 @@ def run_circuit(argv: list[str]) -> int:
         print(f"wrote {path}", file=sys.stderr)
     if m is not None:
         print(f"final: test top-1 {m['test_acc']:.2f}%  top-5 {m['test_top5']:.2f}%  "
-              f"mean W-Bᵀ angle {m['mean_angle']:.1f}°  ({run.run_dir})")
+              f"mean W-Bᵀ angle {_degrees(m['mean_angle'])}  ({run.run_dir})")
     return 0
 
 

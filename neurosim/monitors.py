@@ -28,7 +28,8 @@ and once before training, at step 0 — it records, for every monitored synapse:
                     sampled pairs ``(W_ji, Bᵀ_ji)`` per synapse for a W-vs-Bᵀ scatter plot.
 
 The probe (delta and update angles) runs the probe batch forward and backward twice on the
-circuit as it is — once with its rules, once with every synapse's rule swapped for ``Backprop`` —
+circuit as it is — once with its rules, once as backprop (``Circuit.backprop_truth``: every rule
+swapped for ``Backprop``, feedback pathways off) —
 with ``torch.autograd.grad``, so no ``.grad`` is touched, and batch-norm running statistics are
 restored afterwards: recording does not change training. Both passes run in the training
 precision (bf16 autocast where training uses it), so the angles describe the errors training
@@ -96,7 +97,6 @@ import torch
 from neurosim.analysis import angle_deg
 from neurosim.errors import UserError
 from neurosim.files import write_atomic
-from neurosim.rules.backprop import Backprop
 
 FORMAT = 1
 MIB = 2**20
@@ -336,7 +336,7 @@ class Monitor:
         for i, (syn, at) in enumerate(zip(self.synapses, self._scatter_at)):
             n = len(at[0])
             self._snap[p, i, 0, :n] = syn.weight.detach()[at]
-            self._snap[p, i, 1, :n] = syn.feedback_matrix().detach()[at]
+            self._snap[p, i, 1, :n] = _feedback(syn)[at]
         self.snapshot_steps.append(step)
 
     def _next_row(self) -> int:
@@ -356,7 +356,7 @@ class Monitor:
         """W–Bᵀ angles (degrees) and ‖Bᵀ‖/‖W‖ of ``synapses``, as two device vectors."""
         angles, ratios = [], []
         for syn in synapses:
-            w, bt = syn.weight.detach(), syn.feedback_matrix().detach()
+            w, bt = syn.weight.detach(), _feedback(syn)
             angles.append(angle_deg(w, bt))
             ratios.append(torch.linalg.vector_norm(bt, dtype=torch.float64)
                           / torch.linalg.vector_norm(w, dtype=torch.float64))
@@ -377,7 +377,7 @@ class Monitor:
         for i, (syn, at) in enumerate(zip(self.synapses, self._trace_at)):
             n, j = len(at[0]), i * self.k
             row[tw + j: tw + j + n] = syn.weight.detach()[at]
-            row[tb + j: tb + j + n] = syn.feedback_matrix().detach()[at]
+            row[tb + j: tb + j + n] = _feedback(syn)[at]
         self.steps.append(step)
 
     def _probe_angles(self):
@@ -385,18 +385,10 @@ class Monitor:
         populations = self.circuit.populations.values()
         buffers = [b for pop in populations for b in pop.buffers()]
         saved = [b.clone() for b in buffers]
-        synapses = list(self.circuit.synapses.values())
-        rules = [syn.rule for syn in synapses]
         try:
             err, dw = self._probe_pass()
-            truth = Backprop()
-            try:
-                for syn in synapses:
-                    syn.rule = truth
+            with self.circuit.backprop_truth():
                 true_err, true_dw = self._probe_pass()
-            finally:
-                for syn, rule in zip(synapses, rules):
-                    syn.rule = rule
         finally:
             with torch.no_grad():
                 for b, v in zip(buffers, saved):
@@ -536,6 +528,13 @@ class Monitor:
         self.scatter_index = state["scatter_index"].clone()
         self._trace_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.trace_index)]
         self._scatter_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.scatter_index)]
+
+
+def _feedback(syn) -> torch.Tensor:
+    """A synapse's feedback matrix, or NaN where its rule sends nothing back (DFA): the W–Bᵀ
+    measures are undefined there, the delta angles are not."""
+    m = syn.feedback_matrix()
+    return torch.full_like(syn.weight.detach(), math.nan) if m is None else m.detach()
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -363,7 +363,8 @@ class Run:
         if not self.quiet:
             print(f"\repoch {self.epoch}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
                   f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
-                  f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s", file=sys.stderr)
+                  f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s".replace("nan°", "n/a"),
+                  file=sys.stderr)
         return m
 
     def _epoch_metrics(self, epoch: int, elapsed: float, train) -> dict:
@@ -375,7 +376,7 @@ class Run:
             m.update(train_loss=loss_sum / max(n, 1), train_acc=100 * correct / max(n, 1),
                      time_s=elapsed, images_per_s=n / elapsed if elapsed > 0 else 0.0)
         m.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
-                 mean_angle=sum(angles.values()) / max(len(angles), 1), angles=angles)
+                 mean_angle=_mean_defined(angles.values()), angles=angles)
         return m
 
     def _log_metrics(self, path: Path, m: dict) -> None:
@@ -435,6 +436,12 @@ def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_d
     circuit.set_mode(previous)
     loss, top1, top5 = totals.tolist()
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
+
+
+def _mean_defined(values) -> float:
+    """The mean of the defined values (synapses that send nothing back have no W–Bᵀ angle)."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else math.nan
 
 
 def _position_seed(seed: int, step: int) -> int:

@@ -16,17 +16,14 @@ import torch.nn.functional as F
 from neurosim.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import preset
-from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, WeightMirror
+from neurosim.rules import RULES as REGISTRY
+from neurosim.rules import Backprop, KolenPollack, WeightMirror
 from neurosim.train import RunInterrupted, open_run, resume_run
 
-RULES = {
-    "bp": Backprop,
-    "fa": FeedbackAlignment,
-    "ss": SignSymmetry,
-    "kp": KolenPollack,  # decay 0: W and B share one product tensor
-    "kp_decay": lambda: KolenPollack(decay=0.01),
-    "wm": lambda: WeightMirror(sigma=0.5),
-}
+# Every registered rule (its example instance), plus KP without decay: W and B then share one
+# product tensor.
+RULES = {name: cls.example for name, cls in REGISTRY.items()}
+RULES["kp_decay"], RULES["kp"] = RULES["kp"], KolenPollack
 
 
 def small_circuit(rule, kind, seed=0):
@@ -51,6 +48,8 @@ def small_circuit(rule, kind, seed=0):
         c.identity("sum", "pool")
         c.population("y", 5)
         c.dense("pool", "y")
+    if getattr(rule, "direct_feedback", False):
+        c.add_direct_feedback()
     return c
 
 

@@ -9,16 +9,13 @@ import torch.nn.functional as F
 
 from neurosim.circuit import Circuit
 from neurosim.reference import reference_backward
+from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import (Backprop, FeedbackAlignment, KolenPollack, LocalSignals, SignSymmetry,
                             WeightMirror)
 
-RULES = {
-    "bp": lambda: Backprop(),
-    "fa": lambda: FeedbackAlignment(),
-    "ss": lambda: SignSymmetry(),
-    "kp": lambda: KolenPollack(decay=0.05),
-    "wm": lambda: WeightMirror(sigma=0.5),
-}
+# Every registered rule, as its file's example instance (tests/test_registry.py: a new rule is
+# covered by adding its file).
+RULES = {name: cls.example for name, cls in REGISTRY.items()}
 
 
 def random_circuit(rule, seed, bias, kind):
@@ -51,6 +48,8 @@ def random_circuit(rule, seed, bias, kind):
         c.population("y", 4)
         c.dense("h2", "y", bias=bias)
         c.dense("x", "y", bias=bias)  # skip pathway
+    if getattr(rule, "direct_feedback", False):
+        c.add_direct_feedback()  # DFA: the output error straight to every hidden population
     return c.double()
 
 
@@ -77,9 +76,9 @@ def test_compiled_equals_reference(rule, kind, bias, seed):
     assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=1e-12)
     a, b = grads(compiled), grads(literal)
     assert a.keys() == b.keys()
-    expected_feedback = {"kp"}
+    learns = REGISTRY[rule].feedback_learns == "engaged"  # KP's B learns from the task
     assert {n for n in a if n.endswith(".feedback")} == (
-        {f"synapses.{s}.feedback" for s in compiled.synapses} if rule in expected_feedback else set())
+        {f"synapses.{s}.feedback" for s in compiled.synapses} if learns else set())
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=1e-10, atol=1e-12), n
     # Batch-norm running statistics moved identically too.

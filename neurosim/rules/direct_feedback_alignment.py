@@ -5,9 +5,10 @@ from typing import ClassVar
 
 import attrs
 
-from neurosim.rules.base import PlasticityRule
+from neurosim.rules.base import PlasticityRule, register_rule
 
 
+@register_rule
 @attrs.frozen
 class DirectFeedbackAlignment(PlasticityRule):
     """Synapses send no error back; ``ΔW = −η δ_y xᵀ`` from the error at their post's drive.
@@ -30,6 +31,9 @@ class DirectFeedbackAlignment(PlasticityRule):
     name: ClassVar[str] = "dfa"
     transports: ClassVar[str] = "nothing"
     direct_feedback: ClassVar[bool] = True
+    # On digits the first steps at lr 0.05 (the other rules' rate) spike the loss over 100x its
+    # start (and the run is stopped); lr 0.02 trains smoothly to 97.22 %.
+    presets: ClassVar[dict] = {"mlp_digits": {"lr": 0.02}}
 
     def feedback_matrix(self, w, feedback):
         return None  # nothing goes back to the presynaptic population
