@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from neurosim.analysis import angle_deg
-from neurosim.kinds import Conv2d, Dense
+from neurosim.kinds import Conv2d, Dense, SynapseKind
 from neurosim.pathways import FeedbackPathway, _DirectFeedback
 from neurosim.population import NeuronPopulation
 from neurosim.rules.base import PlasticityRule
@@ -92,12 +92,15 @@ class Circuit(nn.Module):
         self._relower()
         return pop
 
-    def connect(self, pre: str, post: str, kind: Dense | Conv2d, rule: PlasticityRule | None = None,
+    def connect(self, pre: str, post: str, kind: SynapseKind, rule: PlasticityRule | None = None,
                 bias: bool = True, init: str = "default", name: str | None = None) -> Synapse:
         """Add a plastic synapse ``pre → post`` of the given kind under ``rule`` (default: the circuit's)."""
         rule = rule or self.rule
         if rule is None:
             raise ValueError("no plasticity rule: pass rule= to Circuit or to connect")
+        if not isinstance(kind, SynapseKind):
+            raise TypeError(f"{kind!r} is not a synapse kind: it must provide the methods of "
+                            f"neurosim.kinds.SynapseKind (Dense and Conv2d do)")
         src, dst = self._pop(pre), self._pop(post)
         dst.check_drive(kind.out_shape(src.shape))
         name = name or f"{pre}->{post}"

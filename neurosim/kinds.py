@@ -20,10 +20,32 @@ transposed``, exactly as autograd applies ``W`` in backprop.
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import attrs
 import torch
 import torch.nn.functional as F
+
+
+@runtime_checkable
+class SynapseKind(Protocol):
+    """What a kind of synapse (dense, convolutional, …) provides; ``Synapse`` and the rules
+    speak to a kind only through these. A new kind implements them, twice where it says so:
+    once fused (the compiled path) and once literally (``ref_*``, the reference path)."""
+
+    def weight_shape(self) -> tuple[int, ...]: ...
+    def fan_in(self) -> int: ...
+    def fan_out(self) -> int: ...
+    def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+    def events(self, x: torch.Tensor) -> int: ...
+    def describe(self) -> str: ...
+    def forward(self, x, w, b): ...
+    def fused_backward(self, grad_y, x, m, need_input: bool, need_product: bool, need_bias: bool): ...
+    def product(self, post, pre): ...
+    def ref_forward(self, x, w, b): ...
+    def ref_feedback(self, post_error, m, pre_shape): ...
+    def ref_product(self, post, pre): ...
+    def ref_bias_sum(self, post_error): ...
 
 
 @attrs.frozen
@@ -38,6 +60,12 @@ class Dense:
 
     def fan_in(self) -> int:
         return self.in_features
+
+    def fan_out(self) -> int:
+        return self.out_features
+
+    def describe(self) -> str:
+        return f"dense {self.in_features}->{self.out_features}"
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         if math.prod(in_shape) != self.in_features:
@@ -80,6 +108,9 @@ class Dense:
         # Explicit sum over the batch of outer products post_n ⊗ pre_n.
         return torch.einsum("no,ni->oi", post, pre.flatten(1))
 
+    def ref_bias_sum(self, post_error):
+        return post_error.sum(0)
+
 
 @attrs.frozen
 class Conv2d:
@@ -102,6 +133,14 @@ class Conv2d:
 
     def fan_in(self) -> int:
         return self.in_channels // self.groups * self.kernel_size**2
+
+    def fan_out(self) -> int:
+        return self.out_channels * self.kernel_size**2
+
+    def describe(self) -> str:
+        k = self.kernel_size
+        return (f"conv{k}x{k} {self.in_channels}->{self.out_channels} stride={self.stride} pad={self.padding}"
+                + (f" groups={self.groups}" if self.groups > 1 else ""))
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:
@@ -166,6 +205,9 @@ class Conv2d:
         e = post.reshape(n, self.groups, self.out_channels // self.groups, -1)
         cols = self._grouped(self._unfold(pre))
         return torch.einsum("ngol,ngkl->gok", e, cols).reshape(self.weight_shape())
+
+    def ref_bias_sum(self, post_error):
+        return post_error.sum((0, 2, 3))
 
 
 def _dummy_weight(like: torch.Tensor, shape: list[int]) -> torch.Tensor:

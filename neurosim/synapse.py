@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from neurosim.kinds import Conv2d, Dense
+from neurosim.kinds import SynapseKind
 from neurosim.rules.base import LocalSignals, PlasticityRule
 
 INITS = ("default", "kaiming_normal", "xavier_sum")
@@ -88,7 +88,7 @@ class Synapse(nn.Module):
     buffer when it is fixed (FA's random matrix, SS's scale) and absent for backprop.
     """
 
-    def __init__(self, name: str, pre: str, post: str, kind: Dense | Conv2d, rule: PlasticityRule,
+    def __init__(self, name: str, pre: str, post: str, kind: SynapseKind, rule: PlasticityRule,
                  bias: bool = True, init: str = "default", generator: torch.Generator | None = None):
         super().__init__()
         self.name, self.pre, self.post, self.kind, self.rule = name, pre, post, kind, rule
@@ -115,8 +115,7 @@ class Synapse(nn.Module):
     def init_fn(self):
         """The in-place initialiser ``init(tensor, generator)`` this synapse's weights are drawn
         with; a rule that redraws its feedback every batch (brSF) draws from it too."""
-        shape = self.kind.weight_shape()
-        return weight_init(self.init_name, self.kind.fan_in(), shape[0] * math.prod(shape[2:]))
+        return weight_init(self.init_name, self.kind.fan_in(), self.kind.fan_out())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, fb = self.weight, self.bias, self.feedback
@@ -146,7 +145,7 @@ class Synapse(nn.Module):
         gw = self.rule.forward_update(LocalSignals(self.kind, pre, post_error, self.weight))
         gb = None
         if self.bias is not None:
-            gb = post_error.sum(0) if post_error.dim() == 2 else post_error.sum((0, 2, 3))
+            gb = self.kind.ref_bias_sum(post_error)
         gfb = None
         if self.rule.feedback_learns == "engaged":
             gfb = self.rule.feedback_update(LocalSignals(self.kind, pre, post_error, self.feedback))
@@ -165,10 +164,4 @@ class Synapse(nn.Module):
         return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach(), self.kind.product(r, xi)))
 
     def extra_repr(self) -> str:
-        k = self.kind
-        if isinstance(k, Dense):
-            what = f"dense {k.in_features}->{k.out_features}"
-        else:
-            what = (f"conv{k.kernel_size}x{k.kernel_size} {k.in_channels}->{k.out_channels}"
-                    f" stride={k.stride} pad={k.padding}" + (f" groups={k.groups}" if k.groups > 1 else ""))
-        return f"{self.pre} -> {self.post}, {what}, bias={self.bias is not None}, rule={self.rule.name}"
+        return f"{self.pre} -> {self.post}, {self.kind.describe()}, bias={self.bias is not None}, rule={self.rule.name}"

@@ -265,3 +265,20 @@ def test_autocast_bf16_on_cpu_matches_native():
     out_n.float().sum().backward()
     assert syn.weight.grad.dtype == torch.float32
     assert torch.allclose(syn.weight.grad, lin.weight.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_synapse_kinds_follow_one_protocol():
+    from neurosim.kinds import Conv2d, Dense, SynapseKind
+
+    dense, conv = Dense(6, 4), Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    assert isinstance(dense, SynapseKind) and isinstance(conv, SynapseKind)
+    assert (dense.fan_in(), dense.fan_out(), dense.describe()) == (6, 4, "dense 6->4")
+    assert (conv.fan_in(), conv.fan_out()) == (18, 54)  # as torch.nn.init computes them
+    assert conv.describe() == "conv3x3 4->6 stride=2 pad=1 groups=2"
+    e = torch.randn(5, 6, 3, 3)
+    torch.testing.assert_close(conv.ref_bias_sum(e), e.sum((0, 2, 3)))
+    c = Circuit(rule=Backprop())
+    c.input("x", 6)
+    c.population("y", 4)
+    with pytest.raises(TypeError, match="is not a synapse kind"):
+        c.connect("x", "y", object())
