@@ -328,11 +328,9 @@ class Circuit(nn.Module):
         The noise comes from ``generator`` (``None``: the default generator of the circuit's
         device) and always lands on the circuit's device; a generator on that device is fastest.
         """
-        previous, self.mode = self.mode, "sleep"
         for syn in self.sleeping_synapses():
             g = syn.sleep_update(self.populations[syn.pre].shape, batch, generator, literal)
             syn.feedback.grad = g if syn.feedback.grad is None else syn.feedback.grad + g
-        self.mode = previous
 
     # -- parameters ---------------------------------------------------------------------------
     def engaged_parameters(self) -> list[nn.Parameter]:
