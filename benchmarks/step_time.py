@@ -75,6 +75,7 @@ from neurosim.models import RESNETS, build_resnet  # noqa: E402
 from neurosim.models.native import native_resnet  # noqa: E402
 
 from neurosim.rules import RULES as _REGISTRY  # noqa: E402
+from neurosim.step import engaged_step, sleep_steps  # noqa: E402
 
 RULES = ("native", *_REGISTRY)  # every registered rule
 NUM_CLASSES = 100
@@ -250,14 +251,11 @@ class Variant:
         self.last_loss = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One full training step (no host synchronisation)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.rule_name != "native":
-            self.net.new_batch(self.sleep_generator)
-        with torch.autocast(x.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss = F.cross_entropy(self.model(x).float(), y)
-        loss.backward()
-        self.optimizer.step()
+        """One full training step (no host synchronisation): ``neurosim.step``'s functions, as
+        ``neurosim.train.Run`` calls them."""
+        circuit = None if self.rule_name == "native" else self.net  # the native net draws nothing per batch
+        loss, _ = engaged_step(circuit, self.model, self.optimizer, x, y, F.cross_entropy, self.amp_dtype,
+                               self.sleep_generator)
         self.steps += 1
         if self.monitor is not None:
             self.monitor.after_step(self.steps)
@@ -265,10 +263,7 @@ class Variant:
         if due:
             if self.monitor is not None:
                 self.monitor.before_sleep(self.steps)
-            for _ in range(due):
-                self.sleep_optimizer.zero_grad(set_to_none=True)
-                self.net.sleep(self.sleep_batch, self.sleep_generator)
-                self.sleep_optimizer.step()
+            sleep_steps(self.net, self.sleep_optimizer, due, self.sleep_batch, self.sleep_generator)
             if self.monitor is not None:
                 self.monitor.after_sleep(self.steps)
         self.last_loss = loss.detach()

@@ -22,7 +22,8 @@ from neurosim.errors import UserError
 from neurosim.files import DirectoryLock, describe_os_error, write_atomic
 from neurosim.models import build_mlp, build_resnet
 from neurosim.monitors import Monitor, MonitorConfig, probe_batch
-from neurosim.reference import reference_backward
+from neurosim.run_log import RunLog
+from neurosim.step import engaged_step, sleep_steps
 
 
 class RunInterrupted(UserError):
@@ -84,16 +85,54 @@ def loss_function(name: str):
     return sigmoid_bce
 
 
+class Callback:
+    """Something a run calls as it goes; every hook does nothing unless overridden."""
+
+    def after_step(self, step: int) -> None:
+        """After engaged step ``step`` (and before any sleep it makes due)."""
+
+    def before_sleep(self, step: int) -> None:
+        """Before a stretch of sleep, ``step`` engaged steps in."""
+
+    def after_sleep(self, step: int) -> None:
+        """After a stretch of sleep."""
+
+    def on_checkpoint(self, run_dir: Path) -> None:
+        """Write what belongs to the checkpoint being committed (before ``last.pt``)."""
+
+
+class MonitorCallback(Callback):
+    """A ``Monitor`` as a run's callback: its records are flushed with every checkpoint."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def after_step(self, step: int) -> None:
+        self.monitor.after_step(step)
+
+    def before_sleep(self, step: int) -> None:
+        self.monitor.before_sleep(step)
+
+    def after_sleep(self, step: int) -> None:
+        self.monitor.after_sleep(step)
+
+    def on_checkpoint(self, run_dir: Path) -> None:
+        self.monitor.flush(run_dir)
+
+
 class Run:
     """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
 
     Holds the circuit, the device-resident data streams, the engaged optimizer (SGD over
     forward weights, norms and task-learned feedback weights), the sleep optimizer (WM's
     feedback weights), the learning-rate schedule and the position ``(epoch, batch)``.
+    ``callbacks`` (the monitor among them) are called after each engaged step, around each
+    sleep and at each checkpoint; ``log`` writes the metrics and progress lines.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: ImageData | None = None, quiet: bool = False):
-        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.log = RunLog(run_dir, quiet)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
         cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
@@ -135,6 +174,7 @@ class Run:
             probe = probe_batch(self.train_stream, cfg.monitor_probe) if cfg.monitor_probe else None
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
                                    self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
+        self.callbacks: list[Callback] = [MonitorCallback(self.monitor)] if self.monitor is not None else []
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
@@ -146,6 +186,14 @@ class Run:
         self._unwatched = 0  # steps whose loss sits in the ring unread
         self.lock = None  # the run directory's DirectoryLock while this run writes into it
         self._reset_stats()
+
+    @property
+    def quiet(self) -> bool:
+        return self.log.quiet
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        self.log.quiet = value
 
     # -- state ----------------------------------------------------------------------------------
     def _reset_stats(self):
@@ -207,8 +255,8 @@ class Run:
         state = self.state_dict()
         if best:
             save_checkpoint(state, self.run_dir / "best.pt")
-        if self.monitor is not None:
-            self.monitor.flush(self.run_dir)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self.run_dir)
         if metrics is not None:
             self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
         save_checkpoint(state, self.run_dir / "last.pt")
@@ -216,24 +264,8 @@ class Run:
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Forward, feedback and local updates on one batch; statistics stay on the device."""
-        self.optimizer.zero_grad(set_to_none=True)
-        # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
-        self.circuit.new_batch(self.sleep_generator)
-        if self.cfg.execution == "reference":
-            out_holder = []
-
-            def loss_of(out):
-                out_holder.append(out.detach())
-                return self.loss_fn(out, y)
-
-            loss = reference_backward(self.circuit, x, loss_of)
-            out = out_holder[0]
-        else:
-            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = self.model(x)
-                loss = self.loss_fn(out.float(), y)
-            loss.backward()
-        self.optimizer.step()
+        loss, out = engaged_step(self.circuit, self.model, self.optimizer, x, y, self.loss_fn, self.amp_dtype,
+                                 self.sleep_generator, self.cfg.execution)
         n = y.shape[0]
         self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
         self.seen += n
@@ -281,14 +313,12 @@ class Run:
     def sleep(self, batches: int) -> None:
         """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
         bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
-        if self.monitor is not None:
-            self.monitor.before_sleep(self.step)
-        for _ in range(batches):
-            self.sleep_optimizer.zero_grad(set_to_none=True)
-            self.circuit.sleep(bs, self.sleep_generator, literal=self.cfg.execution == "reference")
-            self.sleep_optimizer.step()
-        if self.monitor is not None:
-            self.monitor.after_sleep(self.step)
+        for callback in self.callbacks:
+            callback.before_sleep(self.step)
+        sleep_steps(self.circuit, self.sleep_optimizer, batches, bs, self.sleep_generator,
+                    literal=self.cfg.execution == "reference")
+        for callback in self.callbacks:
+            callback.after_sleep(self.step)
 
     def evaluate(self, stream: BatchStream | None = None) -> dict:
         """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default)."""
@@ -326,15 +356,12 @@ class Run:
     def _train_epoch(self, on_step) -> dict:
         cfg, stream = self.cfg, self.train_stream
         total = len(stream)
-        # Progress lines cost a host sync each: by default at most one per half second on a
-        # terminal, one per 30 s in a log file.
-        period = 0.5 if sys.stderr.isatty() else 30.0
-        t0, start = time.perf_counter(), self.batch
-        shown = t0
+        t0 = time.perf_counter()
+        self.log.start_epoch(self.batch, t0)
         for x, y in stream.epoch(self.epoch, start=self.batch):
             self.engaged_step(x, y)
-            if self.monitor is not None:
-                self.monitor.after_step(self.step)
+            for callback in self.callbacks:
+                callback.after_step(self.step)
             if self.schedule is not None:
                 due = self.schedule.due(self.step)
                 if due:
@@ -345,11 +372,8 @@ class Run:
             if self.stop_requested:
                 raise RunInterrupted(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}/{total}; "
                                      f"checkpoint saved. Continue with --resume {self.run_dir}")
-            if not self.quiet:
-                now = time.perf_counter()
-                if (self.batch % cfg.log_every == 0) if cfg.log_every else (now - shown > period):
-                    self._progress(total, start, t0)
-                    shown = now
+            self.log.after_batch(self.epoch, cfg.epochs, self.batch, total, self.stats, self.seen, cfg.batch_size,
+                                 cfg.log_every)
         self._check_divergence()
         train = [*self.stats.tolist(), self.seen]
         elapsed = time.perf_counter() - t0
@@ -360,11 +384,7 @@ class Run:
         improved = m["test_acc"] > self.best
         self.best = max(self.best, m["test_acc"])
         self.save(best=improved, metrics=m)
-        if not self.quiet:
-            print(f"\repoch {self.epoch}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
-                  f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
-                  f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s".replace("nan°", "n/a"),
-                  file=sys.stderr)
+        self.log.epoch_summary(self.epoch, cfg.epochs, m)
         return m
 
     def _epoch_metrics(self, epoch: int, elapsed: float, train) -> dict:
@@ -380,40 +400,8 @@ class Run:
         return m
 
     def _log_metrics(self, path: Path, m: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        writer = self._tensorboard()
-        if writer is not None:
-            for key, value in m.items():
-                if isinstance(value, float):
-                    writer.add_scalar(key, value, m["epoch"])
-            for name, angle in m["angles"].items():
-                writer.add_scalar(f"angle/{name}", angle, m["epoch"])
-            writer.flush()
-
-    def _tensorboard(self):
-        """A TensorBoard writer into the run directory when tensorboard is installed, else None."""
-        if not hasattr(self, "_writer"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self._writer = None
-            else:
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        return self._writer
-
-    def _progress(self, total: int, start: int, t0: float) -> None:
-        (loss_sum, correct), n = self.stats.tolist(), self.seen  # one host sync per progress line
-        done = self.batch - start
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        eta = (total - self.batch) / max(rate, 1e-9)
-        line = (f"epoch {self.epoch + 1}/{self.cfg.epochs} [{self.batch:>{len(str(total))}}/{total}]"
-                f" loss {loss_sum / max(n, 1):.4f} acc {100 * correct / max(n, 1):.2f}%"
-                f" {rate * self.cfg.batch_size:.0f} img/s ETA {_hms(eta)}")
-        end = "" if sys.stderr.isatty() else "\n"
-        print("\r" + line if end == "" else line, end=end, file=sys.stderr, flush=True)
+        """One epoch's metrics line, through the run's log (the step of ``save`` that writes it)."""
+        self.log.metrics(path, m)
 
 
 @torch.no_grad()
@@ -446,11 +434,6 @@ def _mean_defined(values) -> float:
 
 def _position_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

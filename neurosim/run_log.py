@@ -1,0 +1,93 @@
+"""What a run reports as it goes: the metrics file, TensorBoard, progress lines and epoch summaries."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class RunLog:
+    """The records of one run directory. ``quiet`` silences the terminal, not the files."""
+
+    def __init__(self, run_dir: Path, quiet: bool = False):
+        self.run_dir, self.quiet = Path(run_dir), quiet
+        self._writer = None
+        self._writer_opened = False
+        self._t0 = self._shown = 0.0
+        self._start = 0
+        self._period = 30.0
+
+    def metrics(self, path: Path, m: dict) -> None:
+        """Append one epoch's metrics line (synced to disk) and its TensorBoard scalars."""
+        with open(path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        writer = self.tensorboard()
+        if writer is not None:
+            for key, value in m.items():
+                if isinstance(value, float):
+                    writer.add_scalar(key, value, m["epoch"])
+            for name, angle in m["angles"].items():
+                writer.add_scalar(f"angle/{name}", angle, m["epoch"])
+            writer.flush()
+
+    def tensorboard(self):
+        """A TensorBoard writer into the run directory when tensorboard is installed, else None."""
+        if not self._writer_opened:
+            self._writer_opened = True
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._writer
+
+    def start_epoch(self, start: int, t0: float) -> None:
+        """An epoch (re)starts at batch ``start`` at time ``t0``."""
+        # Progress lines cost a host sync each: by default at most one per half second on a
+        # terminal, one per 30 s in a log file.
+        self._period = 0.5 if sys.stderr.isatty() else 30.0
+        self._t0 = self._shown = t0
+        self._start = start
+
+    def after_batch(self, epoch: int, epochs: int, batch: int, total: int, stats: torch.Tensor, seen: int,
+                    batch_size: int, log_every: int) -> None:
+        """A progress line every ``log_every`` batches, or on the time period when that is 0."""
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if (batch % log_every == 0) if log_every else (now - self._shown > self._period):
+            self.progress(epoch, epochs, batch, total, stats, seen, batch_size)
+            self._shown = now
+
+    def progress(self, epoch: int, epochs: int, batch: int, total: int, stats: torch.Tensor, seen: int,
+                 batch_size: int) -> None:
+        (loss_sum, correct), n = stats.tolist(), seen  # one host sync per progress line
+        done = batch - self._start
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        eta = (total - batch) / max(rate, 1e-9)
+        line = (f"epoch {epoch + 1}/{epochs} [{batch:>{len(str(total))}}/{total}]"
+                f" loss {loss_sum / max(n, 1):.4f} acc {100 * correct / max(n, 1):.2f}%"
+                f" {rate * batch_size:.0f} img/s ETA {_hms(eta)}")
+        end = "" if sys.stderr.isatty() else "\n"
+        print("\r" + line if end == "" else line, end=end, file=sys.stderr, flush=True)
+
+    def epoch_summary(self, epoch: int, epochs: int, m: dict) -> None:
+        if self.quiet:
+            return
+        print(f"\repoch {epoch}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
+              f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
+              f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s".replace("nan°", "n/a"),
+              file=sys.stderr)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -1,0 +1,52 @@
+"""One engaged step and one stretch of sleep: the per-batch work of a training loop.
+
+Neither synchronises with the device: the loss and output come back as device tensors, so a
+caller can time a step or keep its statistics on the device. ``neurosim.train.Run`` and the
+step-time benchmark both step through these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neurosim.reference import reference_backward
+
+
+def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                 amp_dtype: torch.dtype | None, generator: torch.Generator | None,
+                 execution: str = "compiled") -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, feedback and local updates on one batch; returns ``(loss, output)``.
+
+    ``model`` is ``circuit`` itself or its compiled form. ``circuit`` None: ``model`` is a plain
+    module that draws nothing per batch (the benchmark's native baseline). ``execution``
+    "reference" runs the step literally (``neurosim.reference``), without autocast.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if circuit is not None:
+        # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
+        circuit.new_batch(generator)
+    if execution == "reference":
+        out_holder = []
+
+        def loss_of(out):
+            out_holder.append(out.detach())
+            return loss_fn(out, y)
+
+        loss = reference_backward(circuit, x, loss_of)
+        out = out_holder[0]
+    else:
+        with torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+            loss = loss_fn(out.float(), y)
+        loss.backward()
+    optimizer.step()
+    return loss, out
+
+
+def sleep_steps(circuit, sleep_optimizer: torch.optim.Optimizer, batches: int, batch_size: int,
+                generator: torch.Generator | None, literal: bool = False) -> None:
+    """``batches`` mirror batches for every sleeping synapse: noise in, feedback updates out."""
+    for _ in range(batches):
+        sleep_optimizer.zero_grad(set_to_none=True)
+        circuit.sleep(batch_size, generator, literal=literal)
+        sleep_optimizer.step()
