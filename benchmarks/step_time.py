@@ -8,7 +8,7 @@ Each *variant* is one way to train the same architecture: ``native`` is
 and ``wm`` are ``neurosim.models.build_resnet`` circuits under those rules (compiled execution:
 custom autograd functions whose backward sends errors through the rule's feedback matrix and
 writes local updates into ``.grad``). ``--monitors`` adds ``<rule>+mon`` variants that also run a
-``neurosim.monitors.Monitor`` (skipped if that module is not there).
+``neurosim.monitors.Monitor``.
 
 What is timed is the full training step a user runs::
 
@@ -160,31 +160,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.variants = list(args.rules)
     if args.monitor_every is not None and args.monitor_every < 1:
         p.error(f"--monitor-every must be at least 1, got {args.monitor_every}")
-    args.monitor_note = None
     if args.monitors:
-        available, why = monitors_available()
-        if available:
-            args.variants += [r + MONITOR_SUFFIX for r in args.rules if r != "native"]
-        else:
-            args.monitor_note = f"--monitors skipped: {why}"
+        args.variants += [r + MONITOR_SUFFIX for r in args.rules if r != "native"]
     for flag in ("memory_child", "compile_check"):
         child = getattr(args, flag)
         base = (child or "").removesuffix(MONITOR_SUFFIX)
         if child is not None and (base not in RULES or (child.endswith(MONITOR_SUFFIX) and base == "native")):
             p.error(f"--{flag.replace('_', '-')}: unknown variant {child!r}")
     return args
-
-
-def monitors_available() -> tuple[bool, str]:
-    """Whether ``neurosim.monitors`` exists with ``Monitor`` and ``MonitorConfig``."""
-    try:
-        import neurosim.monitors as mon
-    except ImportError as e:
-        return False, f"neurosim.monitors cannot be imported ({e})"
-    missing = [n for n in ("Monitor", "MonitorConfig") if not hasattr(mon, n)]
-    if missing:
-        return False, f"neurosim.monitors has no {', '.join(missing)}"
-    return True, ""
 
 
 def monitor_every(args) -> int:
@@ -240,12 +223,9 @@ class Variant:
             self.sleep_optimizer = torch.optim.SGD(self.net.sleep_parameters(), lr=rule.lr)
             self.schedule = rule.schedule
             self.sleep_batch = rule.sleep_batch_size or args.batch
+        self.monitor_dir = monitor_dir
         if name.endswith(MONITOR_SUFFIX):
-            self.monitor = MonitorHook(self.net, args, *batch, monitor_dir)
-        if args.compile and self.rule_name != "native":
-            # Lower the circuit before tracing: dynamo cannot build the plan's frozen attrs
-            # records itself (InternalTorchDynamoError in Circuit._plan on torch 2.14).
-            self.net.order()
+            self.monitor = bench_monitor(self.net, args, *batch)
         self.model = torch.compile(self.net, backend=args.compile_backend) if args.compile else self.net
         self.steps = 0
         self.last_loss = None
@@ -269,45 +249,26 @@ class Variant:
         self.last_loss = loss.detach()
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
+        """Write the monitor's files, outside the timed steps, as at an epoch end."""
+        if self.monitor is not None and self.monitor_dir is not None:
+            self.monitor.flush(self.monitor_dir)
 
 
-class MonitorHook:
-    """A ``neurosim.monitors.Monitor`` driven as ``neurosim.train.Run`` drives it: ``after_step``
-    after every engaged step, ``before_sleep``/``after_sleep`` around WM's sleep, ``flush`` once
-    at the end (outside the timed steps, as at an epoch end).
+def bench_monitor(circuit, args, x: torch.Tensor, y: torch.Tensor):
+    """A ``neurosim.monitors.Monitor`` configured as the ``<rule>_<model>`` preset configures it
+    (synapses, traces, probe size, run length of ``epochs`` × 50,000 images, so its snapshot plan
+    and buffers are those of a real run), recording every ``monitor_every(args)`` steps; its
+    probe (delta and update angles) uses the benchmark's batch and cross-entropy. ``Variant``
+    drives it as ``neurosim.train.Run`` does."""
+    from neurosim.config import preset
+    from neurosim.monitors import Monitor, MonitorConfig
 
-    Configured as the ``<rule>_<model>`` preset configures it (synapses, traces, probe size,
-    run length of ``epochs`` × 50,000 images, so its snapshot plan and buffers are those of a
-    real run), recording every ``monitor_every(args)`` steps. The probe (delta and update
-    angles) uses the benchmark's batch and cross-entropy.
-    """
-
-    def __init__(self, circuit, args, x: torch.Tensor, y: torch.Tensor, directory: Path | None):
-        from neurosim.config import preset
-        from neurosim.monitors import Monitor, MonitorConfig
-
-        run = preset(f"{circuit.rule.name}_{args.model}")
-        total = run.epochs * math.ceil(EPOCH_IMAGES / args.batch)
-        # The benchmark records a handful of rows, whatever a whole run would: no size limit.
-        cfg = MonitorConfig(every=monitor_every(args), synapses=run.monitor_synapses, traces=run.monitor_traces,
-                            probe=run.monitor_probe, max_bytes=2**62)
-        self.monitor = Monitor(circuit, cfg, total, probe=(x, y), loss_fn=F.cross_entropy, seed=args.seed)
-        self.directory = directory
-
-    def after_step(self, step: int) -> None:
-        self.monitor.after_step(step)
-
-    def before_sleep(self, step: int) -> None:
-        self.monitor.before_sleep(step)
-
-    def after_sleep(self, step: int) -> None:
-        self.monitor.after_sleep(step)
-
-    def close(self) -> None:
-        if self.directory is not None:
-            self.monitor.flush(self.directory)
+    run = preset(f"{circuit.rule.name}_{args.model}")
+    total = run.epochs * math.ceil(EPOCH_IMAGES / args.batch)
+    # The benchmark records a handful of rows, whatever a whole run would: no size limit.
+    cfg = MonitorConfig(every=monitor_every(args), synapses=run.monitor_synapses, traces=run.monitor_traces,
+                        probe=run.monitor_probe, max_bytes=2**62)
+    return Monitor(circuit, cfg, total, probe=(x, y), loss_fn=F.cross_entropy, seed=args.seed)
 
 
 def synthetic_batch(args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -694,8 +655,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{', channels_last' if args.channels_last else ''}; "
           f"{args.reps} reps x {args.steps_per_rep} steps after {args.warmup} warm-up; "
           f"load average {load_before[0]:.2f}", file=sys.stderr)
-    if args.monitor_note:
-        print(args.monitor_note, file=sys.stderr)
 
     x, y = synthetic_batch(args)
     failures = compile_preflight(args, args.variants) if args.compile and not args.no_compile_check else {}
@@ -741,8 +700,6 @@ def main(argv: list[str] | None = None) -> int:
     print_table(args, rows, on_cpu=args.device.type == "cpu")
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
-    if args.monitor_note:
-        print(args.monitor_note)
 
     if args.json:
         result = {
@@ -750,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
             "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
             "load_average": {"before": load_before, "after": load_after}, "final_loss": final_loss,
-            "variants": rows, "monitor_note": args.monitor_note,
+            "variants": rows,
         }
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
