@@ -27,10 +27,10 @@ and once before training, at step 0 — it records, for every monitored synapse:
 ``scatter_*``       ``snapshots`` times over the run (evenly spaced, the first at step 0), ``scatter``
                     sampled pairs ``(W_ji, Bᵀ_ji)`` per synapse for a W-vs-Bᵀ scatter plot.
 
-The probe (delta and update angles) runs the probe batch forward and backward twice on the
-circuit as it is — once with its rules, once as backprop (``Circuit.backprop_truth``: every rule
-swapped for ``Backprop``, feedback pathways off) —
-with ``torch.autograd.grad``, so no ``.grad`` is touched, and batch-norm running statistics are
+The probe (delta and update angles, ``neurosim.probe.probe_angles``) runs the probe batch forward
+and backward twice on the circuit as it is — once with its rules, once as backprop
+(``Circuit.backprop_truth``: every rule swapped for ``Backprop``, feedback pathways off) — with
+``torch.autograd.grad``, so no ``.grad`` is touched, and batch-norm running statistics are
 restored afterwards: recording does not change training. Both passes run in the training
 precision (bf16 autocast where training uses it), so the angles describe the errors training
 really delivers. It costs about two training steps of the probe's batch size per record. ``probe=0`` turns it off (those arrays are then NaN).
@@ -57,7 +57,8 @@ the knob to change (e.g. every=1 with every weight traced).
 Files
 =====
 
-In the run directory, rewritten atomically (temporary file, then rename) at every flush:
+In the run directory, rewritten atomically (temporary file, then rename) at every flush, by
+``neurosim.monitor_files``:
 
 ``monitor.npz``   the arrays above (``steps[record]``, ``angle[record, synapse]``, …,
                   ``traces_w[record, synapse, k]``, ``scatter_w[snapshot, synapse, n]``,
@@ -82,13 +83,11 @@ Reading
 ``neurosim.plots.plot_run`` draws the standard figures from these files.
 """
 
+
 from __future__ import annotations
 
 import fnmatch
-import io
-import json
 import math
-from pathlib import Path
 
 import attrs
 import numpy as np
@@ -96,38 +95,18 @@ import torch
 
 from neurosim.analysis import angle_deg
 from neurosim.errors import UserError
-from neurosim.files import write_atomic
+from neurosim.monitor_files import (ARRAYS, FORMAT, SCALARS, SLEEP, MonitorRecord, load_monitor, monitor_index,
+                                    write_monitor)
+from neurosim.probe import probe_angles, probe_batch
 
-FORMAT = 1
+__all__ = ["ARRAYS", "FORMAT", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord", "RecordBuffer",
+           "estimate_nbytes", "load_monitor", "probe_angles", "probe_batch", "record_rows", "snapshot_plan"]
+
 MIB = 2**20
 # A device buffer holds at most this many rows and bytes; a full one moves to the host at once.
 CHUNK_ROWS = 256
 CHUNK_BYTES = 16 * MIB
-
-SCALARS = ("angle", "norm_ratio", "delta_angle", "grad_angle")
-SLEEP = ("sleep_angle_before", "sleep_angle_after", "sleep_norm_ratio_before", "sleep_norm_ratio_after")
-
-# name: (unit, meaning) — written into monitor.json beside each array's shape.
-ARRAYS = {
-    "steps": ("steps", "engaged optimizer steps completed when the row was recorded (0: before training)"),
-    "angle": ("degrees", "angle between W and the feedback matrix Bᵀ (flattened)"),
-    "norm_ratio": ("ratio", "‖Bᵀ‖ / ‖W‖"),
-    "delta_angle": ("degrees", "angle between the error reaching the synapse's output and backprop's error, "
-                               "on the probe batch (NaN: no probe)"),
-    "grad_angle": ("degrees", "angle between the rule's ΔW and the true gradient, on the probe batch "
-                              "(NaN: no probe)"),
-    "sleep_angle_before": ("degrees", "W–Bᵀ angle just before the sleep that follows the step (NaN: no sleep)"),
-    "sleep_angle_after": ("degrees", "W–Bᵀ angle just after that sleep"),
-    "sleep_norm_ratio_before": ("ratio", "‖Bᵀ‖/‖W‖ just before that sleep"),
-    "sleep_norm_ratio_after": ("ratio", "‖Bᵀ‖/‖W‖ just after that sleep"),
-    "traces_w": ("weight", "W.flatten()[trace_index] (NaN where trace_index is -1)"),
-    "traces_b": ("weight", "Bᵀ.flatten()[trace_index]: the feedback weight B_ij paired with W_ji"),
-    "trace_index": ("index", "flat position in W of each traced pair; -1 pads"),
-    "scatter_steps": ("steps", "engaged steps at which scatter snapshots were taken"),
-    "scatter_w": ("weight", "W.flatten()[scatter_index] at each snapshot"),
-    "scatter_b": ("weight", "Bᵀ.flatten()[scatter_index] at each snapshot"),
-    "scatter_index": ("index", "flat position in W of each scatter pair; -1 pads"),
-}
+TRACES = ("traces_w", "traces_b")
 
 _v = attrs.validators
 
@@ -192,24 +171,139 @@ def snapshot_plan(snapshots: int, total_steps: int) -> list[int]:
     return sorted({round(i * total_steps / (snapshots - 1)) for i in range(snapshots)})
 
 
-def probe_batch(stream, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` samples of a ``BatchStream``'s epoch 0: a fixed probe batch that is a pure
-    function of the stream's seed, so a resumed run probes with the same one."""
-    xs, ys, have = [], [], 0
-    for x, y in stream.epoch(0):
-        xs.append(x)
-        ys.append(y)
-        have += len(y)
-        if have >= n:
-            break
-    return torch.cat(xs)[:n], torch.cat(ys)[:n]
-
-
 def _sample(numel: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` sorted distinct flat positions (padded with -1 when the synapse has fewer weights)."""
     take = min(k, numel)
     idx = torch.randperm(numel, generator=generator)[:take].sort().values
     return torch.cat([idx, torch.full((k - take,), -1, dtype=torch.int64)])
+
+
+def _feedback(syn) -> torch.Tensor:
+    """A synapse's feedback matrix, or NaN where its rule sends nothing back (DFA): the W–Bᵀ
+    measures are undefined there, the delta angles are not."""
+    m = syn.feedback_matrix()
+    return torch.full_like(syn.weight.detach(), math.nan) if m is None else m.detach()
+
+
+class RecordBuffer:
+    """The records on the device: one row per record in a fixed column layout, and the scatter
+    snapshots, moved to the host chunk by chunk.
+
+    A row holds ``synapses`` values for each scalar field (``SCALARS``, then ``SLEEP`` when
+    ``sleep``) and ``synapses·traces`` for each of ``traces_w`` and ``traces_b`` (synapse-major).
+    The device holds one chunk of ``chunk_rows`` rows, NaN until written; when it is full,
+    ``next_row`` copies it to (pinned) host memory in one non-blocking transfer and starts a new
+    one. Nothing here reads a value on the host before ``rows``, ``row_arrays``,
+    ``snapshot_arrays`` or ``state_dict``, which synchronise once.
+    """
+
+    def __init__(self, synapses: int, traces: int, scatter: int, snapshots: int, sleep: bool,
+                 total_rows: int, device):
+        self.s, self.k, self.n_scatter = synapses, traces, scatter
+        self.fields = SCALARS + (SLEEP if sleep else ())
+        self.columns, off = {}, 0
+        for name in self.fields:
+            self.columns[name] = (off, off + synapses)
+            off += synapses
+        for name in TRACES:
+            self.columns[name] = (off, off + synapses * traces)
+            off += synapses * traces
+        self.width = off
+        self.chunk_rows = max(1, min(CHUNK_ROWS, total_rows, CHUNK_BYTES // (4 * max(self.width, 1))))
+        self._buf = torch.full((self.chunk_rows, self.width), math.nan, device=device)
+        self._snap = torch.full((snapshots, synapses, 2, scatter), math.nan, device=device)
+        self._host: list[torch.Tensor] = []  # full chunks already sent to the host, in order
+        self._chunk_start = 0  # row number of the device buffer's first row
+        self.steps: list[int] = []
+        self.snapshot_steps: list[int] = []
+
+    def nbytes(self) -> int:
+        """Bytes held on the device: fixed at construction."""
+        return self._buf.numel() * self._buf.element_size() + self._snap.numel() * self._snap.element_size()
+
+    # -- writing (device only, no host sync) ---------------------------------------------------
+    def next_row(self) -> torch.Tensor:
+        """The device row the next record fills (NaN until written); ``commit_row`` counts it."""
+        pos = len(self.steps) - self._chunk_start
+        if pos == self.chunk_rows:
+            cuda = self._buf.device.type == "cuda"
+            host = torch.empty(self._buf.shape, dtype=self._buf.dtype, pin_memory=cuda)
+            # Ordered on the stream before the refill below, so no host wait is needed here.
+            host.copy_(self._buf, non_blocking=cuda)
+            self._host.append(host)
+            self._chunk_start += self.chunk_rows
+            self._buf.fill_(math.nan)
+            pos = 0
+        return self._buf[pos]
+
+    def commit_row(self, step: int) -> None:
+        """The row from ``next_row`` holds the record of ``step``."""
+        self.steps.append(step)
+
+    def field(self, row: torch.Tensor, name: str) -> torch.Tensor:
+        """The columns of field ``name`` in ``row``, as a view to write into (``S`` values for a
+        scalar field, ``S·k`` for a trace field)."""
+        return row[slice(*self.columns[name])]
+
+    def last_row(self, step: int) -> torch.Tensor | None:
+        """The device row of the newest record if it is the record of ``step``, else None."""
+        if not self.steps or self.steps[-1] != step:
+            return None
+        return self._buf[len(self.steps) - 1 - self._chunk_start]
+
+    def next_snapshot(self) -> torch.Tensor:
+        """The ``(S, 2, n)`` device slot the next scatter snapshot fills; ``commit_snapshot``
+        counts it."""
+        return self._snap[len(self.snapshot_steps)]
+
+    def commit_snapshot(self, step: int) -> None:
+        self.snapshot_steps.append(step)
+
+    # -- host side -----------------------------------------------------------------------------
+    def rows(self) -> torch.Tensor:
+        """Every row recorded so far, on the host (synchronises with the device once)."""
+        if self._buf.device.type == "cuda":
+            torch.cuda.current_stream(self._buf.device).synchronize()
+        live = self._buf[: len(self.steps) - self._chunk_start].cpu()
+        return torch.cat([*self._host, live]) if self._host else live
+
+    def row_arrays(self) -> dict[str, np.ndarray]:
+        """``steps``, the scalar fields ``[record, synapse]`` and the traces ``[record, synapse, k]``."""
+        rows = self.rows().numpy()
+        r = len(self.steps)
+        out = {"steps": np.asarray(self.steps, dtype=np.int64)}
+        for name in self.fields:
+            a, b = self.columns[name]
+            out[name] = rows[:, a:b].copy()
+        for name in TRACES:
+            a, b = self.columns[name]
+            out[name] = rows[:, a:b].reshape(r, self.s, self.k).copy()
+        return out
+
+    def snapshot_arrays(self) -> dict[str, np.ndarray]:
+        """``scatter_steps`` and the snapshots ``scatter_w``, ``scatter_b`` ``[snapshot, synapse, n]``."""
+        snap = self._snap[:len(self.snapshot_steps)].cpu().numpy()
+        return {"scatter_steps": np.asarray(self.snapshot_steps, dtype=np.int64),
+                "scatter_w": snap[:, :, 0].copy(), "scatter_b": snap[:, :, 1].copy()}
+
+    # -- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps), "chunk_start": self._chunk_start, "rows": self.rows(),
+                "snapshot_steps": list(self.snapshot_steps), "snapshots": self._snap.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()`` of a buffer with the same layout."""
+        rows, steps = state["rows"], list(state["steps"])
+        # The newest rows go back to the device (a sleep may still add to the last one).
+        live = min(len(steps) - state["chunk_start"], self.chunk_rows) if steps else 0
+        live = max(live, min(len(steps), 1))
+        self._chunk_start = len(steps) - live
+        self._host = [rows[: self._chunk_start].clone()] if self._chunk_start else []
+        self._buf.fill_(math.nan)
+        self._buf[:live] = rows[self._chunk_start:].to(self._buf.device)
+        self.steps = steps
+        self.snapshot_steps = list(state["snapshot_steps"])
+        self._snap.copy_(state["snapshots"].to(self._snap.device))
 
 
 class Monitor:
@@ -224,6 +318,10 @@ class Monitor:
     ``before_sleep(step)`` / ``after_sleep(step)`` around the sleep batches that follow step
     ``step`` (step 0: the sleep before training), ``flush(run_dir)`` at each epoch end, and saves
     ``state_dict()`` in its checkpoint. See the module docstring for what is recorded.
+
+    It decides what to measure and when; the rows live in a ``RecordBuffer`` (``records``), the
+    delta and update angles come from ``neurosim.probe.probe_angles`` and the files are written
+    by ``neurosim.monitor_files``.
     """
 
     def __init__(self, circuit, cfg: MonitorConfig, total_steps: int,
@@ -235,7 +333,6 @@ class Monitor:
         self.autocast_dtype = autocast_dtype
         self.names = cfg.select(circuit.synapses.keys())
         self.synapses = [circuit.synapses[n] for n in self.names]
-        s = len(self.names)
         numels = [syn.weight.numel() for syn in self.synapses]
         sleeping = [i for i, syn in enumerate(self.synapses) if syn.rule.sleeps]
         self.has_sleep = bool(sleeping)
@@ -254,33 +351,37 @@ class Monitor:
         self.k = min(cfg.traces, max(numels))
         self.n_scatter = min(cfg.scatter, max(numels)) if cfg.snapshots else 0
         g = torch.Generator().manual_seed(seed)
-        self.trace_index = torch.stack([_sample(n, self.k, g) for n in numels])
-        self.scatter_index = torch.stack([_sample(n, self.n_scatter, g) for n in numels])
-        self._trace_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.trace_index)]
-        self._scatter_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.scatter_index)]
+        self._set_indices(torch.stack([_sample(n, self.k, g) for n in numels]),
+                          torch.stack([_sample(n, self.n_scatter, g) for n in numels]))
         self._sleepers = [self.synapses[i] for i in sleeping]
-        self._nan = torch.tensor(math.nan, dtype=torch.float64, device=self.device)  # made once: no copy per step
         self._sleeping = torch.tensor(sleeping, dtype=torch.int64, device=self.device)
 
-        # Column layout of one record row: S values per scalar field, S·k per trace field.
-        self._cols, off = {}, 0
-        for name in SCALARS + (SLEEP if self.has_sleep else ()):
-            self._cols[name] = (off, off + s)
-            off += s
-        for name in ("traces_w", "traces_b"):
-            self._cols[name] = (off, off + s * self.k)
-            off += s * self.k
-        self.width = off
-        self.chunk_rows = max(1, min(CHUNK_ROWS, record_rows(cfg.every, total_steps),
-                                     CHUNK_BYTES // (4 * max(self.width, 1))))
-        self._buf = torch.full((self.chunk_rows, self.width), math.nan, device=self.device)
-        self._snap = torch.full((cfg.snapshots, s, 2, self.n_scatter), math.nan, device=self.device)
+        self.records = RecordBuffer(len(self.names), self.k, self.n_scatter, cfg.snapshots, self.has_sleep,
+                                    record_rows(cfg.every, total_steps), self.device)
         self._plan = snapshot_plan(cfg.snapshots, self.total_steps)
-        self._host: list[torch.Tensor] = []  # full chunks already sent to the host, in order
-        self._chunk_start = 0  # row number of the device buffer's first row
-        self.steps: list[int] = []
-        self.snapshot_steps: list[int] = []
         self.after_step(0)
+
+    def _set_indices(self, trace_index: torch.Tensor, scatter_index: torch.Tensor) -> None:
+        self.trace_index, self.scatter_index = trace_index, scatter_index
+        self._trace_at = [self._positions(syn, row) for syn, row in zip(self.synapses, trace_index)]
+        self._scatter_at = [self._positions(syn, row) for syn, row in zip(self.synapses, scatter_index)]
+
+    @property
+    def steps(self) -> list[int]:
+        """The engaged steps recorded so far, one per row."""
+        return self.records.steps
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        return self.records.snapshot_steps
+
+    @property
+    def width(self) -> int:
+        return self.records.width
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.records.chunk_rows
 
     # -- sizes ---------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -290,7 +391,7 @@ class Monitor:
 
     def buffer_nbytes(self) -> int:
         """Bytes the monitor holds on the device: fixed at construction, whatever the run's length."""
-        return self._buf.numel() * self._buf.element_size() + self._snap.numel() * self._snap.element_size()
+        return self.records.nbytes()
 
     def _oversize_message(self, size: int, numels) -> str:
         cfg = self.cfg
@@ -327,30 +428,17 @@ class Monitor:
             self._record(step)
 
     def _snapshot_due(self, step: int) -> bool:
-        return (step in self._plan and len(self.snapshot_steps) < self.cfg.snapshots
-                and (not self.snapshot_steps or step > self.snapshot_steps[-1]))
+        taken = self.snapshot_steps
+        return step in self._plan and len(taken) < self.cfg.snapshots and (not taken or step > taken[-1])
 
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
-        p = len(self.snapshot_steps)
+        snap = self.records.next_snapshot()
         for i, (syn, at) in enumerate(zip(self.synapses, self._scatter_at)):
             n = len(at[0])
-            self._snap[p, i, 0, :n] = syn.weight.detach()[at]
-            self._snap[p, i, 1, :n] = _feedback(syn)[at]
-        self.snapshot_steps.append(step)
-
-    def _next_row(self) -> int:
-        pos = len(self.steps) - self._chunk_start
-        if pos == self.chunk_rows:
-            cuda = self._buf.device.type == "cuda"
-            host = torch.empty(self._buf.shape, dtype=self._buf.dtype, pin_memory=cuda)
-            # Ordered on the stream before the refill below, so no host wait is needed here.
-            host.copy_(self._buf, non_blocking=cuda)
-            self._host.append(host)
-            self._chunk_start += self.chunk_rows
-            self._buf.fill_(math.nan)
-            pos = 0
-        return pos
+            snap[i, 0, :n] = syn.weight.detach()[at]
+            snap[i, 1, :n] = _feedback(syn)[at]
+        self.records.commit_snapshot(step)
 
     def _alignment(self, synapses):
         """W–Bᵀ angles (degrees) and ‖Bᵀ‖/‖W‖ of ``synapses``, as two device vectors."""
@@ -364,63 +452,23 @@ class Monitor:
 
     @torch.no_grad()
     def _record(self, step: int) -> None:
-        pos = self._next_row()
-        row = self._buf[pos]
+        rec = self.records
+        row = rec.next_row()
         angles, ratios = self._alignment(self.synapses)
-        row[slice(*self._cols["angle"])] = angles
-        row[slice(*self._cols["norm_ratio"])] = ratios
+        rec.field(row, "angle")[:] = angles
+        rec.field(row, "norm_ratio")[:] = ratios
         if self.probe is not None:
-            delta, grad = self._probe_angles()
-            row[slice(*self._cols["delta_angle"])] = delta
-            row[slice(*self._cols["grad_angle"])] = grad
-        tw, tb = self._cols["traces_w"][0], self._cols["traces_b"][0]
+            delta, grad = probe_angles(self.circuit, *self.probe, self.loss_fn, self.synapses,
+                                       self.autocast_dtype)
+            rec.field(row, "delta_angle")[:] = delta
+            rec.field(row, "grad_angle")[:] = grad
+        traces_w = rec.field(row, "traces_w").view(len(self.synapses), self.k)
+        traces_b = rec.field(row, "traces_b").view(len(self.synapses), self.k)
         for i, (syn, at) in enumerate(zip(self.synapses, self._trace_at)):
-            n, j = len(at[0]), i * self.k
-            row[tw + j: tw + j + n] = syn.weight.detach()[at]
-            row[tb + j: tb + j + n] = _feedback(syn)[at]
-        self.steps.append(step)
-
-    def _probe_angles(self):
-        """Delta angles and update angles of every monitored synapse on the probe batch."""
-        populations = self.circuit.populations.values()
-        buffers = [b for pop in populations for b in pop.buffers()]
-        saved = [b.clone() for b in buffers]
-        try:
-            err, dw = self._probe_pass()
-            with self.circuit.backprop_truth():
-                true_err, true_dw = self._probe_pass()
-        finally:
-            with torch.no_grad():
-                for b, v in zip(buffers, saved):
-                    b.copy_(v)
-        return self._angles(err, true_err), self._angles(dw, true_dw)
-
-    def _angles(self, a, b) -> torch.Tensor:
-        # A synapse whose output does not reach the loss has no error: NaN, not an exception.
-        return torch.stack([self._nan if x is None or y is None else angle_deg(x, y) for x, y in zip(a, b)])
-
-    def _probe_pass(self):
-        """Errors at each monitored synapse's output and its weight update, via autograd.grad."""
-        x, y = self.probe
-        outputs = [None] * len(self.synapses)
-
-        def keep(i):
-            def hook(module, inputs, output):
-                outputs[i] = output
-            return hook
-
-        handles = [syn.register_forward_hook(keep(i)) for i, syn in enumerate(self.synapses)]
-        try:
-            with torch.enable_grad(), torch.autocast(x.device.type, self.autocast_dtype,
-                                                     enabled=self.autocast_dtype is not None):
-                loss = self.loss_fn(self.circuit(x).float(), y)
-                grads = torch.autograd.grad(loss, outputs + [syn.weight for syn in self.synapses],
-                                            allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-        s = len(self.synapses)
-        return list(grads[:s]), list(grads[s:])
+            n = len(at[0])
+            traces_w[i, :n] = syn.weight.detach()[at]
+            traces_b[i, :n] = _feedback(syn)[at]
+        rec.commit_row(step)
 
     def before_sleep(self, step: int) -> None:
         """Angle and norm ratio of the sleeping synapses before the sleep after step ``step``."""
@@ -432,75 +480,41 @@ class Monitor:
 
     @torch.no_grad()
     def _sleep_stats(self, step: int, when: str) -> None:
-        if not self.has_sleep or not self.steps or self.steps[-1] != step:
+        row = self.records.last_row(step) if self.has_sleep else None
+        if row is None:
             return
-        row = self._buf[len(self.steps) - 1 - self._chunk_start]
         angles, ratios = self._alignment(self._sleepers)
-        row[slice(*self._cols[f"sleep_angle_{when}"])].index_copy_(0, self._sleeping, angles.float())
-        row[slice(*self._cols[f"sleep_norm_ratio_{when}"])].index_copy_(0, self._sleeping, ratios.float())
+        self.records.field(row, f"sleep_angle_{when}").index_copy_(0, self._sleeping, angles.float())
+        self.records.field(row, f"sleep_norm_ratio_{when}").index_copy_(0, self._sleeping, ratios.float())
 
     # -- host side -----------------------------------------------------------------------------
-    def _rows(self) -> torch.Tensor:
-        """Every row recorded so far, on the host (synchronises with the device once)."""
-        if self._buf.device.type == "cuda":
-            torch.cuda.current_stream(self._buf.device).synchronize()
-        live = self._buf[: len(self.steps) - self._chunk_start].cpu()
-        return torch.cat([*self._host, live]) if self._host else live
-
     def arrays(self) -> dict[str, np.ndarray]:
         """The records so far as named NumPy arrays (the contents of ``monitor.npz``)."""
-        rows = self._rows().numpy()
-        r, s = len(self.steps), len(self.names)
-        out = {"steps": np.asarray(self.steps, dtype=np.int64)}
-        for name in SCALARS + (SLEEP if self.has_sleep else ()):
-            a, b = self._cols[name]
-            out[name] = rows[:, a:b].copy()
-        for name in ("traces_w", "traces_b"):
-            a, b = self._cols[name]
-            out[name] = rows[:, a:b].reshape(r, s, self.k).copy()
-        out["trace_index"] = self.trace_index.numpy().copy()
-        p = len(self.snapshot_steps)
-        snap = self._snap[:p].cpu().numpy()
-        out["scatter_steps"] = np.asarray(self.snapshot_steps, dtype=np.int64)
-        out["scatter_w"] = snap[:, :, 0].copy()
-        out["scatter_b"] = snap[:, :, 1].copy()
-        out["scatter_index"] = self.scatter_index.numpy().copy()
-        return out
+        return {**self.records.row_arrays(), "trace_index": self.trace_index.numpy().copy(),
+                **self.records.snapshot_arrays(), "scatter_index": self.scatter_index.numpy().copy()}
 
     def index(self, arrays: dict[str, np.ndarray]) -> dict:
         """The contents of ``monitor.json``: what every array and column is."""
-        return {
-            "format": FORMAT,
-            "synapses": self.names,
-            "weight_shapes": {n: list(s.weight.shape) for n, s in zip(self.names, self.synapses)},
-            "rules": {n: s.rule.name for n, s in zip(self.names, self.synapses)},
-            "total_steps": self.total_steps,
-            "config": attrs.asdict(self.cfg),
-            "probe_size": 0 if self.probe is None else int(self.probe[1].shape[0]),
-            "arrays": {name: {"shape": list(a.shape), "unit": ARRAYS[name][0], "meaning": ARRAYS[name][1]}
-                       for name, a in arrays.items()},
-            "trace_index": {n: [int(i) for i in row if i >= 0] for n, row in zip(self.names, self.trace_index.tolist())},
-        }
+        return monitor_index(
+            arrays, synapses=self.names,
+            weight_shapes={n: list(s.weight.shape) for n, s in zip(self.names, self.synapses)},
+            rules={n: s.rule.name for n, s in zip(self.names, self.synapses)},
+            total_steps=self.total_steps, config=attrs.asdict(self.cfg),
+            probe_size=0 if self.probe is None else int(self.probe[1].shape[0]),
+            trace_index={n: [int(i) for i in row if i >= 0]
+                         for n, row in zip(self.names, self.trace_index.tolist())})
 
     def flush(self, run_dir) -> None:
         """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         arrays = self.arrays()
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_atomic(run_dir / "monitor.npz", buf.getvalue(), what="monitor records")
-        write_atomic(run_dir / "monitor.json", (json.dumps(self.index(arrays), indent=1) + "\n").encode(),
-                     what="monitor index")
+        write_monitor(run_dir, arrays, self.index(arrays))
 
     # -- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue the records exactly (tensors and plain data)."""
         return {
             "format": FORMAT, "synapses": list(self.names), "width": self.width, "k": self.k,
-            "n_scatter": self.n_scatter, "config": attrs.asdict(self.cfg), "steps": list(self.steps),
-            "chunk_start": self._chunk_start, "rows": self._rows(),
-            "snapshot_steps": list(self.snapshot_steps), "snapshots": self._snap.cpu(),
+            "n_scatter": self.n_scatter, "config": attrs.asdict(self.cfg), **self.records.state_dict(),
             "trace_index": self.trace_index.clone(), "scatter_index": self.scatter_index.clone(),
         }
 
@@ -513,189 +527,5 @@ class Monitor:
             raise UserError("the checkpoint's monitor records other synapses or sample sizes "
                             f"({theirs[0]}, {theirs[2]} traces) than this configuration "
                             f"({mine[0]}, {mine[2]} traces); resume with the run's own monitor settings")
-        rows, steps = state["rows"], list(state["steps"])
-        # The newest rows go back to the device (a sleep may still add to the last one).
-        live = min(len(steps) - state["chunk_start"], self.chunk_rows) if steps else 0
-        live = max(live, min(len(steps), 1))
-        self._chunk_start = len(steps) - live
-        self._host = [rows[: self._chunk_start].clone()] if self._chunk_start else []
-        self._buf.fill_(math.nan)
-        self._buf[:live] = rows[self._chunk_start:].to(self._buf.device)
-        self.steps = steps
-        self.snapshot_steps = list(state["snapshot_steps"])
-        self._snap.copy_(state["snapshots"].to(self._snap.device))
-        self.trace_index = state["trace_index"].clone()
-        self.scatter_index = state["scatter_index"].clone()
-        self._trace_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.trace_index)]
-        self._scatter_at = [self._positions(syn, row) for syn, row in zip(self.synapses, self.scatter_index)]
-
-
-def _feedback(syn) -> torch.Tensor:
-    """A synapse's feedback matrix, or NaN where its rule sends nothing back (DFA): the W–Bᵀ
-    measures are undefined there, the delta angles are not."""
-    m = syn.feedback_matrix()
-    return torch.full_like(syn.weight.detach(), math.nan) if m is None else m.detach()
-
-
-# -- reading -------------------------------------------------------------------------------------
-
-@attrs.frozen(eq=False)
-class MonitorRecord:
-    """A run's monitor files, loaded: arrays indexed ``[record, synapse, …]`` and the names.
-
-    ``synapses[i]`` names column ``i`` of every per-synapse array. Arrays a run did not record
-    (the sleep columns of a rule that does not sleep) are ``None``.
-    """
-
-    synapses: tuple[str, ...]
-    steps: np.ndarray
-    angle: np.ndarray
-    norm_ratio: np.ndarray
-    delta_angle: np.ndarray
-    grad_angle: np.ndarray
-    traces_w: np.ndarray
-    traces_b: np.ndarray
-    trace_index: np.ndarray
-    scatter_steps: np.ndarray
-    scatter_w: np.ndarray
-    scatter_b: np.ndarray
-    scatter_index: np.ndarray
-    sleep_angle_before: np.ndarray | None
-    sleep_angle_after: np.ndarray | None
-    sleep_norm_ratio_before: np.ndarray | None
-    sleep_norm_ratio_after: np.ndarray | None
-    weight_shapes: dict
-    rules: dict
-    total_steps: int
-    config: dict
-    units: dict
-
-    def column(self, synapse: str) -> int:
-        """Where ``synapse``'s values sit along the synapse axis."""
-        try:
-            return self.synapses.index(synapse)
-        except ValueError:
-            raise KeyError(f"synapse {synapse!r} was not monitored; monitored: {', '.join(self.synapses)}") from None
-
-    def series(self, name: str, synapse: str, dropna: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, values)`` of a per-synapse scalar array (``angle``, ``delta_angle``, …) for one
-        synapse; rows that hold NaN (not recorded) are dropped unless ``dropna=False``."""
-        a = getattr(self, name, None)
-        if a is None or name not in self.units or a.ndim != 2:
-            raise KeyError(f"no per-synapse series {name!r} in this record")
-        v = a[:, self.column(synapse)]
-        if dropna:
-            keep = ~np.isnan(v)
-            return self.steps[keep], v[keep]
-        return self.steps, v
-
-    def trace(self, synapse: str, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(steps, W_ji, B_ij)`` over time for the ``j``-th traced pair of ``synapse``."""
-        i = self.column(synapse)
-        return self.steps, self.traces_w[:, i, j], self.traces_b[:, i, j]
-
-    def traced_position(self, synapse: str, j: int) -> tuple[int, ...]:
-        """The index in ``W`` (e.g. ``(out, in)`` or ``(out, in, kh, kw)``) of a traced pair."""
-        flat = int(self.trace_index[self.column(synapse), j])
-        return tuple(int(v) for v in np.unravel_index(flat, self.weight_shapes[synapse]))
-
-    @property
-    def has_probe(self) -> bool:
-        return bool(np.isfinite(self.delta_angle).any())
-
-    @property
-    def has_sleep(self) -> bool:
-        return self.sleep_angle_before is not None and bool(np.isfinite(self.sleep_angle_before).any())
-
-
-def load_monitor(run_dir) -> MonitorRecord:
-    """The monitor records of a run directory (``monitor.npz`` + ``monitor.json``).
-
-    Files that cannot be read, or whose arrays are missing or do not fit together, give a
-    ``UserError`` naming the file (a run rewrites both after every epoch)."""
-    run_dir = Path(run_dir)
-    npz, index = run_dir / "monitor.npz", run_dir / "monitor.json"
-    if not npz.exists() and not index.exists():
-        raise UserError(f"{run_dir} has no monitor files (monitor.npz, monitor.json); the run was made "
-                        f"without a monitor or has not finished an epoch")
-    if not npz.exists() or not index.exists():
-        there, missing = (npz, index) if npz.exists() else (index, npz)
-        raise UserError(f"{run_dir} has {there.name} but not {missing.name}; {_MONITOR_FIX.format(run_dir=run_dir)}")
-    try:
-        meta = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"cannot read {index}: {e.strerror or e}") from None
-    except ValueError as e:  # not JSON, or not text
-        raise UserError(f"{index} is damaged: it is not JSON ({_first_line(e)}); "
-                        f"{_MONITOR_FIX.format(run_dir=run_dir)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise UserError(f"{index} has format {found!r}; this version reads format {FORMAT}")
-    try:
-        with np.load(npz, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except OSError as e:
-        if e.errno is not None:  # the file system refused (permissions, I/O), not its contents
-            raise UserError(f"cannot read {npz}: {e.strerror or e}") from None
-        raise UserError(_damaged(npz, e, run_dir)) from None
-    except Exception as e:  # not an .npz, truncated, or an archive member broken (zip, zlib, pickle)
-        raise UserError(_damaged(npz, e, run_dir)) from None
-    problem = _record_problem(meta, arrays)
-    if problem:
-        raise UserError(f"{npz} and {index} are damaged or incomplete: {problem}; "
-                        f"{_MONITOR_FIX.format(run_dir=run_dir)}")
-    fields = {f.name for f in attrs.fields(MonitorRecord)}
-    units = {k: v.get("unit", ARRAYS[k][0]) if isinstance(v, dict) else ARRAYS[k][0]
-             for k, v in meta["arrays"].items() if k in ARRAYS}
-    return MonitorRecord(
-        synapses=tuple(meta["synapses"]),
-        weight_shapes={k: tuple(v) for k, v in meta["weight_shapes"].items()},
-        rules=dict(meta["rules"]), total_steps=int(meta["total_steps"]), config=dict(meta["config"]),
-        units=units,
-        **{k: arrays.get(k) for k in fields if k in ARRAYS},
-    )
-
-
-_MONITOR_FIX = ("the run rewrites both after every epoch; to draw its other figures meanwhile, move "
-                "monitor.npz and monitor.json out of {run_dir}")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:160] if text and text[0] else type(e).__name__
-
-
-def _damaged(npz: Path, e: Exception, run_dir: Path) -> str:
-    # NumPy's own words are left out: for a file that is not an archive they suggest loading it
-    # with pickle, which a damaged or foreign file must never be.
-    return (f"{npz} is damaged or not a monitor file: it cannot be read as an .npz archive (cut short, or "
-            f"something else under that name); {_MONITOR_FIX.format(run_dir=run_dir)}")
-
-
-def _record_problem(meta: dict, arrays: dict) -> str | None:
-    """What does not fit in a monitor record (missing keys or arrays, inconsistent shapes), or None."""
-    for key, kind in (("synapses", list), ("weight_shapes", dict), ("rules", dict), ("total_steps", int),
-                      ("config", dict), ("arrays", dict)):
-        if not isinstance(meta.get(key), kind):
-            return f"monitor.json has no valid {key!r}"
-    names = meta["synapses"]
-    if not names or not all(isinstance(n, str) and n in meta["weight_shapes"] for n in names):
-        return "monitor.json's synapses and weight shapes do not match"
-    missing = [k for k in ARRAYS if k not in SLEEP and k not in arrays]
-    if missing:
-        return f"monitor.npz lacks the arrays {', '.join(missing)}"
-    sleep = [k for k in SLEEP if k in arrays]
-    if sleep and len(sleep) != len(SLEEP):
-        return f"monitor.npz has only some sleep arrays ({', '.join(sleep)})"
-    r, s = arrays["steps"].shape[0] if arrays["steps"].ndim == 1 else -1, len(names)
-    k = arrays["trace_index"].shape[1] if arrays["trace_index"].ndim == 2 else -1
-    p = arrays["scatter_steps"].shape[0] if arrays["scatter_steps"].ndim == 1 else -1
-    n = arrays["scatter_index"].shape[1] if arrays["scatter_index"].ndim == 2 else -1
-    expected = {"steps": (r,), "trace_index": (s, k), "scatter_steps": (p,), "scatter_index": (s, n),
-                "traces_w": (r, s, k), "traces_b": (r, s, k), "scatter_w": (p, s, n), "scatter_b": (p, s, n),
-                **{name: (r, s) for name in SCALARS + tuple(sleep)}}
-    for name, shape in expected.items():
-        if -1 in shape or arrays[name].shape != shape:
-            return (f"array {name} has shape {arrays[name].shape} where {shape} fits the other arrays "
-                    f"({s} synapses)")
-    return None
+        self.records.load_state_dict(state)
+        self._set_indices(state["trace_index"].clone(), state["scatter_index"].clone())
