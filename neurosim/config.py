@@ -189,6 +189,8 @@ class RunConfig:
 
     def __getattr__(self, name):
         # The rule's settings read as the command line names them: cfg.wm_lr, cfg.kp_decay.
+        if name.startswith("__"):  # copy/pickle protocol look-ups, possibly before fields exist
+            raise AttributeError(name)
         prefix = f"{self.rule}_"
         if name.startswith(prefix):
             field = name[len(prefix):]
