@@ -159,7 +159,10 @@ def _title(run_dir: Path) -> str:
 def plot_run(run_dir: Path) -> list[Path]:
     """Every figure of one run, written into its directory; returns the files written."""
     run_dir = Path(run_dir)
-    written = [plot_epoch_angles(run_dir), plot_accuracy(run_dir)]
+    written = [plot_accuracy(run_dir)]
+    angles = [a for r in read_metrics(run_dir) for a in r["angles"].values()]
+    if any(a == a for a in angles):  # a rule without feedback matrices (DFA) has no W–Bᵀ angle
+        written.insert(0, plot_epoch_angles(run_dir))
     if (run_dir / "monitor.npz").exists():
         written += plot_monitor(run_dir)
     return written
@@ -386,12 +389,15 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
 def plot_monitor(run_dir: Path) -> list[Path]:
     """The figures drawn from a run's monitor files; returns the files written."""
     rec = load_monitor(run_dir)
-    written = [plot_angle_by_step(run_dir, rec), plot_norm_ratio_by_step(run_dir, rec)]
+    # W–Bᵀ figures only where some synapse has a feedback matrix (under DFA none has: the
+    # delta angles are its measure).
+    feedback = bool(np.isfinite(rec.angle).any())
+    written = [plot_angle_by_step(run_dir, rec), plot_norm_ratio_by_step(run_dir, rec)] if feedback else []
     if rec.has_probe:
         written.append(plot_delta_angle_by_step(run_dir, rec))
     if rec.traces_w.shape[2]:
         written.append(plot_synapse_traces(run_dir, rec))
-    if len(rec.scatter_steps) and rec.scatter_w.shape[2]:
+    if feedback and len(rec.scatter_steps) and rec.scatter_w.shape[2]:
         written.append(plot_scatter(run_dir, rec))
     if rec.has_sleep:
         written.append(plot_sleep_effect(run_dir, rec))

@@ -207,3 +207,18 @@ def test_plot_out_problems(runs, tmp_path, capsys):
     assert not (tmp_path / "figs").exists()
     code, err = plot_in_process(runs[0], "--help", capsys=capsys)
     assert code == 0 and err == ""
+
+
+def test_a_rule_without_feedback_matrices_gets_no_empty_w_bt_figures(tmp_path):
+    """DFA: no W–Bᵀ angle exists; the delta angles are drawn, the W–Bᵀ figures are not."""
+    from neurosim.config import preset
+    from neurosim.plots import plot_run
+    from neurosim.train import open_run
+
+    run = open_run(tmp_path / "dfa", preset("dfa_mlp_digits", epochs=1, hidden=(16,), monitor_every=10,
+                                            device="cpu"), quiet=True)
+    run.train()
+    names = {p.name for p in plot_run(tmp_path / "dfa")}
+    assert {"accuracy.png", "delta_angle_by_step.png", "synapse_traces.png"} <= names
+    assert not names & {"angles_by_epoch.png", "angle_w_bt_by_step.png", "norm_ratio_by_step.png",
+                        "w_vs_bt_scatter.png"}
