@@ -3,12 +3,18 @@
 from neurosim.circuit import Circuit
 from neurosim.errors import DataError, UserError
 from neurosim.kinds import Conv2d, Dense, SynapseKind
+from neurosim.pathways import FeedbackPathway
 from neurosim.population import NeuronPopulation
 from neurosim.reference import reference_backward
-from neurosim.rules import (Backprop, FeedbackAlignment, KolenPollack, LocalSignals, PlasticityRule,
-                            SignSymmetry, SleepSchedule, WeightMirror)
+from neurosim.rules import (RULES, Backprop, FeedbackAlignment, KolenPollack, LocalSignals, PlasticityRule,
+                            SignSymmetry, SleepSchedule, WeightMirror, register_rule)
+from neurosim.rules.direct_feedback_alignment import DirectFeedbackAlignment
+from neurosim.rules.sign_concordant import (BatchRandomSignConcordant, FixedRandomSignConcordant,
+                                            UniformSignConcordant)
 from neurosim.synapse import Synapse
 
-__all__ = ["Circuit", "NeuronPopulation", "Synapse", "Dense", "Conv2d", "SynapseKind", "PlasticityRule", "LocalSignals",
-           "Backprop", "FeedbackAlignment", "SignSymmetry", "KolenPollack", "WeightMirror", "SleepSchedule",
-           "reference_backward", "UserError", "DataError"]
+__all__ = ["Circuit", "NeuronPopulation", "Synapse", "FeedbackPathway", "Dense", "Conv2d", "SynapseKind",
+           "PlasticityRule", "LocalSignals", "RULES", "register_rule", "Backprop", "FeedbackAlignment",
+           "SignSymmetry", "UniformSignConcordant", "FixedRandomSignConcordant", "BatchRandomSignConcordant",
+           "KolenPollack", "WeightMirror", "SleepSchedule", "DirectFeedbackAlignment", "reference_backward",
+           "UserError", "DataError"]
