@@ -1,6 +1,7 @@
 """neurosim: circuit-level simulation of neural networks that learn without weight transport."""
 
 from neurosim.circuit import Circuit
+from neurosim.convert import ConversionError, convert, copy_weights
 from neurosim.errors import DataError, UserError
 from neurosim.kinds import Conv2d, Dense, SynapseKind
 from neurosim.pathways import FeedbackPathway
@@ -17,4 +18,4 @@ __all__ = ["Circuit", "NeuronPopulation", "Synapse", "FeedbackPathway", "Dense",
            "PlasticityRule", "LocalSignals", "RULES", "register_rule", "Backprop", "FeedbackAlignment",
            "SignSymmetry", "UniformSignConcordant", "FixedRandomSignConcordant", "BatchRandomSignConcordant",
            "KolenPollack", "WeightMirror", "SleepSchedule", "DirectFeedbackAlignment", "reference_backward",
-           "UserError", "DataError"]
+           "UserError", "DataError", "convert", "copy_weights", "ConversionError"]
