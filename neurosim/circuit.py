@@ -227,7 +227,14 @@ class Circuit(nn.Module):
             raise ValueError("circuit has no input population; add one with circuit.input(name, shape)")
         names = list(self.populations)
         index = {n: i for i, n in enumerate(names)}
-        preds = {n: {pre for _, pre in self.incoming(n)} for n in names}
+        # One pass over the pathways (as incoming() lists them: synapses, then identities); the
+        # circuit is lowered after every builder call, so this stays linear in its size.
+        ins = {n: [] for n in names}
+        for syn in self.synapses.values():
+            ins[syn.post].append((syn, syn.pre))
+        for pre, post in self.identities:
+            ins[post].append((None, pre))
+        preds = {n: {pre for _, pre in ins[n]} for n in names}
         for n in names:
             if n != self.input_name and not preds[n]:
                 raise ValueError(f"population {n!r} receives no pathway")
@@ -243,6 +250,10 @@ class Circuit(nn.Module):
         for i, n in enumerate(order):
             for pre in preds[n]:
                 last_use[pre] = i
+        freed_at = {}
+        for pre, i in last_use.items():
+            if pre != self.output_name:
+                freed_at.setdefault(i, []).append(index[pre])
         for p in self.feedback_pathways.values():
             if p.source != self.output_name:
                 raise ValueError(f"feedback pathway {p.name!r} starts at {p.source!r}, which is no longer the "
@@ -250,8 +261,8 @@ class Circuit(nn.Module):
         targets = {p.target: p for p in self.feedback_pathways.values()}
         steps, direct = [], []
         for i, n in enumerate(order):
-            free = tuple(index[p] for p, j in last_use.items() if j == i and p != self.output_name)
-            incoming = tuple((s, index[pre]) for s, pre in self.incoming(n))
+            free = tuple(freed_at.get(i, ()))
+            incoming = tuple((s, index[pre]) for s, pre in ins[n])
             # A sum of pathways is a tensor nobody else holds. A lone synapse's output is not
             # treated so: forward hooks (monitors) hold it as the synapse's drive.
             fresh = len(incoming) > 1
