@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from neurosim.errors import UserError  # noqa: E402
 from neurosim.files import describe_os_error  # noqa: E402
 from neurosim.monitors import MonitorRecord, load_monitor  # noqa: E402
+from neurosim.run_log import metrics_records  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -35,41 +36,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise UserError(f"no run directory {run_dir}")
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl; give the directory of a run (made by run_circuit.py)")
-    lines = path.read_bytes().split(b"\n")
-    partial = lines.pop()  # b"" when the file ends with a newline
-    records = []
-    for number, raw in enumerate(lines, start=1):
-        record = _metrics_record(path, number, raw)
-        if record is not None:
-            records.append(record)
-    if partial.strip():
-        try:
-            records.append(_metrics_record(path, len(lines) + 1, partial))
-        except UserError:
-            pass  # cut short while being written
+    records = metrics_records(path)
     if not records:
         raise UserError(f"{path} holds no epochs yet")
     return records
-
-
-def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
-    """The record on line ``number`` of ``metrics.jsonl`` (None for a blank line)."""
-    fix = "; the run writes one record per line: repair or delete that line"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} line {number} is not text{fix}") from None
-    if not text.strip():
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {number} is not a JSON record ({e.msg}, column {e.colno}){fix}") from None
-    missing = [k for k in ("epoch", "test_acc", "angles") if not isinstance(record, dict) or k not in record]
-    if missing or not isinstance(record["angles"], dict):
-        raise UserError(f"{path} line {number} is not an epoch record (it lacks {', '.join(missing) or 'angles'})"
-                        f"{fix}")
-    return record
 
 
 def _depth_cmap():

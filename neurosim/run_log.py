@@ -10,6 +10,49 @@ from pathlib import Path
 
 import torch
 
+from neurosim.errors import UserError
+
+
+def metrics_records(path: Path) -> list[dict]:
+    """The epoch records of a ``metrics.jsonl``, in order.
+
+    A last line without its newline is what a run killed while writing leaves: it is ignored
+    when it is not a whole record. Any other bad line is a ``UserError`` naming its (1-based)
+    number."""
+    lines = Path(path).read_bytes().split(b"\n")
+    partial = lines.pop()  # b"" when the file ends with a newline
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        record = _metrics_record(path, number, raw)
+        if record is not None:
+            records.append(record)
+    if partial.strip():
+        try:
+            records.append(_metrics_record(path, len(lines) + 1, partial))
+        except UserError:
+            pass  # cut short while being written
+    return records
+
+
+def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
+    """The record on line ``number`` of ``metrics.jsonl`` (None for a blank line)."""
+    fix = "; the run writes one record per line: repair or delete that line"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} line {number} is not text{fix}") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number} is not a JSON record ({e.msg}, column {e.colno}){fix}") from None
+    missing = [k for k in ("epoch", "test_acc", "angles") if not isinstance(record, dict) or k not in record]
+    if missing or not isinstance(record["angles"], dict):
+        raise UserError(f"{path} line {number} is not an epoch record (it lacks {', '.join(missing) or 'angles'})"
+                        f"{fix}")
+    return record
+
 
 class RunLog:
     """The records of one run directory. ``quiet`` silences the terminal, not the files."""

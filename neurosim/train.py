@@ -22,7 +22,7 @@ from neurosim.errors import UserError
 from neurosim.files import DirectoryLock, describe_os_error, write_atomic
 from neurosim.models import build_mlp, build_resnet
 from neurosim.monitors import Monitor, MonitorConfig, probe_batch
-from neurosim.run_log import RunLog
+from neurosim.run_log import RunLog, metrics_records
 from neurosim.step import engaged_step, sleep_steps
 
 
@@ -437,28 +437,14 @@ def _position_seed(seed: int, step: int) -> int:
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only the lines of epochs the checkpoint holds (``-1``: none).
+    """Keep only the records of epochs the checkpoint holds (``-1``: none).
 
     A kill may leave lines of an epoch that was not committed, or half a line: both go. A line
     that cannot be read anywhere else means the file was damaged, and is reported."""
     if not path.exists():
         return
     text = path.read_text(errors="replace")
-    lines = text.split("\n")
-    keep = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):
-            if number == len(lines):  # the last line, without its newline: a write cut short
-                break
-            raise UserError(f"{path} line {number} is not a metrics record; repair or remove that line "
-                            f"and resume again") from None
-        if epoch <= epochs_done:
-            keep.append(line + "\n")
-    new = "".join(keep)
+    new = "".join(json.dumps(m) + "\n" for m in metrics_records(path) if m["epoch"] <= epochs_done)
     if new != text:
         write_atomic(path, new.encode(), what="metrics")
 

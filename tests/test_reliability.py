@@ -317,7 +317,7 @@ def test_a_damaged_metrics_line_elsewhere_is_reported_with_its_line_number(tmp_p
     path = tmp_path / "r" / "metrics.jsonl"
     lines = path.read_text().splitlines()
     path.write_text(lines[0] + "\n" + "garbage\n" + lines[1] + "\n")
-    with pytest.raises(UserError, match="metrics.jsonl line 2 is not a metrics record"):
+    with pytest.raises(UserError, match="metrics.jsonl line 2 is not a JSON record"):
         resume_run(tmp_path / "r", overrides={"epochs": 2}, quiet=True).train()
 
 
