@@ -134,6 +134,11 @@ class RunConfig:
     crop_padding: int = attrs.field(default=0, validator=_v.ge(0))
     flip: bool = False
     shuffle: bool = True
+    # Folders: "auto" streams one whose decoded images would not fit comfortably in memory
+    # (neurosim.stream), "on" always streams, "off" always decodes once and holds it on the device.
+    stream: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
+    image_size: int = attrs.field(default=224, validator=_positive)  # a streamed folder's crop size
+    workers: int = attrs.field(default=4, validator=_v.ge(0))  # DataLoader processes per rank when streaming
     # circuit
     hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_ints)
     activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")))
@@ -142,8 +147,11 @@ class RunConfig:
     loss: str = attrs.field(default="cross_entropy", validator=_v.in_(("cross_entropy", "sigmoid_bce")))
     # optimisation
     epochs: int = attrs.field(default=10, validator=_positive)
-    batch_size: int = attrs.field(default=128, validator=_positive)
+    batch_size: int = attrs.field(default=128, validator=_positive)  # per process; global = x processes
     lr: float = attrs.field(default=0.1, validator=_positive)
+    # The linear scaling rule: lr is the rate at a global batch of lr_batch images, and a run
+    # whose global batch (batch_size x processes) differs uses lr x global / lr_batch. 0: lr as given.
+    lr_batch: int = attrs.field(default=0, validator=_v.ge(0))
     momentum: float = attrs.field(default=0.0, validator=[_v.ge(0.0), _v.lt(1.0)])
     weight_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
     milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing])
@@ -154,6 +162,8 @@ class RunConfig:
     amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")))
     channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
     compile: bool = False
+    # Under torchrun: batch statistics over every process's batch (synchronised batch norm).
+    sync_bn: bool = False
     # Deterministic kernels (cuDNN without autotuning, torch.use_deterministic_algorithms): what
     # makes a CUDA run repeat, and resume, bit for bit. CPU runs are deterministic either way.
     deterministic: bool = False
