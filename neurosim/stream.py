@@ -1,0 +1,628 @@
+"""Image folders streamed from disk, for datasets too big to decode once and hold on the device.
+
+`neurosim.data` decodes a whole folder once and keeps it on the device as uint8 tensors; that
+stops working well short of ImageNet (1.28 M images of varied sizes, hundreds of GB decoded).
+Here images are read and decoded batch by batch by `DataLoader` worker processes while the
+device trains on the previous batches.
+
+`folder_splits` finds the training and validation images of a folder (ImageNet's ``train/`` +
+``val/`` layout, or one tree with a held-out tail per class) without opening any image.
+
+`FolderStream` turns one split into batches of normalised float images on the device, with the
+standard ImageNet transforms (RandomResizedCrop + flip for training, Resize + CenterCrop for
+evaluation). Like `neurosim.data.BatchStream`, every batch is a pure function of (seed, epoch,
+index): the epoch's order comes from a generator seeded with (seed, epoch) and each image's crop
+and flip from one seeded with (seed, epoch, its position in the epoch). So a run resumed
+mid-epoch sees the batches it would have seen, whatever the number of workers, and the ranks of
+a distributed run together see exactly the batches one process with their summed batch would.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import re
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from neurosim.data import _derive_seed, _failure, _pixels, _scan_folder, _UnsupportedMode
+from neurosim.errors import DataError
+
+__all__ = ["folder_splits", "FolderStream", "crop_box"]
+
+# RandomResizedCrop's defaults: the crop covers 8 %..100 % of the image area, with an aspect
+# ratio between 3:4 and 4:3 (drawn uniformly in log space), then is resized to the output size.
+_CROP_SCALE = (0.08, 1.0)
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_TRIES = 10
+# Evaluation resizes the shorter side to image_size / 0.875 (256 for 224) and keeps the centre.
+_EVAL_CROP_FRACTION = 0.875
+# Batches each worker prepares ahead of the one being trained on.
+_PREFETCH = 2
+# File signatures of the formats torchvision decodes itself; anything else goes to Pillow.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TORCHVISION_MAGIC = (_JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
+_DECODE_MODES = ("auto", "cpu", "device")
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+def folder_splits(root: str | os.PathLike, val_per_class: int | None = None
+                  ) -> tuple[tuple[str, ...], tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """The classes and the (paths, labels) of the training and validation images under `root`.
+
+    Two layouts are understood:
+
+    - ImageNet's: `root` holds ``train/`` and ``val/``, each a folder of class subfolders with the
+      same class names. Both are used as they are; `val_per_class` is ignored.
+    - one folder of class subfolders (what `neurosim.data.load_dataset` reads): the last
+      `val_per_class` images of each class in sorted file order are the validation split
+      (default 10 % of each class, at least one), the rest the training split, exactly as
+      `load_dataset` splits a folder.
+
+    Only file names are read, never the images, so this is quick even for ImageNet. Paths and
+    labels are in ImageFolder order (by class, then sorted file order); labels index the class
+    tuple. Problems the user can fix raise `DataError`.
+    """
+    root = Path(root).expanduser()
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        classes, train_paths, train_labels = _scan_folder(train_dir)
+        val_classes, val_paths, val_labels = _scan_folder(val_dir)
+        if classes != val_classes:
+            raise DataError(_class_mismatch(train_dir, classes, val_dir, val_classes))
+        return tuple(classes), (train_paths, train_labels), (val_paths, val_labels)
+
+    classes, paths, labels = _scan_folder(root)
+    # Samples are grouped by class in sorted order, so each class is one contiguous run.
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()
+    is_val = np.zeros(len(paths), dtype=bool)
+    start = 0
+    for name, count in zip(classes, counts):
+        # val_per_class=0 holds nothing out (the evaluation split is empty).
+        k = max(1, count // 10) if val_per_class is None else int(val_per_class)
+        if k < 0 or k >= count:
+            raise DataError(
+                f"class {name!r} in {root} has {count} images; cannot hold out {k} of them "
+                "for validation and still train on it (choose a smaller val_per_class)"
+            )
+        is_val[start + count - k:start + count] = True
+        start += count
+    train = [(p, y) for p, y, v in zip(paths, labels, is_val) if not v]
+    val = [(p, y) for p, y, v in zip(paths, labels, is_val) if v]
+    return (tuple(classes),
+            ([p for p, _ in train], [y for _, y in train]),
+            ([p for p, _ in val], [y for _, y in val]))
+
+
+def _class_mismatch(train_dir: Path, train: Sequence[str], val_dir: Path, val: Sequence[str],
+                    show: int = 5) -> str:
+    """Why the class folders of train/ and val/ do not match, naming the classes that differ."""
+    def listed(names):
+        more = f" and {len(names) - show} more" if len(names) > show else ""
+        return ", ".join(names[:show]) + more
+
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    parts = []
+    if only_train:
+        parts.append(f"only in {train_dir}: {listed(only_train)}")
+    if only_val:
+        parts.append(f"only in {val_dir}: {listed(only_val)}")
+    return (f"the class folders of {train_dir} ({len(train)}) and {val_dir} ({len(val)}) differ ("
+            f"{'; '.join(parts)}); both splits need the same classes, each in its own subfolder "
+            "(e.g. train/n01440764/ and val/n01440764/)")
+
+
+# --- per-image transforms ----------------------------------------------------------------------
+
+def crop_box(seed: int, epoch: int, position: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
+    """The training crop (top, left, height, width) and flip of the image at `position` in `epoch`.
+
+    RandomResizedCrop's rule (torchvision's `RandomResizedCrop.make_params`, default scale and
+    ratio) with a flip at p = 0.5, but every draw comes from a generator seeded with
+    (seed, epoch, position): the choice does not depend on which process or rank prepares the
+    image, or on where the epoch was started. All draws are made up front, so the uniforms an
+    image gets do not depend on how many tries the rule needed.
+    """
+    g = torch.Generator().manual_seed(_derive_seed(seed, epoch, position, 2))
+    u = torch.rand(3 + 2 * _CROP_TRIES, generator=g, dtype=torch.float64).tolist()
+    flip = u[0] < 0.5
+    area = height * width
+    log_lo, log_hi = math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])
+    for t in range(_CROP_TRIES):
+        target = area * (_CROP_SCALE[0] + (_CROP_SCALE[1] - _CROP_SCALE[0]) * u[3 + 2 * t])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u[4 + 2 * t])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            # Uniform offsets in [0, height - h] and [0, width - w] (min() guards u == 1 - eps).
+            top = min(int(u[1] * (height - h + 1)), height - h)
+            left = min(int(u[2] * (width - w + 1)), width - w)
+            return top, left, h, w, flip
+    # No try fitted (a very elongated image): the largest central crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < _CROP_RATIO[0]:
+        w, h = width, int(round(width / _CROP_RATIO[0]))
+    elif in_ratio > _CROP_RATIO[1]:
+        h, w = height, int(round(height * _CROP_RATIO[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w, flip
+
+
+def _transform(img: torch.Tensor, train: bool, size: int, seed: int, epoch: int, position: int) -> torch.Tensor:
+    """One decoded uint8 3×H×W image (on any device) as the uint8 3×size×size network input.
+
+    Training: `crop_box`'s crop resized to size×size (bilinear, antialiased) and its flip.
+    Evaluation: shorter side resized to round(size / 0.875), then the central size×size.
+    """
+    if train:
+        top, left, h, w, flip = crop_box(seed, epoch, position, img.shape[-2], img.shape[-1])
+        out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+        return TF.horizontal_flip(out) if flip else out
+    out = TF.resize(img, [round(size / _EVAL_CROP_FRACTION)], antialias=True)
+    return TF.center_crop(out, [size, size])
+
+
+# --- reading and decoding ----------------------------------------------------------------------
+
+@contextmanager
+def _torchvision_decoders():
+    """Silence the deprecation notice torchvision >= 0.29 gives on every decoder call.
+
+    Its decoders are what this module is built on (TorchCodec, their successor, is not a
+    dependency); without this a run would print the notice several times per image.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
+def _read_bytes(path: str) -> torch.Tensor | str:
+    """A file's bytes as a uint8 tensor, or why it cannot be read (a str).
+
+    Read with Python rather than `torchvision.io.read_file`, whose errors carry its C++ source
+    location instead of the OS's reason, and which refuses empty files without saying so plainly.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return _failure(exc, path)
+    if not data:
+        return "the file is empty"
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _is_jpeg(data: torch.Tensor) -> bool:
+    return bytes(data[:3].tolist()) == _JPEG_MAGIC
+
+
+def _to_uint8_rgb(img: torch.Tensor) -> torch.Tensor:
+    """A decoded C×H×W image as uint8 with 3 channels.
+
+    16-bit samples become round(v / 257), as `neurosim.data` reduces them; one channel is
+    repeated (decoders asked for RGB already give three); of an animated GIF (N×C×H×W) the
+    first frame is kept, as Pillow reads it.
+    """
+    if img.ndim == 4:
+        img = img[0]
+    if img.dtype != torch.uint8:
+        img = ((img.to(torch.int32) + 128) // 257).to(torch.uint8)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img.contiguous()
+
+
+def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor | str:
+    """An image file's bytes as uint8 3×H×W RGB, or why they cannot be decoded (a str).
+
+    JPEG, PNG and GIF go through torchvision's decoders (libjpeg-turbo, libpng); other formats
+    (BMP, PPM/PGM, TIFF, WebP, ...) and files torchvision rejects through Pillow, converted to
+    RGB by `neurosim.data`'s rules (palette, alpha, CMYK, 16-bit greyscale).
+    """
+    head = bytes(data[:8].tolist())
+    if head.startswith(_TORCHVISION_MAGIC):
+        try:
+            with _torchvision_decoders():
+                return _to_uint8_rgb(decode_image(data, mode=ImageReadMode.RGB))
+        except RuntimeError:
+            pass  # e.g. a damaged file: Pillow tries it too, and gives a readable reason if it fails
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            a = _pixels(im)
+    except MemoryError:
+        raise
+    except _UnsupportedMode as exc:
+        return str(exc)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
+        # Pillow names the in-memory file it was given ("cannot identify image file <_io.BytesIO
+        # object at 0x...>"); the caller names the path.
+        return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", _failure(exc, path)) or type(exc).__name__
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return _to_uint8_rgb(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
+
+
+def _unreadable(bad: Sequence[tuple[str, str]], show: int = 3) -> DataError:
+    """One error naming the unreadable images of a batch (full paths) and why each failed."""
+    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:show])
+    more = f" and {len(bad) - show} more in the same batch" if len(bad) > show else ""
+    if len(bad) == 1:
+        return DataError(f"an image cannot be read: {listed}; remove or replace it")
+    return DataError(f"{len(bad)} images cannot be read: {listed}{more}; remove or replace them")
+
+
+class _PathTable:
+    """Many file paths in two numpy arrays (all bytes, and offsets) rather than a list of str.
+
+    Forked DataLoader workers share the parent's memory copy-on-write, but merely reading a
+    Python object writes its reference count, so a list of 1.28 M path strings is gradually
+    copied into every worker. Two flat arrays are read without being written, and pickle
+    compactly where workers are spawned.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        encoded = [os.fsencode(p) for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self.data[self.offsets[i]:self.offsets[i + 1]].tobytes())
+
+
+class _ImageFiles(Dataset):
+    """The map-style dataset the workers index: one image per key (index, epoch, position).
+
+    With `transform` true an item is the network input (uint8 3×S×S), decoded and transformed
+    here. Otherwise a JPEG is left as its file bytes (uint8, 1-D) for the main process to decode
+    in one batched call on the device, and any other format is decoded here (uint8 3×H×W, not
+    yet transformed): only JPEGs have a device decoder, and the workers' CPUs decode the rest
+    better than the main process could. An image that cannot be read gives the reason (a str) in
+    place of the tensor, so that the main process raises one `DataError` naming it rather than
+    passing on a worker's traceback.
+    """
+
+    def __init__(self, paths: _PathTable, labels: np.ndarray, train: bool, size: int, seed: int, transform: bool):
+        self.paths, self.labels = paths, labels
+        self.train, self.size, self.seed, self.transform = train, size, seed, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        index, epoch, position = key
+        path = self.paths[index]
+        data = _read_bytes(path)
+        if not isinstance(data, str) and (self.transform or not _is_jpeg(data)):
+            data = _decode_cpu(data, path)
+            if self.transform and not isinstance(data, str):
+                data = _transform(data, self.train, self.size, self.seed, epoch, position)
+        return data, int(self.labels[index]), path, epoch, position
+
+
+@attrs.frozen
+class _Collate:
+    """Turns a list of `_ImageFiles` items into a batch: "x", "y" (int64 labels), "paths", "keys".
+
+    With `stack`, "x" is the transformed images stacked (N×3×S×S uint8); otherwise, or where
+    some file failed, "x" lists the items as they are (bytes, images, reasons), so the main
+    process can decode the rest and report every failure of the batch at once.
+    """
+
+    stack: bool
+
+    def __call__(self, items) -> dict:
+        data = [d for d, _, _, _, _ in items]
+        ok = self.stack and all(isinstance(d, torch.Tensor) for d in data)
+        return {
+            "x": torch.stack(data) if ok else data,
+            "y": torch.tensor([label for _, label, _, _, _ in items], dtype=torch.int64),
+            "paths": [path for _, _, path, _, _ in items],
+            "keys": [(epoch, position) for _, _, _, epoch, position in items],
+        }
+
+
+# --- order and sharding ------------------------------------------------------------------------
+
+@attrs.frozen
+class _Layout:
+    """Which images each rank's batches hold, epoch by epoch (see `FolderStream`)."""
+
+    n: int
+    batch_size: int
+    train: bool
+    seed: int
+    rank: int
+    world: int
+
+    def num_batches(self) -> int:
+        if self.train:
+            if self.world == 1:
+                return math.ceil(self.n / self.batch_size)
+            return self.n // (self.batch_size * self.world)
+        lo, hi = self.shard()
+        return math.ceil((hi - lo) / self.batch_size)
+
+    def num_images(self) -> int:
+        if self.train:
+            return self.n if self.world == 1 else self.num_batches() * self.batch_size
+        lo, hi = self.shard()
+        return hi - lo
+
+    def shard(self) -> tuple[int, int]:
+        """Evaluation: the contiguous run of positions this rank evaluates."""
+        return self.rank * self.n // self.world, (self.rank + 1) * self.n // self.world
+
+    def order(self, epoch: int) -> torch.Tensor | None:
+        """The epoch's permutation of the images (training), the same on every rank; None in evaluation."""
+        if not self.train:
+            return None
+        g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def positions(self, index: int) -> range:
+        """Positions in the epoch's order of the images in this rank's batch `index`."""
+        if not 0 <= index < self.num_batches():
+            raise IndexError(f"batch {index} out of range for {self.num_batches()} batches per epoch")
+        b = self.batch_size
+        if self.train:
+            start = index * b * self.world + self.rank * b
+            return range(start, min(start + b, self.n))
+        lo, hi = self.shard()
+        return range(lo + index * b, min(lo + (index + 1) * b, hi))
+
+
+class _BatchKeys:
+    """The DataLoader's batch sampler: the keys of batches `start`.. of one epoch.
+
+    Set to an epoch and a first batch before each pass over the loader; batches before `start`
+    are never asked for, so resuming mid-epoch decodes nothing twice. It lives in the main
+    process only (workers receive the keys), so setting it between passes is safe even with
+    persistent workers.
+    """
+
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        return max(0, self.layout.num_batches() - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        # The epoch and start are taken now, not when the first batch is asked for.
+        return self._keys(self.epoch, self.start)
+
+    def _keys(self, epoch: int, start: int) -> Iterator[list[tuple[int, int, int]]]:
+        order = self.layout.order(epoch)
+        for index in range(start, self.layout.num_batches()):
+            pos = self.layout.positions(index)
+            images = pos if order is None else order[pos.start:pos.stop].tolist()
+            yield [(int(i), epoch, p) for i, p in zip(images, pos)]
+
+
+def _mp_context():
+    """Fork where the platform has it (workers start at once and share the path table); else the default.
+
+    Everything the workers need is picklable and defined at module level, so spawn works too.
+    """
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return None
+
+
+def _shut_down(loader: DataLoader) -> None:
+    """Stop a DataLoader's persistent worker processes now rather than when it is collected."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        loader._iterator = None
+
+
+# --- the stream --------------------------------------------------------------------------------
+
+class FolderStream:
+    """Batches of normalised float images read from image files, for one rank of a run.
+
+    Order: in training, epoch e's order is ``torch.randperm(N)`` from a CPU generator seeded
+    with ``_derive_seed(seed, e)``, the same on every rank; global batch k is
+    ``order[k*B*world:(k+1)*B*world]`` and rank r takes its slice ``[r*B:(r+1)*B]``. With
+    world > 1 an incomplete last global batch is dropped, so every rank has the same number of
+    full batches and averaging their gradients gives the global batch mean; with world == 1 the
+    last partial batch is kept. In evaluation the images keep their order, rank r takes the
+    contiguous shard ``[r*N//world:(r+1)*N//world]`` and cuts it into batches; nothing is
+    dropped.
+
+    Transforms: training crops with `crop_box` (RandomResizedCrop, scale 0.08..1, ratio 3/4..4/3,
+    plus a horizontal flip at p = 0.5), seeded by (seed, epoch, position in the epoch's order);
+    evaluation resizes the shorter side to round(image_size / 0.875) and keeps the centre. Images
+    are made RGB. The uint8 result is normalised on the device, (x/255 - mean)/std, as one
+    multiply-add.
+
+    Loading: a `DataLoader` with `workers` processes (0: in this process), kept alive between
+    epochs, prepares batches ahead. `decode` says where images are decoded: ``"cpu"``: in the
+    workers, which also crop and resize; ``"device"``: the workers only read JPEG files' bytes
+    (and decode other formats, which have no device decoder, on their CPUs), this process decodes
+    the batch's JPEGs in one `decode_jpeg` call on `device` (the GPU's nvJPEG on CUDA) and crops
+    and resizes every image there; ``"auto"``: ``"device"`` on CUDA, ``"cpu"`` otherwise. Both
+    give the same crops and flips for an image. An unreadable image raises a `DataError` naming
+    it (and any other of its batch) when its batch is reached.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int], batch_size: int, *,
+                 train: bool, mean: Sequence[float], std: Sequence[float], seed: int,
+                 image_size: int = 224, rank: int = 0, world: int = 1, workers: int = 4,
+                 device: str | torch.device = "cpu", channels_last: bool = False, decode: str = "auto"):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if batch_size < 1 or image_size < 1 or workers < 0:
+            raise ValueError("batch_size and image_size must be >= 1 and workers >= 0")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) with world >= 1, got rank {rank} of {world}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("mean and std need 3 values, one per RGB channel")
+        if decode not in _DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(_DECODE_MODES)}, got {decode!r}")
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.image_size = int(image_size)
+        self.train, self.channels_last = bool(train), bool(channels_last)
+        self.decode = decode if decode != "auto" else ("device" if self.device.type == "cuda" else "cpu")
+        self._layout = _Layout(len(paths), self.batch_size, self.train, int(seed), int(rank), int(world))
+        if self.train and len(paths) == 0:
+            raise DataError("the training split has no images")
+        if self.train and len(self) == 0:
+            raise DataError(
+                f"the training split has {len(paths)} images, fewer than one global batch of "
+                f"{self.batch_size} per rank × {world} ranks; use a smaller batch or fewer processes"
+            )
+        self.num_images = self._layout.num_images()
+
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # (x/255 - mean)/std as one multiply-add per element.
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+
+        in_workers = self.decode == "cpu"
+        files = _ImageFiles(_PathTable(paths), np.asarray(labels, dtype=np.int64), self.train,
+                            self.image_size, int(seed), transform=in_workers)
+        self._sampler = _BatchKeys(self._layout)
+        extra = {}
+        if workers > 0:
+            extra = dict(persistent_workers=True, prefetch_factor=_PREFETCH, multiprocessing_context=_mp_context())
+        self._loader = DataLoader(files, batch_sampler=self._sampler, num_workers=int(workers),
+                                  collate_fn=_Collate(stack=in_workers), pin_memory=self.device.type == "cuda", **extra)
+        # The pass over the loader that may draw from it now (see `epoch`); None once closed.
+        self._owner: object | None = object()
+        self._finalizer = weakref.finalize(self, _shut_down, self._loader)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._layout.num_batches()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image: (3, image_size, image_size)."""
+        return 3, self.image_size, self.image_size
+
+    def indices(self, epoch: int, index: int) -> torch.Tensor:
+        """Positions in `paths` of the images in this rank's batch `index` of `epoch` (reads no file)."""
+        pos = self._layout.positions(index)
+        order = self._layout.order(epoch)
+        if order is None:
+            return torch.arange(pos.start, pos.stop)
+        return order[pos.start:pos.stop]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from batch `start` on (for resuming mid-epoch), as (x, y) on the device.
+
+        x is float32 N×3×S×S, normalised (channels-last if asked), y int64 N. Batches before
+        `start` are not read. Only the latest pass over a stream may be drawn from: starting
+        another one (a new `epoch` call) ends the one before.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if self._owner is None:
+            raise RuntimeError("this FolderStream is closed")
+        self._sampler.epoch, self._sampler.start = int(epoch), int(start)
+        token = self._owner = object()
+        # Started here, not on the first next(), so the workers begin reading at once.
+        batches = iter(self._loader)
+        return self._draw(batches, token)
+
+    def _draw(self, batches, token) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            # With persistent workers every pass shares one loader iterator: a pass that a later
+            # `epoch` call replaced must not take that pass's batches.
+            if self._owner is not token:
+                raise RuntimeError("this pass over the FolderStream was ended by a later epoch() call or close()")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield self._finish(batch)
+
+    def _finish(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated batch as normalised float images and labels on the device."""
+        y = batch["y"].to(self.device, non_blocking=True)
+        if self.decode == "cpu":
+            x = batch["x"]
+            if isinstance(x, list):  # some files could not be read or decoded
+                raise _unreadable([(p, d) for p, d in zip(batch["paths"], x) if isinstance(d, str)])
+            x = x.to(self.device, non_blocking=True)
+        else:
+            x = self._decode_on_device(batch["x"], batch["paths"], batch["keys"])
+        out = x.to(torch.float32).mul_(self._scale).add_(self._shift)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out, y
+
+    def _decode_on_device(self, data: list[torch.Tensor | str], paths: list[str],
+                          keys: list[tuple[int, int]]) -> torch.Tensor:
+        """Decode a batch's JPEGs in one `decode_jpeg` call on the device, then transform every image there.
+
+        `data` holds, per image, the JPEG file's bytes (1-D), the image the worker decoded
+        (3×H×W, other formats), or why it could not be read (a str).
+        """
+        images: list[torch.Tensor | str | None] = [
+            d if isinstance(d, str) or d.ndim == 3 else None for d in data
+        ]
+        jpegs = [i for i, img in enumerate(images) if img is None]
+        if jpegs:
+            try:
+                with _torchvision_decoders():
+                    decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                decoded = None  # one bad or unsupported file fails the whole call: try them one by one
+            for n, i in enumerate(jpegs):
+                if decoded is not None:
+                    images[i] = decoded[n]
+                    continue
+                try:
+                    with _torchvision_decoders():
+                        images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device)
+                except RuntimeError:
+                    # A damaged file, or a JPEG flavour the device decoder lacks (e.g. CMYK):
+                    # the CPU decoders, with Pillow behind them, decide and give the reason.
+                    images[i] = _decode_cpu(data[i], paths[i])
+        bad = [(path, img) for path, img in zip(paths, images) if isinstance(img, str)]
+        if bad:
+            raise _unreadable(bad)
+        return torch.stack([
+            _transform(_to_uint8_rgb(img.to(self.device, non_blocking=True)), self.train, self.image_size,
+                       self._layout.seed, epoch, position)
+            for img, (epoch, position) in zip(images, keys)
+        ])
+
+    def close(self) -> None:
+        """Stop the worker processes. Also done when the stream is garbage-collected."""
+        self._owner = None
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        split = "train" if self.train else "eval"
+        return (f"FolderStream({split}, {self._layout.n} images, batch {self.batch_size}, "
+                f"rank {self._layout.rank}/{self._layout.world}, {len(self)} batches, "
+                f"{self.image_size}px, decode={self.decode})")
