@@ -80,16 +80,38 @@ class Circuit(nn.Module):
         return pop
 
     def population(self, name: str, shape, activation: str = "identity", norm: str | None = None,
-                   pool: str = "none") -> NeuronPopulation:
-        """Add a population; the last one added is the output unless ``output_name`` is set."""
+                   pool: str = "none", pool_kernel: int | None = None, pool_stride: int | None = None,
+                   pool_padding: int = 0) -> NeuronPopulation:
+        """Add a population; the last one added is the output unless ``output_name`` is set.
+
+        ``pool`` is ``"none"``, ``"global_avg"`` or ``"max"`` (with ``pool_kernel``,
+        ``pool_stride`` and ``pool_padding``); see ``NeuronPopulation``."""
         if name in self.populations:
             raise ValueError(f"population {name!r} already exists")
         if not name or "." in name:
             raise ValueError(f"population name {name!r} must be non-empty and contain no '.'")
-        pop = NeuronPopulation(name, shape, activation, norm, pool)
+        pop = NeuronPopulation(name, shape, activation, norm, pool, pool_kernel, pool_stride, pool_padding)
         self.populations[name] = pop
         self.output_name = name
         self._relower()
+        return pop
+
+    def max_pool(self, pre: str, post: str, kernel_size: int, stride: int | None = None,
+                 padding: int = 0) -> NeuronPopulation:
+        """A max-pooling population ``post`` fed by an identity pathway from ``pre``, its shape the
+        one the window makes of ``pre``'s (torchvision's stem: ``max_pool("stem", "stem_pool", 3, 2, 1)``)."""
+        src = self._pop(pre)
+        if len(src.shape) != 3:
+            raise ValueError(f"max pooling needs a (C, H, W) population; {pre!r} has shape {src.shape}")
+        stride = kernel_size if stride is None else stride
+        if not all(isinstance(v, int) and v >= 1 for v in (kernel_size, stride)):
+            raise ValueError(f"max pooling needs a positive whole kernel size and stride, got {kernel_size!r}, {stride!r}")
+        shape = (src.shape[0], *((n + 2 * padding - kernel_size) // stride + 1 for n in src.shape[1:]))
+        if min(shape[1:]) < 1:
+            raise ValueError(f"max pooling {pre!r} of shape {src.shape} with kernel {kernel_size} leaves no output")
+        pop = self.population(post, shape, pool="max", pool_kernel=kernel_size, pool_stride=stride,
+                              pool_padding=padding)
+        self.identity(pre, post)
         return pop
 
     def connect(self, pre: str, post: str, kind: SynapseKind, rule: PlasticityRule | None = None,

@@ -3,8 +3,11 @@
 Nothing here uses autograd across synapses. The forward pass drives each population with its
 synapses' literal products (``unfold`` + matrix products for convolutions); the feedback pass
 walks the populations in reverse, sends each post error back through the rule's feedback
-matrix, and forms every local update from the signals present at its synapse. Autograd is used
-only *inside* a population (its pooling, batch norm and nonlinearity are population-local).
+matrix, and forms every local update from the signals present at its synapse. Pooling is
+walked by hand too: a global average hands each position its share of the channel's error, a
+max-pooling neuron hands its whole error to the position that won its window (overlapping
+windows add up). Autograd is used only *inside* a population, for its batch norm and
+nonlinearity (population-local).
 
 Feedback pathways are walked literally too: the output error ``e`` enters every pathway's
 target as ``pathway.ref_feedback(e)`` (added to whatever error that population receives from
@@ -18,6 +21,7 @@ against, for every rule and synapse kind.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
@@ -26,16 +30,19 @@ def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
     ``loss_fn(output_activity) -> scalar``. Returns the loss (detached). Gradients are
     accumulated as ``loss.backward()`` would, so the same optimizer applies them.
     """
-    drives, acts = {}, {circuit.input_name: x.detach()}
+    drives, acts, winners = {}, {circuit.input_name: x.detach()}, {}
     for name in circuit.order()[1:]:
+        pop = circuit.populations[name]
         drive = None
         for syn, pre in circuit.incoming(name):
             with torch.no_grad():
                 d = acts[pre] if syn is None else syn.ref_forward(acts[pre])
             drive = d if drive is None else drive + d
-        u = drive.detach().requires_grad_(True)
+        with torch.no_grad():
+            pooled, winners[name] = _pool(pop, drive)
+        u = pooled.detach().requires_grad_(True)
         with torch.enable_grad():
-            acts[name] = circuit.populations[name](u)
+            acts[name] = pop.respond(u)
         drives[name] = u
 
     out = circuit.output_name
@@ -56,7 +63,8 @@ def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
         pop = circuit.populations[name]
         params = [p for p in pop.parameters() if p.requires_grad]
         grads = torch.autograd.grad(acts[name], [drives[name], *params], errors.pop(name))
-        post_error = grads[0]
+        with torch.no_grad():
+            post_error = _unpool(pop, grads[0], winners.pop(name))
         _accumulate(params, grads[1:])
         for syn, pre in circuit.incoming(name):
             with torch.no_grad():
@@ -68,6 +76,29 @@ def reference_backward(circuit, x: torch.Tensor, loss_fn) -> torch.Tensor:
                     gw, gb, gfb = syn.ref_updates(acts[pre].detach(), post_error)
                     _accumulate([syn.weight, syn.bias, syn.feedback], [gw, gb, gfb])
     return loss.detach()
+
+
+def _pool(pop, drive: torch.Tensor):
+    """A population's pooling of its summed drive, and what its backward needs: the drive's
+    shape (global average), or the drive's shape and each neuron's winning position (max)."""
+    if pop.pool == "global_avg":
+        return drive.mean((2, 3)), drive.shape
+    if pop.pool == "max":
+        pooled, where = F.max_pool2d_with_indices(drive, pop.pool_kernel, pop.pool_stride, pop.pool_padding)
+        return pooled, (drive.shape, where)
+    return drive, None
+
+
+def _unpool(pop, error: torch.Tensor, winners) -> torch.Tensor:
+    """The error at a pooled population's neurons, sent back to the positions of its drive."""
+    if pop.pool == "global_avg":
+        n, c, h, w = winners
+        return (error / (h * w)).view(n, c, 1, 1).expand(n, c, h, w)
+    if pop.pool == "max":
+        shape, where = winners  # flat index into H×W of each window's largest drive
+        out = error.new_zeros(shape).flatten(2)
+        return out.scatter_add_(2, where.flatten(2), error.flatten(2)).view(shape)
+    return error
 
 
 def _accumulate(params, grads) -> None:

@@ -1,0 +1,127 @@
+"""Max-pooling populations, the stem of torchvision's ImageNet ResNets.
+
+A max-pooling population must give the same updates in the reference and the compiled
+execution under every registered rule.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurosim.circuit import Circuit
+from neurosim.reference import reference_backward
+from neurosim.rules import RULES as REGISTRY
+from neurosim.rules import Backprop
+
+RULES = {name: cls.example for name, cls in REGISTRY.items()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small float64 tensors: intra-op threads only add barrier waits on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_updates(compiled, x, target, rule):
+    """One engaged step, compiled and literal, on copies of one circuit: the same loss, the same
+    gradients of every parameter and the same batch-norm statistics."""
+    literal = copy.deepcopy(compiled)
+    loss_fn = lambda out: F.cross_entropy(out, target)
+    loss = loss_fn(compiled(x))
+    loss.backward()
+    ref_loss = reference_backward(literal, x, loss_fn)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    a, b = grads(compiled), grads(literal)
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{rule}, {n}: {m}")
+    for (n, t), (_, u) in zip(compiled.named_buffers(), literal.named_buffers()):
+        torch.testing.assert_close(t, u, msg=lambda m, n=n: f"{rule}, {n}: {m}")
+
+
+# -- max-pooling populations ---------------------------------------------------------------------
+
+def max_pool_circuit(rule, seed, folded):
+    """A stem as torchvision's (conv → batch norm → ReLU, then a 3×3/2 max-pool population fed by
+    an identity pathway), a residual block on the pooled map, and a max-pool with a synapse into
+    it and a norm and nonlinearity after it (``folded``), or a plain 2×2 one."""
+    c = Circuit(rule=rule, seed=seed)
+    c.input("x", (3, 11, 11))
+    c.population("stem", (4, 6, 6), activation="relu", norm="batch")
+    c.conv("x", "stem", 3, stride=2, padding=1)
+    c.max_pool("stem", "stem_pool", 3, stride=2, padding=1)
+    c.population("a", (4, 3, 3), activation="relu", norm="batch")
+    c.conv("stem_pool", "a", 3, padding=1, bias=False)
+    c.population("res", (4, 3, 3), activation="relu")
+    c.identity("a", "res")
+    c.identity("stem_pool", "res")
+    if folded:  # pool(Σ drives) → batch norm → tanh, with a synapse and an identity summed first
+        c.population("mp", (4, 2, 2), activation="tanh", norm="batch", pool="max", pool_kernel=2, pool_stride=1)
+        c.conv("res", "mp", 1)
+        c.identity("res", "mp")
+    else:
+        c.max_pool("res", "mp", 2)
+    c.population("y", 5)
+    c.dense("mp", "y")
+    if getattr(rule, "direct_feedback", False):
+        c.add_direct_feedback()
+    return c.double()
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("folded", [False, True])
+def test_max_pool_compiled_equals_reference(rule, folded):
+    c = max_pool_circuit(RULES[rule](), 0 if folded else 1, folded)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 11, 11, dtype=torch.float64, generator=g)
+    assert_same_updates(c, x, torch.arange(6) % 5, rule)
+
+
+def test_reference_routes_max_pool_error_to_the_winner():
+    """Overlapping windows: a position that wins two windows receives both their errors."""
+    c = Circuit(rule=Backprop())
+    c.input("x", (1, 3, 3))
+    c.population("h", (1, 3, 3))
+    c.conv("x", "h", 1, bias=False)
+    c.max_pool("h", "p", 2, stride=1)
+    c.population("y", 1)
+    c.dense("p", "y", bias=False)
+    c.double()
+    with torch.no_grad():
+        c.synapses["x->h"].weight.fill_(1.0)
+        c.synapses["p->y"].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    x[0, 0, 1, 1] = 1.0  # the centre wins all four windows
+    x[0, 0, 0, 0] = 0.5
+    reference_backward(c, x, lambda out: out.sum())
+    # ΔW of the 1×1 synapse is Σ over positions of error × input: only the centre carries error
+    # (1+2+3+4) and input 1; the corner, which won no window, none.
+    torch.testing.assert_close(c.synapses["x->h"].weight.grad.flatten(), torch.tensor([10.0], dtype=torch.float64))
+
+
+def test_max_pool_population_checks_its_window():
+    c = Circuit(rule=Backprop())
+    c.input("x", (2, 8, 8))
+    with pytest.raises(ValueError, match="needs pool_kernel"):
+        c.population("p", (2, 4, 4), pool="max")
+    with pytest.raises(ValueError, match="pool_padding must be a whole number from 0 to half the kernel"):
+        c.population("p", (2, 4, 4), pool="max", pool_kernel=2, pool_padding=2)
+    with pytest.raises(ValueError, match=r"apply to pool='max' only"):
+        c.population("p", (2, 8, 8), pool_kernel=2)
+    with pytest.raises(ValueError, match=r"shape is \(C, H, W\)"):
+        c.population("p", (2,), pool="max", pool_kernel=2)
+    c.population("p", (2, 3, 3), pool="max", pool_kernel=2)
+    with pytest.raises(ValueError, match=r"max-pools \(kernel 2, stride 2, padding 0\) a drive of shape "
+                                         r"\(2, 8, 8\) to \(2, 4, 4\)"):
+        c.identity("x", "p")
+    pool = c.max_pool("x", "q", 3, 2, 1)
+    assert pool.shape == (2, 4, 4) and "pool=max3x3/2 pad=1" in repr(c)
