@@ -1,7 +1,8 @@
-"""Max-pooling populations, the stem of torchvision's ImageNet ResNets.
+"""ImageNet ResNets as circuits: max-pooling populations and torchvision's layout.
 
 A max-pooling population must give the same updates in the reference and the compiled
-execution under every registered rule.
+execution under every registered rule; the ImageNet ResNet circuits must compute what
+torchvision's ``resnet18``/``resnet50`` compute, outputs and gradients, under backprop.
 """
 
 import copy
@@ -9,8 +10,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 from neurosim.circuit import Circuit
+from neurosim.models import build_resnet
+from neurosim.models.native import circuit_names, copy_from_circuit, native_resnet
 from neurosim.reference import reference_backward
 from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop
@@ -125,3 +129,67 @@ def test_max_pool_population_checks_its_window():
         c.identity("x", "p")
     pool = c.max_pool("x", "q", 3, 2, 1)
     assert pool.shape == (2, 4, 4) and "pool=max3x3/2 pad=1" in repr(c)
+
+
+# -- ImageNet ResNets ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth, synapses", [("resnet18", 21), ("resnet34", 37), ("resnet50", 54)])
+def test_imagenet_resnets_have_torchvisions_parameters_and_names(depth, synapses):
+    c = build_resnet(f"{depth}_imagenet", Backprop())
+    tv = getattr(torchvision.models, depth)()
+    assert sum(p.numel() for p in c.parameters()) == sum(p.numel() for p in tv.parameters())
+    assert len(c.synapses) == synapses
+    assert c.synapses["conv1"].kind.describe() == "conv7x7 3->64 stride=2 pad=3"
+    assert c.populations["stem_pool"].shape == (64, 56, 56) and c.populations["logits"].shape == (1000,)
+    # Every torchvision module with state has its circuit counterpart, and the reverse.
+    mapping = circuit_names(tv)
+    assert {m for m, mod in tv.named_modules() if list(mod.parameters(recurse=False))} == set(mapping)
+    assert {n.rsplit(".", 1)[0] for n in dict(c.named_parameters())} == {v for v in mapping.values()}
+    native = native_resnet(f"{depth}_imagenet")
+    assert native.state_dict().keys() == tv.state_dict().keys()
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet50"])
+def test_imagenet_circuit_equals_torchvision_under_backprop(depth):
+    """Full width, torchvision's own model, float64, train mode: same outputs, same gradients of
+    every weight, same batch-norm statistics."""
+    circuit = build_resnet(f"{depth}_imagenet", Backprop(), seed=3).double()
+    tv = copy_from_circuit(getattr(torchvision.models, depth)().double(), circuit)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=g)
+    y = torch.tensor([7, 993])
+    out_c, out_t = circuit(x), tv(x)
+    torch.testing.assert_close(out_c, out_t, rtol=1e-10, atol=1e-12)
+    F.cross_entropy(out_c, y).backward()
+    F.cross_entropy(out_t, y).backward()
+    mapping, theirs = circuit_names(tv), dict(circuit.named_parameters())
+    for name, p in tv.named_parameters():
+        module, leaf = name.rsplit(".", 1)
+        torch.testing.assert_close(theirs[f"{mapping[module]}.{leaf}"].grad, p.grad, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    buffers = dict(circuit.named_buffers())
+    for name, b in tv.named_buffers():
+        module, leaf = name.rsplit(".", 1)
+        assert torch.equal(buffers[f"{mapping[module]}.{leaf}"], b), name
+    circuit.eval()
+    tv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(circuit(x), tv(x), rtol=1e-10, atol=1e-12)
+
+
+def test_native_imagenet_resnet_draws_what_build_resnet_draws():
+    circuit = build_resnet("resnet50_imagenet", Backprop(), 5, (3, 32, 32), width=0.0625, seed=4)
+    native = native_resnet("resnet50_imagenet", 5, (3, 32, 32), 0.0625, seed=4)
+    mapping, theirs = circuit_names(native), circuit.state_dict()
+    for name, t in native.state_dict().items():
+        module, leaf = name.rsplit(".", 1)
+        assert torch.equal(t, theirs[f"{mapping[module]}.{leaf}"]), name
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_reduced_imagenet_resnet_compiled_equals_reference(rule):
+    c = build_resnet("resnet18_imagenet", RULES[rule](), num_classes=6, in_shape=(3, 32, 32), width=0.0625,
+                     seed=2).double()
+    assert "stem_pool" not in {p.target for p in c.feedback_pathways.values()}
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert_same_updates(c, x, torch.arange(4), rule)

@@ -1,19 +1,25 @@
 """Plain PyTorch ResNets: the native baseline that compiled circuits are measured against.
 
 ``native_resnet(depth, ...)`` builds the *same* network as ``neurosim.models.build_resnet`` —
-CIFAR stem (3×3, stride 1, no max-pool), torchvision-style ``BasicBlock``/``Bottleneck``
-(stride on the 3×3 convolution, a 1×1 convolution + batch norm shortcut where shape changes,
-``out += identity`` before the last ReLU), global average pooling and a linear classifier — as
-an ordinary ``nn.Module`` trained with ordinary autograd. ``copy_from_circuit`` gives it a
-circuit's forward weights, biases and batch-norm state, so that the two compute the same
-function and (under ``Backprop``) the same gradients: the benchmark then compares equal work,
-and the test in ``tests/test_native_baseline.py`` checks that it does.
+CIFAR stem (3×3, stride 1, no max-pool) or, for the ``*_imagenet`` models, torchvision's
+ImageNet stem (7×7 stride-2 convolution, batch norm, ReLU, 3×3 stride-2 max-pool);
+torchvision-style ``BasicBlock``/``Bottleneck`` (stride on the 3×3 convolution, a 1×1
+convolution + batch norm shortcut where shape changes, ``out += identity`` before the last
+ReLU), global average pooling and a linear classifier — as an ordinary ``nn.Module`` trained
+with ordinary autograd. ``copy_from_circuit`` gives it a circuit's forward weights, biases and
+batch-norm state, so that the two compute the same function and (under ``Backprop``) the same
+gradients: the benchmark then compares equal work, and the tests in
+``tests/test_native_baseline.py`` and ``tests/test_imagenet_models.py`` check that it does.
 
-Names follow torchvision: ``conv1``/``bn1`` (stem), ``layer2[0].conv1``, ``layer2[0].bn1``,
-``layer2[0].downsample[0]`` (shortcut conv), ``layer2[0].downsample[1]`` (its batch norm),
-``fc``. In the circuit these are the synapses ``conv1``, ``layer2_0_conv1``,
-``layer2_0_shortcut``, ``fc`` and the populations ``stem``, ``layer2_0_a`` (``_b``, ``_c``),
-``layer2_0_sc``.
+Names follow torchvision (an ImageNet model's ``state_dict`` has exactly the keys of
+``torchvision.models.resnet18()``'s): ``conv1``/``bn1`` (stem), ``maxpool``,
+``layer2[0].conv1``, ``layer2[0].bn1``, ``layer2[0].downsample[0]`` (shortcut conv),
+``layer2[0].downsample[1]`` (its batch norm), ``fc``. In the circuit these are the synapses
+``conv1``, ``layer2_0_conv1``, ``layer2_0_shortcut``, ``fc`` and the populations ``stem``,
+``layer2_0_a`` (``_b``, ``_c``), ``layer2_0_sc`` (the max-pool is the population ``stem_pool``,
+which holds no state).
+``circuit_names`` and ``copy_from_circuit`` read the module names only, so they serve a
+``torchvision.models.resnet18()`` (``34``, ``50``) as well as a ``NativeResNet``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from neurosim.models.resnet import DEPTHS
+from neurosim.models.resnet import resnet_layout
 
 __all__ = ["NativeResNet", "BasicBlock", "Bottleneck", "native_resnet", "copy_from_circuit", "circuit_names"]
 
@@ -87,23 +93,24 @@ class Bottleneck(nn.Module):
 
 
 class NativeResNet(nn.Module):
-    """A CIFAR ResNet as plain modules: the reference for speed and memory of circuits."""
+    """A ResNet (CIFAR or ImageNet stem) as plain modules: the reference for speed and memory of circuits."""
 
-    def __init__(self, depth: str, num_classes: int = 100, in_shape=(3, 32, 32), width: float = 1.0,
+    def __init__(self, depth: str, num_classes: int | None = None, in_shape=None, width: float = 1.0,
                  generator: torch.Generator | None = None):
         super().__init__()
-        if depth not in DEPTHS:
-            raise ValueError(f"unknown ResNet {depth!r}; choose from {sorted(DEPTHS)}")
+        kind, counts, imagenet = resnet_layout(depth)
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
-        kind, counts = DEPTHS[depth]
+        num_classes = num_classes or (1000 if imagenet else 100)  # build_resnet's defaults
+        in_shape = in_shape or ((3, 224, 224) if imagenet else (3, 32, 32))
         block = BasicBlock if kind == "basic" else Bottleneck
         ch = lambda n: max(1, round(n * width))  # exactly as build_resnet rounds
         self.depth, self.width, self.in_shape = depth, width, tuple(in_shape)
         channels = ch(64)
-        self.conv1 = _conv(in_shape[0], channels, 3)
+        self.conv1 = _conv(in_shape[0], channels, 7, 2) if imagenet else _conv(in_shape[0], channels, 3)
         self.bn1 = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet else None
         for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), counts), start=1):
             blocks = []
             for i in range(n):
@@ -133,25 +140,27 @@ class NativeResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def native_resnet(depth: str, num_classes: int = 100, in_shape=(3, 32, 32), width: float = 1.0,
+def native_resnet(depth: str, num_classes: int | None = None, in_shape=None, width: float = 1.0,
                   seed: int = 0) -> NativeResNet:
     """The plain-PyTorch twin of ``build_resnet(depth, rule, num_classes, in_shape, width)``."""
     return NativeResNet(depth, num_classes, in_shape, width, torch.Generator().manual_seed(seed))
 
 
-def circuit_names(native: NativeResNet) -> dict[str, str]:
+def circuit_names(native: nn.Module) -> dict[str, str]:
     """Map each native module holding state (``layer2.0.conv1``) to its circuit counterpart:
     a synapse (``synapses.layer2_0_conv1``) or a population's batch norm
-    (``populations.layer2_0_a.norm``)."""
+    (``populations.layer2_0_a.norm``). ``native`` is a ``NativeResNet`` or a torchvision ResNet."""
     names = {"conv1": "synapses.conv1", "bn1": "populations.stem.norm", "fc": "synapses.fc"}
     for stage in range(1, 5):
         for i, blk in enumerate(getattr(native, f"layer{stage}")):
             p, prefix = f"layer{stage}.{i}", f"layer{stage}_{i}"
-            convs = 3 if isinstance(blk, Bottleneck) else 2
+            convs = 3 if hasattr(blk, "conv3") else 2  # a bottleneck, ours or torchvision's
             for k, pop in zip(range(1, convs + 1), "abc"):
                 names[f"{p}.conv{k}"] = f"synapses.{prefix}_conv{k}"
                 names[f"{p}.bn{k}"] = f"populations.{prefix}_{pop}.norm"
@@ -162,9 +171,10 @@ def circuit_names(native: NativeResNet) -> dict[str, str]:
 
 
 @torch.no_grad()
-def copy_from_circuit(native: NativeResNet, circuit: nn.Module) -> NativeResNet:
+def copy_from_circuit(native: nn.Module, circuit: nn.Module) -> nn.Module:
     """Copy every forward weight, bias and batch-norm parameter and buffer of a ResNet circuit
-    into ``native`` (feedback weights have no native counterpart and are ignored).
+    into ``native``, a ``NativeResNet`` or a torchvision ResNet (feedback weights have no native
+    counterpart and are ignored).
 
     Raises ``ValueError`` if the two networks differ in any module or shape, so that a silent
     partial copy cannot make a benchmark compare unequal work. Returns ``native``.
