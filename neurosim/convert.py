@@ -10,12 +10,16 @@ graph onto populations, plastic synapses and identity pathways:
 * a residual sum of two activities becomes a population fed by identity pathways (a following
   activation becomes that population's);
 * ``nn.AdaptiveAvgPool2d(1)`` becomes a pooled population (``pool="global_avg"``); a flatten
-  after it, or before a linear layer, needs nothing.
+  after it, or before a linear layer, needs nothing;
+* ``nn.MaxPool2d`` (or ``F.max_pool2d``) becomes a max-pooling population (``pool="max"``, same
+  kernel, stride and padding): the pooling of the drives it reads when nothing else has been
+  folded into them, else a population of its own fed by an identity pathway (torchvision's
+  stem, which pools after its ReLU). A batch norm or activation after it folds in.
 
-Anything else (max-pooling, dropout, concatenation, dilated convolutions, …) is refused with a
-``ConversionError`` naming the module or graph node. ``copy_weights(model, circuit)`` copies
-the forward weights, biases and batch-norm parameters and statistics, so that a trained model
-can go on learning under another rule.
+Anything else (dropout, concatenation, dilated convolutions or max-pools, ``ceil_mode``, …) is
+refused with a ``ConversionError`` naming the module or graph node.
+``copy_weights(model, circuit)`` copies the forward weights, biases and batch-norm parameters
+and statistics, so that a trained model can go on learning under another rule.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_
                 "tanh": "tanh", "tanh_": "tanh"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _FLATTEN_METHODS = ("flatten", "view", "reshape")
+# Positional arguments after the input, as each form of 2-D max pooling takes them.
+_MAX_POOL_FUNCTIONS = {
+    F.max_pool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    F.max_pool2d_with_indices: ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    torch.max_pool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+}
 
 
 @dataclass
@@ -66,7 +76,7 @@ class _Pending:
     shape: tuple  # the model's per-sample shape of the value
     norm: str | None = None  # module path of the batch norm
     activation: str = "identity"
-    pool: bool = False
+    pool: dict | None = None  # the population's pooling settings (pool=..., pool_kernel=...)
     names: list = field(default_factory=list)  # graph nodes folded in
 
 
@@ -125,10 +135,10 @@ class _Converter:
         c = self.circuit
         name = v.names[-1]
         shape = v.shape
-        if v.pool:
+        if self.is_global(v):
             shape = (shape[0],)  # the population keeps (C,), the model (C, 1, 1)
         pop = c.population(name, shape, activation=v.activation, norm="batch" if v.norm else None,
-                           pool="global_avg" if v.pool else "none")
+                           **(v.pool or {}))
         if v.norm is not None:
             bn = self.modules[v.norm]
             pop.norm.eps, pop.norm.momentum = bn.eps, bn.momentum
@@ -158,6 +168,12 @@ class _Converter:
         pop = self.materialize(v)
         return _Pending([("id", pop.name)], pop.shape)
 
+    def is_global(self, v) -> bool:
+        """Whether a value is globally average-pooled (model shape ``(C, 1, 1)``, population ``(C,)``)."""
+        if isinstance(v, _Pending):
+            return v.pool is not None and v.pool["pool"] == "global_avg"
+        return isinstance(v, _Pop) and self.circuit.populations[v.name].pool == "global_avg"
+
     def take_module(self, path: str, node: fx.Node) -> nn.Module:
         if path in self.used:
             raise ConversionError(f"module {path!r} ({type(self.modules[path]).__name__}) is used twice: "
@@ -184,7 +200,7 @@ class _Converter:
         v = self.value(src, node)
         fold = isinstance(v, _Pending) and v.norm is None and v.activation == "identity"
         p = self.pending_for(src, node, fresh=not fold)
-        want = 3 if (len(p.shape) == 3 and not p.pool) else 1
+        want = 3 if (len(p.shape) == 3 and not self.is_global(p)) else 1
         if (isinstance(m, nn.BatchNorm2d) and want != 3) or (isinstance(m, nn.BatchNorm1d) and want != 1):
             raise ConversionError(f"batch norm {path!r} ({type(m).__name__}) on an activity of shape {p.shape} "
                                   f"is not supported")
@@ -221,7 +237,7 @@ class _Converter:
         drives = []
         for a in args:
             v = self.value(a, node)
-            if isinstance(v, _Pending) and v.norm is None and v.activation == "identity" and not v.pool:
+            if isinstance(v, _Pending) and v.norm is None and v.activation == "identity" and v.pool is None:
                 drives += v.drives  # bare drives sum in the new population directly
             else:
                 drives.append(("id", self.materialize(v).name))
@@ -229,19 +245,45 @@ class _Converter:
 
     def pool(self, node: fx.Node, src: fx.Node):
         v = self.value(src, node)
-        if len(v.shape) != 3 or (isinstance(v, _Pending) and v.pool):
+        if len(v.shape) != 3 or self.is_global(v):
             raise ConversionError(f"global average pooling {node.name!r} needs a (C, H, W) activity, not {v.shape}")
-        fold = isinstance(v, _Pending) and v.norm is None and v.activation == "identity"
+        return self._pooled(node, src, dict(pool="global_avg"), (v.shape[0], 1, 1))
+
+    def max_pool(self, node: fx.Node, what: str, src: fx.Node, kernel, stride, padding, dilation,
+                 ceil_mode, return_indices):
+        """A max-pool with ``F.max_pool2d``'s arguments; ``what`` names it in messages."""
+        k, s, p, d = (_square(x) for x in (kernel, kernel if stride in (None, (), []) else stride, padding, dilation))
+        problems = []
+        if k is None or s is None or p is None:
+            problems.append(f"kernel {kernel!r}, stride {stride!r}, padding {padding!r} (only square windows "
+                            f"with equal strides and padding are supported)")
+        if d != 1:
+            problems.append(f"dilation {dilation!r} (a population's window is not dilated)")
+        if ceil_mode:
+            problems.append("ceil_mode=True (a population's window count rounds down)")
+        if return_indices:
+            problems.append("return_indices=True (a population's activity is one tensor)")
+        if problems:
+            raise ConversionError(f"cannot convert {what}: {'; '.join(problems)}")
+        v = self.value(src, node)
+        if len(v.shape) != 3 or self.is_global(v):
+            raise ConversionError(f"max pooling {what} needs a (C, H, W) activity, not {v.shape}")
+        return self._pooled(node, src, dict(pool="max", pool_kernel=k, pool_stride=s, pool_padding=p),
+                            self.shape(node))
+
+    def _pooled(self, node: fx.Node, src: fx.Node, pool: dict, shape: tuple) -> _Pending:
+        # A population pools its summed drives first: pooling folds into bare drives only.
+        v = self.value(src, node)
+        fold = isinstance(v, _Pending) and v.norm is None and v.activation == "identity" and v.pool is None
         p = self.pending_for(src, node, fresh=not fold)
-        p.pool = True
-        p.shape = (v.shape[0], 1, 1)
+        p.pool = pool
+        p.shape = shape
         p.names.append(node.name)
         return p
 
     def flatten(self, node: fx.Node, src: fx.Node):
         v = self.value(src, node)
-        if isinstance(v, _Pending) and v.pool or (isinstance(v, _Pop) and len(v.shape) == 3
-                                                   and self.circuit.populations[v.name].pool != "none"):
+        if self.is_global(v) and (isinstance(v, _Pending) or len(v.shape) == 3):
             if isinstance(v, _Pending):
                 v.shape = (v.shape[0],)
                 v.names.append(node.name)
@@ -268,7 +310,7 @@ class _Converter:
         pop = self.materialize(out)
         if pop.name == self.circuit.input_name:
             raise ConversionError("the model returns its input unchanged; nothing to convert")
-        if self.circuit.populations[pop.name].pool != "none" and pop.shape != (pop.shape[0],):
+        if self.circuit.populations[pop.name].pool == "global_avg" and pop.shape != (pop.shape[0],):
             raise ConversionError("the model returns a pooled activity of shape (C, 1, 1); flatten it "
                                   "(the circuit's output would be (C,))")
         c = self.circuit
@@ -321,10 +363,12 @@ class _Converter:
                 raise ConversionError(f"module {path!r} (Flatten({m.start_dim}, {m.end_dim})): only "
                                       f"Flatten(1, -1) is supported")
             return self.flatten(node, src)
+        if type(m) is nn.MaxPool2d:
+            return self.max_pool(node, f"module {path!r} (MaxPool2d)", src, m.kernel_size, m.stride, m.padding,
+                                 m.dilation, m.ceil_mode, m.return_indices)
         if isinstance(m, nn.Identity):
             return self.value(src, node)
         why = {
-            nn.MaxPool2d: "populations have no max-pooling",
             nn.Dropout: "dropout is not supported (a population has no dropout)",
         }
         reason = next((r for t, r in why.items() if isinstance(m, t)), "this module type has no circuit counterpart")
@@ -352,11 +396,19 @@ class _Converter:
             if size not in (1, (1, 1)):
                 raise ConversionError(f"node {node.name!r}: only global average pooling (output size 1) is supported")
             return self.pool(node, src)
+        if f in _MAX_POOL_FUNCTIONS:
+            names = _MAX_POOL_FUNCTIONS[f]
+            given = dict(zip(names, node.args[1:]), **node.kwargs)
+            defaults = dict(kernel_size=None, stride=None, padding=0, dilation=1, ceil_mode=False,
+                            return_indices=False)
+            a = {k: given.get(k, dv) for k, dv in defaults.items()}
+            return self.max_pool(node, f"node {node.name!r} (function {getattr(f, '__name__', f)})", src,
+                                 a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"],
+                                 a["return_indices"])
         if f is operator.getitem:
             raise ConversionError(f"node {node.name!r}: indexing ({node.args[0]}[{node.args[1]!r}]) is not supported")
         name = getattr(f, "__name__", repr(f))
         reason = {"cat": "concatenation is not supported (a population sums its drives)",
-                  "max_pool2d": "populations have no max-pooling",
                   "dropout": "dropout is not supported (a population has no dropout)"}
         raise ConversionError(f"cannot convert node {node.name!r} (function {name}): "
                               f"{reason.get(name, 'this function has no circuit counterpart')}")
@@ -400,6 +452,15 @@ def _what(node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module {node.target!r}"
     return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+
+
+def _square(value) -> int | None:
+    """An int, or a pair of equal ints, as one int; None for anything else."""
+    if isinstance(value, (tuple, list)):
+        if len(value) not in (1, 2) or any(x != value[0] for x in value):
+            return None
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _check_conv(path: str, m: nn.Conv2d) -> None:

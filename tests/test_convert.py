@@ -97,10 +97,79 @@ def test_functional_forms_convert():
         torch.testing.assert_close(circuit(x), model(x), rtol=1e-8, atol=1e-10)
 
 
-def test_torchvision_resnet18_refused_at_its_maxpool():
-    model = torchvision.models.resnet18(num_classes=10)
-    with pytest.raises(ConversionError, match=r"'maxpool' \(MaxPool2d\).*max-pooling"):
-        convert(model, Backprop(), example_input=torch.zeros(1, 3, 32, 32))
+@pytest.mark.parametrize("depth, synapses", [("resnet18", 21), ("resnet50", 54)])
+def test_torchvision_resnets_convert_and_match_under_backprop(depth, synapses):
+    """torchvision's own model, max-pool and all: the same outputs, gradients and batch-norm
+    statistics, in train and eval mode."""
+    model = getattr(torchvision.models, depth)(num_classes=10).double()
+    circuit = convert(model, Backprop(), example_input=torch.zeros(1, 3, 32, 32, dtype=torch.float64),
+                      copy_weights=True)
+    assert len(circuit.synapses) == synapses
+    pool = circuit.populations["maxpool"]  # after the stem's ReLU: a population of its own
+    assert (pool.pool, pool.pool_kernel, pool.pool_stride, pool.pool_padding) == ("max", 3, 2, 1)
+    assert pool.shape == (64, 8, 8) and ("relu", "maxpool") in circuit.identities
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 10, (4,), generator=g)
+    _same(model, circuit, x, target, train=True)
+    _same(model, circuit, x, target, train=False)
+
+
+class _Pools(nn.Module):
+    """Max-pools in every form: folded into a convolution's drive (batch norm and ReLU after it),
+    functional with tuple arguments, and on a residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.pool(self.conv(x))))
+        h = nn.functional.max_pool2d(h, (3, 3), stride=(2, 2), padding=1)
+        h = torch.max_pool2d(self.conv2(h) + h, 2)
+        return self.fc(h.flatten(1))
+
+
+def test_max_pools_convert_and_fold():
+    model = _Pools().double()
+    circuit = convert(model, Backprop(), example_input=torch.zeros(2, 3, 16, 16, dtype=torch.float64),
+                      copy_weights=True)
+    pools = {n: (p.pool_kernel, p.pool_stride, p.pool_padding, p.norm is not None, p.activation)
+             for n, p in circuit.populations.items() if p.pool == "max"}
+    # conv → pool → bn → relu is one population; the others pool whatever reaches them.
+    assert sorted(pools.values()) == [(2, 2, 0, False, "identity"), (2, 2, 0, True, "relu"),
+                                      (3, 2, 1, False, "identity")]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 16, 16, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (5,), generator=g)
+    _same(model, circuit, x, target, train=True)
+    _same(model, circuit, x, target, train=False)
+
+
+@pytest.mark.parametrize("pool, message", [
+    (nn.MaxPool2d(2, dilation=2), r"'1' \(MaxPool2d\): dilation 2"),
+    (nn.MaxPool2d(2, ceil_mode=True), r"'1' \(MaxPool2d\): ceil_mode=True"),
+    (nn.MaxPool2d(2, return_indices=True), r"'1' \(MaxPool2d\): return_indices=True"),
+    (nn.MaxPool2d((2, 3)), r"'1' \(MaxPool2d\): kernel \(2, 3\).*only square windows"),
+])
+def test_inexpressible_max_pools_refused(pool, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), pool)
+    with pytest.raises(ConversionError, match=message):
+        convert(model, Backprop(), example_input=torch.zeros(1, 3, 12, 12))
+
+
+class _FunctionalDilatedPool(nn.Module):
+    def forward(self, x):
+        return nn.functional.max_pool2d(x, 2, dilation=2)
+
+
+def test_functional_max_pool_refusal_names_the_node():
+    with pytest.raises(ConversionError, match=r"node 'max_pool2d' \(function max_pool2d\): dilation 2"):
+        convert(_FunctionalDilatedPool(), Backprop(), example_input=torch.zeros(1, 3, 12, 12))
 
 
 class _Cat(nn.Module):
@@ -113,9 +182,9 @@ class _Cat(nn.Module):
 
 
 def test_unsupported_models_refused():
-    pool = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
-    with pytest.raises(ValueError, match=r"'1' \(MaxPool2d\)"):
-        convert(pool, Backprop(), example_input=torch.zeros(1, 3, 8, 8))
+    avg = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    with pytest.raises(ValueError, match=r"'1' \(AvgPool2d\)"):
+        convert(avg, Backprop(), example_input=torch.zeros(1, 3, 8, 8))
     with pytest.raises(neurosim.UserError, match=r"'cat'.*concatenation"):
         convert(_Cat(), Backprop(), example_input=torch.zeros(1, 4))
     drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
