@@ -11,10 +11,10 @@ from collections.abc import Mapping
 import attrs
 
 from neurosim.errors import UserError
-from neurosim.models import RESNETS
+from neurosim.models import IMAGENET_RESNETS, RESNETS
 from neurosim.rules import RULES
 
-MODELS = ("mlp", *RESNETS)
+MODELS = ("mlp", *RESNETS, *IMAGENET_RESNETS)
 
 
 def rule_names() -> tuple[str, ...]:
@@ -245,10 +245,22 @@ _ORIGINAL = dict(model="mlp", data="cifar10", hidden=(1000,), activation="sigmoi
 _RESNET = dict(data="cifar100", init="kaiming_normal", epochs=200, batch_size=128, lr=0.1, momentum=0.9,
                weight_decay=5e-4, milestones=(60, 120, 160), lr_gamma=0.2, crop_padding=4, flip=True)
 
+# The ImageNet recipe of the weight-mirror paper's era (Goyal et al. 2017): 90 epochs of SGD with
+# momentum 0.9 and weight decay 1e-4, lr 0.1 per 256 images scaled linearly to the global batch
+# (lr_batch), ×0.1 at epochs 30/60/80. The folder streams through the loader, which crops
+# (random-resized, image_size) and flips each image itself: no crop_padding or flip here.
+_IMAGENET = dict(data="imagenet", stream="on", image_size=224, init="kaiming_normal", epochs=90, batch_size=256,
+                 lr=0.1, lr_batch=256, momentum=0.9, weight_decay=1e-4, milestones=(30, 60, 80), lr_gamma=0.1,
+                 monitor_every=500)
+
 
 def presets() -> dict[str, dict]:
     """Every preset ``<rule>_<model>`` of every registered rule, as command-line fields: the
-    model family's recipe with the settings the rule's file declares for that family."""
+    model family's recipe with the settings the rule's file declares for that family.
+
+    A rule's ``"resnet"`` settings apply to every ResNet, CIFAR and ImageNet alike: they are
+    about the architecture (WM's sleep schedule, sized for convolutions), not the data. Its
+    ``"imagenet"`` settings, if it declares any, apply to the ImageNet presets on top of those."""
     out = {}
     for rule, cls in RULES.items():
         own = cls.presets
@@ -256,6 +268,9 @@ def presets() -> dict[str, dict]:
         out[f"{rule}_mlp_original"] = dict(_ORIGINAL, **own.get("mlp_original", {}), rule=rule)
         for model in RESNETS:
             out[f"{rule}_{model}"] = dict(_RESNET, **own.get("resnet", {}), rule=rule, model=model)
+        for model in IMAGENET_RESNETS:
+            settings = {**own.get("resnet", {}), **own.get("imagenet", {})}
+            out[f"{rule}_{model}"] = dict(_IMAGENET, **settings, rule=rule, model=model)
     return out
 
 
@@ -293,7 +308,7 @@ def preset(name: str, **overrides) -> RunConfig:
     return build(fields)
 
 
-MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS)
+MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS, *IMAGENET_RESNETS)
 
 # Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
 _MLP_ONLY = {"hidden": "scale a ResNet with --width", "activation": "ResNet circuits use ReLU",
@@ -458,7 +473,9 @@ def presets_markdown() -> str:
              "rule's own settings are `--<rule>-<setting>` and apply to that rule's presets only.", ""]
     families = [("mlp_digits", "8×8 digits MLP (64-128-64-10, ReLU)"),
                 ("mlp_original", "the weight-mirror authors' NumPy MLP experiments"),
-                *[(m, f"CIFAR {m}, standard CIFAR-100 recipe") for m in RESNETS]]
+                *[(m, f"CIFAR {m}, standard CIFAR-100 recipe") for m in RESNETS],
+                *[(m, f"ImageNet {m.removesuffix('_imagenet')} (torchvision's layout), 90-epoch ImageNet recipe")
+                  for m in IMAGENET_RESNETS]]
     for model, title in families:
         lines += [f"## `*_{model}`: {title}", "", "| preset | settings |", "| --- | --- |"]
         for rule in RULE_NAMES:

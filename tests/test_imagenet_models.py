@@ -1,4 +1,4 @@
-"""ImageNet ResNets as circuits: max-pooling populations and torchvision's layout.
+"""ImageNet ResNets as circuits: max-pooling populations, torchvision's layout, their presets.
 
 A max-pooling population must give the same updates in the reference and the compiled
 execution under every registered rule; the ImageNet ResNet circuits must compute what
@@ -13,7 +13,9 @@ import torch.nn.functional as F
 import torchvision
 
 from neurosim.circuit import Circuit
-from neurosim.models import build_resnet
+from neurosim.config import PRESETS, RULE_NAMES, preset
+from neurosim.errors import UserError
+from neurosim.models import IMAGENET_RESNETS, build_resnet
 from neurosim.models.native import circuit_names, copy_from_circuit, native_resnet
 from neurosim.reference import reference_backward
 from neurosim.rules import RULES as REGISTRY
@@ -193,3 +195,32 @@ def test_reduced_imagenet_resnet_compiled_equals_reference(rule):
     assert "stem_pool" not in {p.target for p in c.feedback_pathways.values()}
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     assert_same_updates(c, x, torch.arange(4), rule)
+
+
+# -- presets -------------------------------------------------------------------------------------
+
+def test_every_rule_has_imagenet_presets_with_the_imagenet_recipe():
+    for rule in RULE_NAMES:
+        for model in IMAGENET_RESNETS:
+            cfg = preset(f"{rule}_{model}")
+            assert (cfg.rule, cfg.model, cfg.data, cfg.stream, cfg.image_size) == (rule, model, "imagenet", "on", 224)
+            assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_batch, cfg.momentum) == (90, 256, 0.1, 256, 0.9)
+            assert (cfg.weight_decay, cfg.milestones, cfg.lr_gamma) == (1e-4, (30, 60, 80), 0.1)
+            assert cfg.init == "kaiming_normal" and cfg.crop_padding == 0 and not cfg.flip
+            cfg.make_rule()
+
+
+def test_imagenet_presets_take_each_rules_resnet_settings():
+    cifar, imagenet = preset("wm_resnet18"), preset("wm_resnet18_imagenet")
+    assert imagenet.rule_params == cifar.rule_params and imagenet.wm_sleep_every == 4
+
+
+def test_imagenet_presets_are_resnets_to_the_override_checks():
+    assert preset("kp_resnet50_imagenet", width=0.25).width == 0.25
+    with pytest.raises(UserError, match="--hidden applies to MLPs only"):
+        preset("kp_resnet50_imagenet", hidden=(64,))
+    with pytest.raises(UserError, match="use the preset bp_resnet18_imagenet instead"):
+        preset("kp_resnet18_imagenet", rule="bp")
+    with pytest.raises(UserError, match="use the preset kp_resnet18 instead"):
+        preset("kp_resnet18_imagenet", model="resnet18")
+    assert {f"bp_{m}" for m in IMAGENET_RESNETS} <= set(PRESETS)
