@@ -54,7 +54,10 @@ def main(entry, argv=None) -> None:
     try:
         code = entry(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        fail(str(e))
+        if _echo(e):
+            sys.exit(2)  # said once, by rank 0
+        rank = os.environ.get("RANK", "0")
+        fail(str(e) if rank == "0" else f"(rank {rank}) {e}")
     except OSError as e:
         fail(os_error_message(e))
     except KeyboardInterrupt:
@@ -64,6 +67,20 @@ def main(entry, argv=None) -> None:
         print("\ninterrupted; nothing was lost", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)
+
+
+def _echo(e: UserError) -> bool:
+    """Whether ``e`` is reported already: rank 0 of a torchrun job said it (``Echo``), or it is
+    an error every rank meets together and rank 0 says (this being another rank)."""
+    from neurosim.distributed import Echo, launched
+
+    if isinstance(e, Echo):
+        return True
+    if launched().rank == 0:
+        return False
+    from neurosim.train import RunDiverged, RunInterrupted
+
+    return isinstance(e, (RunDiverged, RunInterrupted))
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -194,6 +211,18 @@ def check_device(spec: str) -> None:
 
 
 def run_circuit(argv: list[str]) -> int:
+    from neurosim import distributed
+
+    try:
+        return _run_circuit(argv)
+    finally:
+        distributed.finish()
+
+
+def _run_circuit(argv: list[str]) -> int:
+    import attrs
+
+    from neurosim import distributed
     from neurosim.config import check_rule_settings, parse_overrides, preset
     from neurosim.plots import plot_run
     from neurosim.train import RunInterrupted, open_run, resume_run
@@ -229,15 +258,28 @@ def run_circuit(argv: list[str]) -> int:
     cfg = preset(name, **overrides)
     check_rule_settings(name, overrides)
     check_device(cfg.device)
+    world, device = distributed.init(cfg.device)  # torchrun's processes join here
+    if device != cfg.device:
+        cfg = attrs.evolve(cfg, device="cuda")  # each rank its local GPU; the run records "cuda"
+    quiet = quiet or not world.writer
     if resume is not None:
         run = resume_run(resume, expect=cfg, overrides=overrides, quiet=quiet)
     else:
-        out = out or unique_run_dir(Path("runs"), name)
-        check_out_dir(out)
-        run = open_run(out, cfg, quiet=quiet)
+        def choose():  # rank 0 names the run directory for every rank
+            chosen = out or unique_run_dir(Path("runs"), name)
+            check_out_dir(chosen)
+            return chosen
+
+        run = open_run(distributed.decided_by_rank0(choose, share=True), cfg, quiet=quiet)
     if not quiet:
         print(f"run directory: {run.run_dir}", file=sys.stderr)
         print(run.circuit, file=sys.stderr)
+        if world.distributed or run.cfg.lr_batch:
+            print(f"{world.size} process{'es' if world.distributed else ''} on {run.device.type}: global batch "
+                  f"{run.global_batch} ({run.cfg.batch_size} per process), lr {run.lr:g}"
+                  + (f" (= {run.cfg.lr:g} x {run.global_batch}/{run.cfg.lr_batch}, the linear scaling rule)"
+                     if run.cfg.lr_batch else " (as given; --lr-batch N scales it with the global batch)"),
+                  file=sys.stderr)
 
     def request_stop(signum, frame):
         run.stop_requested = True
@@ -247,7 +289,8 @@ def run_circuit(argv: list[str]) -> int:
     try:
         m = run.train()
     except RunInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        if world.writer:
+            print(f"\n{e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current epoch
         if (run.run_dir / "last.pt").exists():
@@ -259,6 +302,8 @@ def run_circuit(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+    if not world.writer:
+        return 0
     for path in plot_run(run.run_dir):
         print(f"wrote {path}", file=sys.stderr)
     if m is not None:

@@ -774,18 +774,26 @@ class BatchStream:
     (seed, epoch, index), both on the data's device. A run resumed at (epoch, index) therefore
     sees the same batches as one that never stopped (on the same kind of device).
     Without `shuffle`, batches follow the stored order.
+
+    With ``world`` > 1 the stream is rank ``rank``'s share of a distributed run: batch ``index``
+    of the epoch is a *global* batch of ``batch_size × world`` samples (the one a single process
+    with that batch size would draw, crops and flips included), of which this rank takes the
+    ``rank``-th slice of ``batch_size``. An incomplete last global batch is dropped, so every
+    rank's batch has the same size and averaging the ranks' gradients gives the global mean.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], shuffle: bool, seed: int,
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, rank: int = 0, world: int = 1):
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise ValueError(f"x must be uint8 N×C×H×W, got {x.dtype} {tuple(x.shape)}")
         if len(y) != len(x):
             raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
         if batch_size < 1 or crop_padding < 0:
             raise ValueError("batch_size must be >= 1 and crop_padding >= 0")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}), got {rank}")
         c = x.shape[1]
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean and std need {c} values, one per channel")
@@ -793,7 +801,8 @@ class BatchStream:
         self.batch_size = int(batch_size)
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.drop_last, self.channels_last = bool(drop_last), bool(channels_last)
+        self.drop_last, self.channels_last = bool(drop_last) or world > 1, bool(channels_last)
+        self.rank, self.world = int(rank), int(world)
         std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
         # (x/255 - mean)/std as one multiply-add per element.
@@ -802,9 +811,14 @@ class BatchStream:
         self._perm_epoch: int | None = None  # memo only; the permutation is a function of the epoch
         self._perm: torch.Tensor | None = None
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per step over every rank."""
+        return self.batch_size * self.world
+
     def __len__(self) -> int:
         n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return n // self.global_batch if self.drop_last else math.ceil(n / self.global_batch)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.x.device).manual_seed(seed)
@@ -822,11 +836,17 @@ class BatchStream:
     def _span(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range for {len(self)} batches per epoch")
-        start = index * self.batch_size
-        return start, min(start + self.batch_size, len(self.x))
+        start = index * self.global_batch
+        return start, min(start + self.global_batch, len(self.x))
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a global batch's tensor (the whole of it on a lone process)."""
+        if self.world == 1:
+            return t
+        return t[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def indices(self, epoch: int, index: int) -> torch.Tensor:
-        """Positions in `x` of the samples in batch `index` of `epoch`."""
+        """Positions in `x` of the samples in (global) batch `index` of `epoch`."""
         start, end = self._span(index)
         perm = self.permutation(epoch)
         if perm is None:
@@ -834,7 +854,7 @@ class BatchStream:
         return perm[start:end]
 
     def augmentation(self, epoch: int, index: int) -> Augmentation:
-        """The crop offsets and flips that batch `index` of `epoch` uses."""
+        """The crop offsets and flips that (global) batch `index` of `epoch` uses."""
         start, end = self._span(index)
         n, dev = end - start, self.x.device
         g = self._generator(_derive_seed(self.seed, epoch, index, 1))
@@ -850,13 +870,14 @@ class BatchStream:
         """Batch `index` of `epoch`: float32 normalised images and int64 labels, on the data's device."""
         start, end = self._span(index)
         if self.shuffle:
-            idx = self.indices(epoch, index)
+            idx = self._mine(self.indices(epoch, index))
             xb, yb = self.x[idx], self.y[idx]
         else:
-            xb, yb = self.x[start:end], self.y[start:end]
+            xb, yb = self._mine(self.x[start:end]), self._mine(self.y[start:end])
         if self.crop_padding or self.flip:
-            aug = self.augmentation(epoch, index)
-            xb = crop_and_flip(xb, self.crop_padding, aug.offset_y, aug.offset_x, aug.flip)
+            aug = self.augmentation(epoch, index)  # drawn for the global batch, whatever the rank
+            xb = crop_and_flip(xb, self.crop_padding, self._mine(aug.offset_y), self._mine(aug.offset_x),
+                               self._mine(aug.flip))
         out = xb.to(torch.float32).mul_(self._scale).add_(self._shift)
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from neurosim import distributed
 from neurosim.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
@@ -108,7 +109,9 @@ class MonitorCallback(Callback):
         self.monitor = monitor
 
     def after_step(self, step: int) -> None:
-        self.monitor.after_step(step)
+        # The probe runs on rank 0 alone: its batch norm must not wait for the other ranks.
+        with distributed.local_statistics():
+            self.monitor.after_step(step)
 
     def before_sleep(self, step: int) -> None:
         self.monitor.before_sleep(step)
@@ -131,9 +134,16 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: ImageData | None = None, quiet: bool = False):
-        self.log = RunLog(run_dir, quiet)
+        # Under torchrun every process builds the same run; rank 0 alone writes and reports.
+        self.world = distributed.world()
+        self.log = RunLog(run_dir, quiet or not self.world.writer)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
+        if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the local rank's GPU
+        if self.world.distributed and cfg.execution == "reference":
+            raise UserError("--execution reference runs one process literally, synapse by synapse; under "
+                            "torchrun use the compiled execution (the default)")
         cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
@@ -141,8 +151,15 @@ class Run:
         # Every random stream of a run derives from its seed; the process-wide generators too
         # (a new process draws their seed at random), for anything that draws from them.
         torch.manual_seed(cfg.seed)
-        self.data = data or load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
-                                         (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
+        if data is None:
+            # Rank 0 first: it downloads or decodes (and caches) what the others then read.
+            if not self.world.writer:
+                distributed.barrier()
+            data = load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
+                                (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
+            if self.world.writer:
+                distributed.barrier()
+        self.data = data
         if cfg.train_limit:
             # The training split is held in a fixed mixed order, so its head is a fair subset.
             self.data = attrs.evolve(self.data, train_x=self.data.train_x[:cfg.train_limit],
@@ -150,17 +167,28 @@ class Run:
         c = self.data.image_shape[0]
         mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
         self.normalization = (tuple(mean), tuple(std))  # saved: evaluation on other data reuses it
+        rank, size = self.world.rank, self.world.size
+        train_args = dict(shuffle=cfg.shuffle, seed=cfg.seed, crop_padding=cfg.crop_padding, flip=cfg.flip,
+                          channels_last=self.channels_last)
         self.train_stream = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std,
-                                        shuffle=cfg.shuffle, seed=cfg.seed, crop_padding=cfg.crop_padding,
-                                        flip=cfg.flip, channels_last=self.channels_last)
-        self.test_stream = BatchStream(self.data.test_x, self.data.test_y, max(cfg.batch_size, 256), mean, std,
-                                       shuffle=False, seed=cfg.seed, channels_last=self.channels_last)
+                                        rank=rank, world=size, **train_args)
+        # Evaluation: each rank a contiguous shard of the split; the counts are summed over ranks.
+        n_test = len(self.data.test_y)
+        shard = slice(rank * n_test // size, (rank + 1) * n_test // size)
+        self.test_stream = BatchStream(self.data.test_x[shard], self.data.test_y[shard], max(cfg.batch_size, 256),
+                                       mean, std, shuffle=False, seed=cfg.seed, channels_last=self.channels_last)
+        self.global_batch = cfg.batch_size * size
+        self.lr = cfg.lr * self.global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
         self.circuit = build_circuit(cfg, self.data.image_shape, self.data.num_classes).to(self.device)
         if self.channels_last:
             self.circuit.to(memory_format=torch.channels_last)
-        self.model = torch.compile(self.circuit) if cfg.compile else self.circuit
+        if cfg.sync_bn:
+            distributed.sync_batch_norm(self.circuit)
+        # ``engine`` runs the engaged steps: the circuit, under DDP when there are several ranks.
+        self.engine = distributed.wrap(self.circuit, self.device) if self.world.distributed else self.circuit
+        self.model = torch.compile(self.engine) if cfg.compile else self.engine
         self.loss_fn = loss_function(cfg.loss)
-        self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         sleepers = self.circuit.sleep_parameters()
         self.sleep_optimizer = torch.optim.SGD(sleepers, lr=self.circuit.rule.lr) if sleepers else None
@@ -168,10 +196,12 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
         self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.monitor = None
-        if cfg.monitor_every:
+        if cfg.monitor_every and self.world.writer:
             mcfg = MonitorConfig(every=cfg.monitor_every, synapses=cfg.monitor_synapses,
                                  traces=cfg.monitor_traces, probe=cfg.monitor_probe)
-            probe = probe_batch(self.train_stream, cfg.monitor_probe) if cfg.monitor_probe else None
+            # The probe is the head of the single-process stream: the same batch for any world size.
+            whole = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std, **train_args)
+            probe = probe_batch(whole, cfg.monitor_probe) if cfg.monitor_probe else None
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
                                    self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
         self.callbacks: list[Callback] = [MonitorCallback(self.monitor)] if self.monitor is not None else []
@@ -181,6 +211,7 @@ class Run:
         self.slept_before = False
         self.best = -math.inf
         self.stop_requested = False  # set by a signal handler; honoured between steps
+        self._stop_agreed = False  # under torchrun: every rank has heard the stop request
         self.first_loss = None  # the first engaged step's loss: divergence is measured against it
         self._recent = torch.zeros(WATCH_STEPS, dtype=torch.float32, device=self.device)
         self._unwatched = 0  # steps whose loss sits in the ring unread
@@ -212,7 +243,7 @@ class Run:
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
             "best": self.best, "stats": self.stats.cpu(), "seen": self.seen, "rng": rng,
-            "first_loss": self.first_loss,
+            "first_loss": self.first_loss, "world": self.world.size,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
                      "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
@@ -252,6 +283,8 @@ class Run:
         any moment ends, after ``--resume``, in the same run directory as no kill at all.
         """
         self._check_divergence()
+        if not self.world.writer:
+            return
         state = self.state_dict()
         if best:
             save_checkpoint(state, self.run_dir / "best.pt")
@@ -280,7 +313,14 @@ class Run:
         at the first one that is not finite or exceeds ``max_loss_ratio`` × the first loss."""
         if not self._unwatched:
             return
-        losses = self._recent[:self._unwatched].tolist()
+        ring = self._recent[:self._unwatched]
+        if self.world.distributed:
+            # Every rank judges the mean loss over ranks, and learns whether any was asked to
+            # stop: all decide alike at the same step, and none is left waiting for the others.
+            shared = distributed.all_sum(torch.cat([ring, ring.new_tensor([float(self.stop_requested)])]))
+            ring = shared[:-1] / self.world.size
+            self._stop_agreed = bool(shared[-1] > 0)
+        losses = ring.tolist()
         first_step = self.step - self._unwatched + 1
         self._unwatched = 0
         if self.first_loss is None:
@@ -321,22 +361,33 @@ class Run:
             callback.after_sleep(self.step)
 
     def evaluate(self, stream: BatchStream | None = None) -> dict:
-        """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default)."""
-        return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype)
+        """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default).
+
+        Under torchrun each rank evaluates its shard of the test split and the counts are summed."""
+        if not self.world.distributed:
+            return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype)
+        # The circuit itself, not DDP: shards may differ by a batch, and evaluation needs no traffic.
+        totals = distributed.all_sum(evaluation_totals(self.circuit, self.circuit, stream or self.test_stream,
+                                                       self.loss_fn, self.amp_dtype))
+        return _evaluation_result(totals)
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self, on_step=None) -> dict:
         """Train to ``cfg.epochs``; returns the last metrics. ``on_step(run)`` is called after
         every engaged step (used by tests to interrupt a run)."""
         cfg = self.cfg
-        if self.lock is None or not self.lock.held:
+        writer = self.world.writer
+        if writer and (self.lock is None or not self.lock.held):
             self.lock = DirectoryLock(self.run_dir)
         try:
             metrics_path = self.run_dir / "metrics.jsonl"
             fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before
-            _truncate_metrics(metrics_path, -1 if fresh else self.epoch)
+            if writer:
+                _truncate_metrics(metrics_path, -1 if fresh else self.epoch)
             if fresh:
-                self._log_metrics(metrics_path, self._epoch_metrics(0, 0.0, None))
+                m = self._epoch_metrics(0, 0.0, None)
+                if writer:
+                    self._log_metrics(metrics_path, m)
                 if self.schedule is not None:
                     before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
                     self.sleep(before)
@@ -351,7 +402,8 @@ class Run:
                 raise
             return last
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
     def _train_epoch(self, on_step) -> dict:
         cfg, stream = self.cfg, self.train_stream
@@ -369,13 +421,15 @@ class Run:
             self.batch += 1
             if on_step is not None:
                 on_step(self)
-            if self.stop_requested:
+            if self.stop_requested if not self.world.distributed else self._stop_agreed:
                 raise RunInterrupted(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}/{total}; "
                                      f"checkpoint saved. Continue with --resume {self.run_dir}")
             self.log.after_batch(self.epoch, cfg.epochs, self.batch, total, self.stats, self.seen, cfg.batch_size,
                                  cfg.log_every)
         self._check_divergence()
-        train = [*self.stats.tolist(), self.seen]
+        seen = self.stats.new_tensor([self.seen]) if self.world.distributed else None
+        train = distributed.all_sum(torch.cat([self.stats, seen])).tolist() if seen is not None else \
+            [*self.stats.tolist(), self.seen]
         elapsed = time.perf_counter() - t0
         self.epoch, self.batch = self.epoch + 1, 0
         self.scheduler.step()
@@ -404,25 +458,33 @@ class Run:
         self.log.metrics(path, m)
 
 
-@torch.no_grad()
 def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None) -> dict:
     """Loss, top-1 and top-5 accuracy (percent) of ``model`` over every batch of ``stream``, in
     eval mode; one host sync at the end."""
-    if len(stream.x) == 0:
-        raise UserError("the evaluation split is empty; hold out some images (e.g. --val-per-class 50)")
+    return _evaluation_result(evaluation_totals(model, circuit, stream, loss_fn, amp_dtype))
+
+
+@torch.no_grad()
+def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None) -> torch.Tensor:
+    """``[Σ loss, top-1 hits, top-5 hits, images]`` (float64, on the device) over ``stream`` in eval mode."""
     previous = circuit.mode
     circuit.set_mode("eval")
     device = stream.x.device
-    totals, n = torch.zeros(3, dtype=torch.float64, device=device), 0
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in stream.epoch(0):
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             out = model(x).float()
         top = out.topk(min(5, out.shape[1]), 1).indices
         totals += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
-                               (top == y[:, None]).any(1).sum().double()])
-        n += y.shape[0]
+                               (top == y[:, None]).any(1).sum().double(), totals.new_tensor(y.shape[0])])
     circuit.set_mode(previous)
-    loss, top1, top5 = totals.tolist()
+    return totals
+
+
+def _evaluation_result(totals: torch.Tensor) -> dict:
+    loss, top1, top5, n = totals.tolist()
+    if n == 0:
+        raise UserError("the evaluation split is empty; hold out some images (e.g. --val-per-class 50)")
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
@@ -464,18 +526,28 @@ def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
 
     The directory is locked before it is looked at, so two runs started on it at once cannot
     both proceed; a failure while loading data or building the circuit leaves no directory
-    behind that was not there before."""
+    behind that was not there before. Under torchrun rank 0 does all of this and the other ranks
+    build the same run without touching the directory."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run directory {run_dir}: {describe_os_error(e)}") from None
-    lock = DirectoryLock(run_dir)
-    try:
+
+    def prepare():
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create run directory {run_dir}: {describe_os_error(e)}") from None
+        lock = DirectoryLock(run_dir)
         if (run_dir / "last.pt").exists():
+            lock.release()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
                             f"another --out")
+        return created, lock
+
+    if not distributed.world().writer:
+        distributed.decided_by_rank0(prepare)
+        return Run(cfg, run_dir, quiet=True)
+    created, lock = distributed.decided_by_rank0(prepare)
+    try:
         if (run_dir / "config.json").exists() and not quiet:
             print(f"note: {run_dir} holds a run that never finished its first epoch; starting it anew",
                   file=sys.stderr)
@@ -498,26 +570,52 @@ def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict |
     """Reopen a run from its last checkpoint; refuse one of another preset.
 
     A run that never committed a checkpoint (killed, diverged or failed in its first epoch)
-    starts again from the beginning with its saved configuration."""
+    starts again from the beginning with its saved configuration. Under torchrun rank 0 reads
+    the checkpoint and hands it to the other ranks (no shared file system needed for that); a
+    run is resumed by as many processes as trained it."""
     run_dir = Path(run_dir)
-    if not (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
-        return _restart(run_dir, expect, overrides, quiet)
-    lock = DirectoryLock(run_dir) if run_dir.is_dir() else None
+    w = distributed.world()
+    lock = None
+
+    def decide():
+        nonlocal lock
+        if not (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
+            return "restart", _restart_config(run_dir, expect, overrides, quiet).to_dict(), None
+        lock = DirectoryLock(run_dir) if run_dir.is_dir() else None
+        try:
+            state = load_checkpoint(run_dir / "last.pt")
+            cfg = _resumed_config(run_dir, RunConfig.from_dict(state["config"]), expect, overrides)
+            if cfg.epochs < state["epoch"]:
+                raise UserError(f"{run_dir} has finished {state['epoch']} epochs; --epochs {cfg.epochs} would "
+                                f"train none. Give --epochs above {state['epoch']} to train further")
+            trained_by = state.get("world", 1)
+            if trained_by != w.size:
+                how = ("a single process" if trained_by == 1 else
+                       f"torchrun --nproc_per_node={trained_by} (or {trained_by} processes over several nodes)")
+                raise UserError(f"{run_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''} "
+                                f"(global batch {cfg.batch_size * trained_by}) and this is {w.size}: resume it "
+                                f"with {how}. Its position in the epoch, its learning rate and its data order "
+                                f"belong to that global batch; to change it, start a new run")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return "resume", cfg.to_dict(), state
+
+    how, cfg_dict, state = distributed.decided_by_rank0(decide, share=True)
+    cfg = RunConfig.from_dict(cfg_dict)
+    if how == "restart":
+        return open_run(run_dir, cfg, quiet=True)
     try:
-        state = load_checkpoint(run_dir / "last.pt")
-        cfg = _resumed_config(run_dir, RunConfig.from_dict(state["config"]), expect, overrides)
-        if cfg.epochs < state["epoch"]:
-            raise UserError(f"{run_dir} has finished {state['epoch']} epochs; --epochs {cfg.epochs} would "
-                            f"train none. Give --epochs above {state['epoch']} to train further")
         run = Run(cfg, run_dir, quiet=quiet)
         trained_on = state["rng"].get("device", run.device.type)
-        if trained_on != run.device.type and not quiet:
+        if trained_on != run.device.type and not quiet and w.writer:
             print(f"note: {run_dir} was trained on {trained_on} and continues on {run.device.type}; training "
                   f"goes on from the checkpoint, but random draws (augmentation, sleep noise) differ from "
                   f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
                   file=sys.stderr)
         run.load_state_dict(state)
-        if cfg != RunConfig.from_dict(state["config"]):
+        if w.writer and cfg != RunConfig.from_dict(state["config"]):
             _write_config(run_dir, cfg)  # config.json always describes the run as it goes on
     except BaseException:
         if lock is not None:
@@ -541,7 +639,8 @@ def _resumed_config(run_dir: Path, saved: RunConfig, expect: RunConfig | None, o
     return attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in CHANGEABLE_ON_RESUME})
 
 
-def _restart(run_dir: Path, expect, overrides, quiet) -> Run:
+def _restart_config(run_dir: Path, expect, overrides, quiet) -> RunConfig:
+    """The configuration of a run that never committed a checkpoint, to start it again."""
     try:
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (ValueError, TypeError) as e:
@@ -550,4 +649,4 @@ def _restart(run_dir: Path, expect, overrides, quiet) -> Run:
     if not quiet:
         print(f"note: {run_dir} has no checkpoint yet (its first epoch never finished); starting it again "
               f"from the beginning", file=sys.stderr)
-    return open_run(run_dir, cfg, quiet=True)
+    return cfg

@@ -1,0 +1,265 @@
+"""Training on several processes: ``torchrun`` launches them, ``torch.distributed`` joins them.
+
+Each process (rank) holds the whole circuit and a disjoint shard of every global batch;
+``DistributedDataParallel`` averages the engaged updates across ranks as it averages gradients
+— which in a circuit includes Kolen-Pollack's feedback updates, since a synapse's backward
+returns ``ΔB`` as the feedback weight's gradient. What else keeps every rank's feedback weights
+identical, rule by rule:
+
+- **FA, SS, uSF, frSF, DFA**: the feedback weights are fixed (or follow ``W``'s signs), drawn
+  from the run's seed on every rank: no traffic.
+- **brSF**: redrawn every batch from the run's seeded stream, which every rank holds in the same
+  state: no traffic.
+- **WM**: sleep draws its noise from that same stream, so every rank makes the same mirror
+  batches and the same ``ΔB`` from the same (already averaged) ``W``: no traffic, and the
+  result does not depend on the number of processes. Reducing per-rank sleep updates instead
+  would split the sleep work but make the mirror noise, and so the run, depend on the world size.
+
+Only rank 0 writes into the run directory. Batch norm is per rank unless ``--sync-bn``, which
+swaps every population's batch norm for ``SyncBatchNorm`` below (statistics over the global
+batch, on CPU and GPU alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+
+import attrs
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from neurosim.errors import UserError
+
+
+@attrs.frozen
+class World:
+    """Where this process stands: its rank among ``size`` processes, and its rank on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (rank 0 does)."""
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place in the process group (a lone process when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World()
+
+
+def launched() -> World:
+    """What ``torchrun`` (or a SLURM script exporting the same variables) says about this process,
+    before any process group exists."""
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UserError("WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
+    return World(rank, size, local)
+
+
+def init(device_spec: str, timeout_s: float = 1800) -> tuple[World, str]:
+    """Join the process group ``torchrun`` set up; returns this process's ``World`` and the
+    device it trains on (``cuda:LOCAL_RANK`` for GPU runs). A lone process joins nothing.
+
+    NCCL joins GPU processes, gloo CPU ones."""
+    w = launched()
+    if not w.distributed:
+        return w, device_spec
+    if not dist.is_available():
+        raise UserError("this PyTorch build has no torch.distributed; run a single process")
+    cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+    if cuda:
+        if device_spec.startswith("cuda:"):
+            raise UserError(f"--device {device_spec} names one GPU, but under torchrun each process trains on "
+                            f"the GPU of its local rank; use --device cuda (or auto)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if w.local_rank >= count:
+            raise UserError(f"process {w.rank} has local rank {w.local_rank} but this node has {count} CUDA GPU(s); "
+                            f"start at most {count} processes per node (--nproc_per_node)")
+        torch.cuda.set_device(w.local_rank)
+        device_spec = f"cuda:{w.local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return world(), device_spec
+
+
+def finish() -> None:
+    """Leave the process group (after the last collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world().distributed:
+        dist.barrier()
+
+
+def decided_by_rank0(decide, share: bool = False):
+    """Run ``decide()`` on rank 0 alone; every rank learns whether it raised a ``UserError``.
+
+    For choices only one process may make (whether a run directory may be used, whether a
+    checkpoint may be resumed): on failure rank 0 prints the message and every rank raises
+    ``Echo`` with it, so every process stops and the reason is said once. Rank 0 gets ``decide()``'s result; the
+    others get it too with ``share`` (it must then be picklable), else None."""
+    w = world()
+    if not w.distributed:
+        return decide()
+    box = [None]
+    if w.rank == 0:
+        try:
+            result = decide()
+        except UserError as e:
+            # Said before the others hear of it: once one exits, torchrun stops every process.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            box[0] = ("error", str(e))
+            dist.broadcast_object_list(box, src=0)
+            raise Echo(str(e)) from None
+        box[0] = ("ok", result if share else None)
+        dist.broadcast_object_list(box, src=0)
+        return result
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise Echo(value)
+    return value
+
+
+class Echo(UserError):
+    """A ``UserError`` rank 0 has already reported; every rank stops with it silently."""
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (in place; ``t`` itself on a lone process)."""
+    if world().distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def wrap(circuit: nn.Module, device: torch.device) -> nn.Module:
+    """``circuit`` under ``DistributedDataParallel``, reducing exactly the engaged updates.
+
+    Parameters an engaged step does not update (WM's feedback weights, which learn in sleep)
+    and the fixed feedback buffers (FA's ``B``, DFA's pathways, brSF's per-batch draws) are kept
+    out of DDP: every rank computes them identically, and broadcasting them would move a
+    weight-sized tensor per synapse each step for nothing. Batch-norm running statistics are
+    broadcast from rank 0 at each forward (DDP's default) unless batch norm is synchronised,
+    which makes them equal anyway."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    engaged = {id(p) for p in circuit.engaged_parameters()}
+    population_buffers = {id(b) for pop in circuit.populations.values() for b in pop.buffers()}
+    ignore = [n for n, p in circuit.named_parameters() if id(p) not in engaged]
+    ignore += [n for n, b in circuit.named_buffers() if id(b) not in population_buffers]
+    DDP._set_params_and_buffers_to_ignore_for_model(circuit, ignore)
+    synced = any(isinstance(m, SyncBatchNorm) for m in circuit.modules())
+    return DDP(circuit, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=not synced, gradient_as_bucket_view=True)
+
+
+# -- synchronised batch norm ---------------------------------------------------------------------
+
+_local_statistics = False
+
+
+@contextlib.contextmanager
+def local_statistics():
+    """Within it, synchronised batch norm uses this rank's batch alone (the monitor's probe runs
+    on rank 0 only and must not wait for the others)."""
+    global _local_statistics
+    previous, _local_statistics = _local_statistics, True
+    try:
+        yield
+    finally:
+        _local_statistics = previous
+
+
+class _AllSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks: each rank's statistics feed
+    every rank's normalisation, so each rank's share of the error comes back from all of them."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch: per-channel statistics from every rank (one all-reduce
+    per forward, one per backward), for 2-d (N, C) and 4-d (N, C, H, W) activity.
+
+    Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU process groups (gloo) too. Its parameters and
+    buffers are batch norm's, so checkpoints load either way. Outside training, or alone, it is
+    plain batch norm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected 2-d or 4-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and not _local_statistics and world().distributed):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        xf = x.float()
+        c, w = x.shape[1], world()
+        # Each rank's count, mean and sum of squared deviations (two passes: exact for any
+        # offset), combined by Chan's rule: the variance comes as a sum of non-negative terms, so
+        # a channel of nearly constant activity keeps its small variance accurately.
+        count = xf.new_full((1,), x.numel() // c)
+        local_mean = xf.mean(dims)
+        m2 = (xf - local_mean.view(view)).square().sum(dims)
+        rows = [xf.new_zeros(2 * c + 1)] * w.size
+        rows[w.rank] = torch.cat([local_mean, m2, count])
+        table = _AllSum.apply(torch.stack(rows))  # (ranks, 2C + 1): every rank's row
+        counts = table[:, -1:]
+        n = counts.sum()
+        mean = (table[:, :c] * counts).sum(0) / n
+        var = (table[:, c:2 * c].sum(0) + (counts * (table[:, :c] - mean).square()).sum(0)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1).clamp_min(1))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+        y = (xf - mean.view(view)) * torch.rsqrt(var + self.eps).view(view)
+        if self.affine:
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(circuit: nn.Module) -> int:
+    """Swap every population's batch norm for ``SyncBatchNorm`` (keeping its state); returns how many."""
+    swapped = 0
+    for pop in circuit.populations.values():
+        bn = getattr(pop, "norm", None)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not isinstance(bn, SyncBatchNorm):
+            sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                 device=bn.running_mean.device if bn.running_mean is not None else None)
+            sync.load_state_dict(bn.state_dict())
+            sync.train(bn.training)
+            pop.norm = sync
+            swapped += 1
+    return swapped

@@ -1,0 +1,109 @@
+"""One process of the distributed tests (``tests/test_distributed.py`` starts 1 or 2 of them).
+
+``python -m tests.dist_worker MODE OUT_DIR`` with torchrun's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). Each mode trains small runs and saves what the test compares to
+``OUT_DIR/<mode>-rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import attrs
+import torch
+
+from neurosim import distributed
+from neurosim.config import RULE_NAMES, preset
+from neurosim.train import RunInterrupted, open_run, resume_run
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    """Every synapse's W and feedback weight, and every batch-norm state, on the CPU."""
+    out = {}
+    for name, syn in run.circuit.synapses.items():
+        out[f"{name}.weight"] = syn.weight.detach().cpu().clone()
+        if syn.feedback is not None:
+            out[f"{name}.feedback"] = syn.feedback.detach().cpu().clone()
+    for name, t in run.circuit.state_dict().items():
+        if ".norm." in name:
+            out[name] = t.detach().cpu().clone()
+    return out
+
+
+def every_rule(out: Path, world: distributed.World) -> dict:
+    """Each rule's digits MLP after a few steps: 16 images per rank (or 32 on one process)."""
+    result = {}
+    for rule in RULE_NAMES:
+        cfg = preset(f"{rule}_mlp_digits", epochs=1, train_limit=256, batch_size=32 // world.size,
+                     monitor_every=0, device="cpu")
+        run = open_run(out / f"runs-{world.size}" / rule, cfg, quiet=True)
+        run.train()
+        result[rule] = weights(run)
+    return result
+
+
+def sync_bn(out: Path, world: distributed.World) -> dict:
+    """A small ResNet (KP and WM) for two steps of 16 images, with and without synchronised batch norm."""
+    result = {}
+    for rule, own in (("kp", {}), ("wm", {"wm_sleep_before": 2, "wm_sleep_batch_size": 4})):
+        for sync in (True, False):
+            cfg = preset(f"{rule}_resnet18", data="synthetic", synthetic_train=32, synthetic_test=16, width=0.125,
+                         epochs=1, batch_size=16 // world.size, monitor_every=0, device="cpu", sync_bn=sync,
+                         crop_padding=2, **own)
+            run = open_run(out / f"bn-{world.size}" / f"{rule}-{sync}", cfg, quiet=True)
+            run.train()
+            result[rule, sync] = weights(run)
+    return result
+
+
+def stop(out: Path, world: distributed.World) -> dict:
+    """Rank 1 alone is asked to stop in step 3; every rank must stop at the same step."""
+    cfg = preset("kp_mlp_digits", epochs=3, train_limit=256, batch_size=16, monitor_every=5, device="cpu")
+    run = open_run(out / "stop", cfg, quiet=True)
+
+    def on_step(r):
+        if r.step == 3 and world.rank == 1:
+            r.stop_requested = True
+
+    try:
+        run.train(on_step)
+        stopped = None
+    except RunInterrupted:
+        stopped = run.step
+    return {"stopped": stopped, "weights": weights(run)}
+
+
+def resume(out: Path, world: distributed.World) -> dict:
+    """Train one epoch, stop, resume to two; the same as two epochs straight."""
+    cfg = preset("kp_mlp_digits", epochs=1, train_limit=256, batch_size=16, monitor_every=3, device="cpu")
+    open_run(out / "resumed", cfg, quiet=True).train()
+    resumed = resume_run(out / "resumed", overrides={"epochs": 2}, quiet=True)
+    resumed.train()
+    straight = open_run(out / "straight", attrs.evolve(cfg, epochs=2), quiet=True)
+    straight.train()
+    return {"resumed": weights(resumed), "straight": weights(straight)}
+
+
+def refuse(out: Path, world: distributed.World) -> dict:
+    """Resume, with this world size, a run another world size trained."""
+    try:
+        resume_run(Path(sys.argv[3]), overrides={"epochs": 2}, quiet=True)
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    world, _ = distributed.init("cpu")
+    result = globals()[mode](out, world)
+    torch.save(result, out / f"{mode}-{world.size}-rank{world.rank}.pt")
+    distributed.finish()
+
+
+
+
+if __name__ == "__main__":
+    main()

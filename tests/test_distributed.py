@@ -1,0 +1,173 @@
+"""Training on several processes (torch.distributed, gloo on the CPU), checked against one process.
+
+Each test starts 1 or 2 processes of ``tests/dist_worker.py`` the way torchrun would (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and compares what they trained.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurosim.config import RULE_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+# One process on the global batch against two on halves: the same images, crops, noise and
+# feedback draws; only the order of float32 sums differs (the all-reduce adds two half-batch means).
+TOL = dict(rtol=0, atol=2e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, out: Path, nprocs: int, *extra: str, timeout: float = 300) -> list[dict]:
+    """Run ``mode`` of the worker on ``nprocs`` processes; each rank's saved result."""
+    port = _free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
+                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.dist_worker", mode, str(out), *extra],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    return [torch.load(out / f"{mode}-{nprocs}-rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between ranks"
+
+
+def assert_close(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(a[k], b[k]), k
+            continue
+        torch.testing.assert_close(a[k], b[k], **TOL, msg=lambda m, k=k: f"{what}, {k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def every_rule(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    two = launch("every_rule", out, 2)
+    one = launch("every_rule", out, 1)[0]
+    return one, two
+
+
+@pytest.mark.parametrize("rule", list(RULE_NAMES))
+def test_ranks_hold_identical_weights(every_rule, rule):
+    """After 8 steps W and B are bitwise equal on both ranks, for every rule."""
+    _, (r0, r1) = every_rule
+    assert_identical(r0[rule], r1[rule])
+
+
+@pytest.mark.parametrize("rule", list(RULE_NAMES))
+def test_two_processes_equal_one_on_the_global_batch(every_rule, rule):
+    one, (r0, _) = every_rule
+    assert_close(one[rule], r0[rule], f"{rule}: 2 processes vs 1")
+    # Training changed the weights: the comparison is not between two initial states.
+    start = launch_free_initial(rule)
+    assert any(not torch.equal(start[k], one[rule][k]) for k in start if k.endswith(".weight"))
+
+
+def launch_free_initial(rule: str) -> dict:
+    from neurosim.config import preset
+    from neurosim.train import build_circuit
+
+    cfg = preset(f"{rule}_mlp_digits")
+    c = build_circuit(cfg, (1, 8, 8), 10)
+    return {f"{n}.weight": s.weight.detach().clone() for n, s in c.synapses.items()}
+
+
+def relative_error(a: dict, b: dict) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the tensors (running counts aside)."""
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b
+               if not k.endswith("num_batches_tracked") and b[k].norm() > 0)
+
+
+def test_sync_batch_norm_equals_one_process(tmp_path):
+    """A ResNet with batch norm: synchronised statistics make 2 × 8 images train as 1 × 16.
+
+    Compared by norm, not element by element: in float32 a ReLU input within rounding of zero
+    falls on either side depending on the order of sums, and that one element's share of a
+    weight's update differs. Without synchronisation each rank normalises by its own 8 images
+    and the difference is of another order."""
+    r0, r1 = launch("sync_bn", tmp_path, 2)
+    (one,) = launch("sync_bn", tmp_path, 1)
+    for rule in ("kp", "wm"):
+        assert_identical(r0[rule, True], r1[rule, True])
+        synced = relative_error(r0[rule, True], one[rule, True])
+        local = relative_error(r0[rule, False], one[rule, False])
+        assert synced < 1e-4, f"{rule}: 2 processes with sync-bn differ from 1 by {synced:.2g}"
+        assert local > 100 * synced, (rule, synced, local)
+
+
+def test_a_stop_asked_of_one_rank_stops_all_at_the_same_step(tmp_path):
+    r0, r1 = launch("stop", tmp_path, 2)
+    # Asked in step 3 on rank 1; heard by all at the epoch's end (8 steps), honoured at the next.
+    assert r0["stopped"] == r1["stopped"] == 9
+    assert_identical(r0["weights"], r1["weights"])
+    saved = torch.load(tmp_path / "stop" / "last.pt", weights_only=False)
+    assert saved["step"] == 9 and saved["world"] == 2
+    assert not (tmp_path / "stop" / "metrics.jsonl.tmp").exists()
+
+
+def test_resume_continues_as_if_never_stopped(tmp_path):
+    r0, r1 = launch("resume", tmp_path, 2)
+    assert_identical(r0["resumed"], r1["resumed"])
+    assert_identical(r0["resumed"], r0["straight"])
+    # Only rank 0 wrote: one metrics file with one record per epoch (and the start).
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    launch("resume", tmp_path, 2)
+    (one,) = launch("refuse", tmp_path, 1, str(tmp_path / "straight"))
+    assert "trained by 2 processes (global batch 32)" in one["error"]
+    assert "torchrun --nproc_per_node=2" in one["error"]
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "experiments" / "run_circuit.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_torchrun_trains_the_digits_circuit_end_to_end(tmp_path):
+    """The README's command: two processes, one run directory written by rank 0."""
+    out = tmp_path / "run"
+    done = torchrun("kp_mlp_digits", "--device", "cpu", "--epochs", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final: test top-1") == 1  # rank 0 reports, the other rank is silent
+    assert "2 processes on cpu: global batch 64 (32 per process)" in done.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert {"config.json", "last.pt", "best.pt", "monitor.npz", "accuracy.png"} <= {p.name for p in out.iterdir()}
+    assert torch.load(out / "last.pt", weights_only=False)["world"] == 2
+
+    again = torchrun("kp_mlp_digits", "--device", "cpu", "--epochs", "1", "--out", str(out))
+    assert again.returncode != 0
+    said = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert said == [f"error: {out} already holds a run; use --resume {out} to continue it or choose another --out"]
