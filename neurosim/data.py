@@ -812,6 +812,10 @@ class BatchStream:
         self._perm: torch.Tensor | None = None
 
     @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
     def global_batch(self) -> int:
         """Samples per step over every rank."""
         return self.batch_size * self.world

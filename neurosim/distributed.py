@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import sys
 
@@ -167,8 +168,11 @@ def wrap(circuit: nn.Module, device: torch.device) -> nn.Module:
     ignore += [n for n, b in circuit.named_buffers() if id(b) not in population_buffers]
     DDP._set_params_and_buffers_to_ignore_for_model(circuit, ignore)
     synced = any(isinstance(m, SyncBatchNorm) for m in circuit.modules())
+    # Newer PyTorch renames the switch (the old name still works, with a warning).
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
     return DDP(circuit, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=not synced, gradient_as_bucket_view=True)
+               gradient_as_bucket_view=True, **{sync: not synced})
 
 
 # -- synchronised batch norm ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import math
 import torch
 
 from neurosim.analysis import angle_deg
+from neurosim.distributed import local_statistics
 
 
 def probe_batch(stream, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +46,12 @@ def probe_angles(circuit, x: torch.Tensor, y: torch.Tensor, loss_fn, synapses,
     buffers = [b for pop in circuit.populations.values() for b in pop.buffers()]
     saved = [b.clone() for b in buffers]
     try:
-        err, dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
-        with circuit.backprop_truth():
-            true_err, true_dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
+        # Batch statistics of the probe batch alone: under torchrun the probe runs on rank 0 only,
+        # and synchronised batch norm must not wait for ranks that are not probing.
+        with local_statistics():
+            err, dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
+            with circuit.backprop_truth():
+                true_err, true_dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
     finally:
         with torch.no_grad():
             for b, v in zip(buffers, saved):

@@ -626,3 +626,108 @@ class FolderStream:
         return (f"FolderStream({split}, {self._layout.n} images, batch {self.batch_size}, "
                 f"rank {self._layout.rank}/{self._layout.world}, {len(self)} batches, "
                 f"{self.image_size}px, decode={self.decode})")
+
+
+# --- what a run streams -----------------------------------------------------------------------
+
+# torchvision's ImageNet channel statistics. A streamed folder is normalised with them: measuring
+# a million images' statistics would cost about as much as an epoch, and every ImageNet recipe
+# (and every pretrained torchvision model) uses these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# "auto" streams a single-tree folder whose images, decoded, would exceed this many bytes.
+AUTO_STREAM_BYTES = 4 << 30
+_SIZE_SAMPLE = 16
+
+
+@attrs.frozen(eq=False)
+class StreamedData:
+    """A folder dataset a run reads from disk as it trains: its classes and its two splits.
+
+    Stands where `neurosim.data.ImageData` stands for data held on the device (``name``,
+    ``classes``, ``mean``, ``std``, ``image_shape``, ``num_classes``)."""
+
+    name: str
+    classes: tuple[str, ...]
+    train: tuple[list, list]  # (paths, labels), in the fixed training order
+    val: tuple[list, list]
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return 3, self.image_size, self.image_size
+
+
+def folder_root(spec: str, data_dir: str | os.PathLike) -> Path:
+    """The folder a data spec names: ``imagenet`` is ``<data_dir>/imagenet``; a path is itself."""
+    if spec == "imagenet":
+        root = Path(data_dir).expanduser() / "imagenet"
+        if not root.is_dir():
+            raise DataError(
+                f"ImageNet is not at {root}, and it cannot be downloaded (image-net.org asks for a "
+                "registration). Put its train/ and val/ class folders there (val/ sorted into class "
+                "folders, as torchvision's ImageFolder reads it), give --data-dir the folder above, "
+                "or pass the folder itself as --data /path/to/imagenet")
+        return root.resolve()
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data {spec}: no such folder; a streamed dataset is a folder of class subfolders "
+                        "(or of train/ and val/ holding them) or imagenet")
+    return root.resolve()
+
+
+def wants_stream(spec: str, data_dir: str | os.PathLike, mode: str) -> bool:
+    """Whether a run streams ``spec`` (``mode`` is the run's ``stream`` setting).
+
+    The named datasets (digits, CIFAR, synthetic) are small and always held on the device.
+    ``auto`` streams a folder in ImageNet's train/ + val/ layout, one whose images differ in size
+    (a sample of them is measured) and one whose decoded images would exceed
+    ``AUTO_STREAM_BYTES``."""
+    from neurosim.data import DATASET_NAMES
+
+    if spec in DATASET_NAMES:
+        if mode == "on":
+            raise DataError(f"--stream on reads image folders from disk; {spec} is small and always held on the "
+                            f"device: use --stream auto (or off), or --data with a folder")
+        return False
+    if mode != "auto":
+        return mode == "on"
+    root = folder_root(spec, data_dir)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return True
+    _, paths, _ = _scan_folder(root)
+    step = max(1, len(paths) // _SIZE_SAMPLE)
+    sizes = set()
+    for path in paths[::step][:_SIZE_SAMPLE]:
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:  # reads the header only
+                sizes.add(im.size)
+        except Exception:  # noqa: BLE001 - the loader names unreadable images itself
+            continue
+    if len(sizes) > 1:
+        return True
+    w, h = next(iter(sizes), (0, 0))
+    return len(paths) * 3 * w * h > AUTO_STREAM_BYTES
+
+
+def open_folder(spec: str, data_dir: str | os.PathLike, val_per_class: int | None, image_size: int,
+                train_limit: int = 0) -> StreamedData:
+    """The splits of a streamed folder; the training split in one fixed random order (the same
+    that `neurosim.data` gives a folder), so its first ``train_limit`` images are a fair subset."""
+    from neurosim.data import folder_training_order
+
+    root = folder_root(spec, data_dir)
+    classes, (train_paths, train_labels), val = folder_splits(root, val_per_class)
+    order = folder_training_order(len(train_paths)).tolist()
+    if train_limit:
+        order = order[:train_limit]
+    train = ([train_paths[i] for i in order], [train_labels[i] for i in order])
+    return StreamedData(str(root) if spec != "imagenet" else "imagenet", classes, train, val, image_size)

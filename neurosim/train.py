@@ -14,7 +14,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from neurosim import distributed
+from neurosim import distributed, stream
 from neurosim.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
@@ -109,9 +109,7 @@ class MonitorCallback(Callback):
         self.monitor = monitor
 
     def after_step(self, step: int) -> None:
-        # The probe runs on rank 0 alone: its batch norm must not wait for the other ranks.
-        with distributed.local_statistics():
-            self.monitor.after_step(step)
+        self.monitor.after_step(step)
 
     def before_sleep(self, step: int) -> None:
         self.monitor.before_sleep(step)
@@ -151,7 +149,11 @@ class Run:
         # Every random stream of a run derives from its seed; the process-wide generators too
         # (a new process draws their seed at random), for anything that draws from them.
         torch.manual_seed(cfg.seed)
-        if data is None:
+        # A folder too big to hold on the device (ImageNet) is read from disk as the run trains.
+        self.streamed = data is None and stream.wants_stream(cfg.data, cfg.data_dir, cfg.stream)
+        if self.streamed:
+            data = stream.open_folder(cfg.data, cfg.data_dir, cfg.val_per_class, cfg.image_size, cfg.train_limit)
+        elif data is None:
             # Rank 0 first: it downloads or decodes (and caches) what the others then read.
             if not self.world.writer:
                 distributed.barrier()
@@ -160,7 +162,7 @@ class Run:
             if self.world.writer:
                 distributed.barrier()
         self.data = data
-        if cfg.train_limit:
+        if cfg.train_limit and not self.streamed:
             # The training split is held in a fixed mixed order, so its head is a fair subset.
             self.data = attrs.evolve(self.data, train_x=self.data.train_x[:cfg.train_limit],
                                      train_y=self.data.train_y[:cfg.train_limit])
@@ -168,15 +170,9 @@ class Run:
         mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
         self.normalization = (tuple(mean), tuple(std))  # saved: evaluation on other data reuses it
         rank, size = self.world.rank, self.world.size
-        train_args = dict(shuffle=cfg.shuffle, seed=cfg.seed, crop_padding=cfg.crop_padding, flip=cfg.flip,
-                          channels_last=self.channels_last)
-        self.train_stream = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std,
-                                        rank=rank, world=size, **train_args)
+        self.train_stream = self._stream(train=True, rank=rank, world=size)
         # Evaluation: each rank a contiguous shard of the split; the counts are summed over ranks.
-        n_test = len(self.data.test_y)
-        shard = slice(rank * n_test // size, (rank + 1) * n_test // size)
-        self.test_stream = BatchStream(self.data.test_x[shard], self.data.test_y[shard], max(cfg.batch_size, 256),
-                                       mean, std, shuffle=False, seed=cfg.seed, channels_last=self.channels_last)
+        self.test_stream = self._stream(train=False, rank=rank, world=size)
         self.global_batch = cfg.batch_size * size
         self.lr = cfg.lr * self.global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
         self.circuit = build_circuit(cfg, self.data.image_shape, self.data.num_classes).to(self.device)
@@ -200,8 +196,12 @@ class Run:
             mcfg = MonitorConfig(every=cfg.monitor_every, synapses=cfg.monitor_synapses,
                                  traces=cfg.monitor_traces, probe=cfg.monitor_probe)
             # The probe is the head of the single-process stream: the same batch for any world size.
-            whole = BatchStream(self.data.train_x, self.data.train_y, cfg.batch_size, mean, std, **train_args)
-            probe = probe_batch(whole, cfg.monitor_probe) if cfg.monitor_probe else None
+            probe = None
+            if cfg.monitor_probe:
+                whole = self._stream(train=True, rank=0, world=1, workers=0)
+                probe = probe_batch(whole, cfg.monitor_probe)
+                if self.streamed:
+                    whole.close()
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
                                    self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
         self.callbacks: list[Callback] = [MonitorCallback(self.monitor)] if self.monitor is not None else []
@@ -217,6 +217,33 @@ class Run:
         self._unwatched = 0  # steps whose loss sits in the ring unread
         self.lock = None  # the run directory's DirectoryLock while this run writes into it
         self._reset_stats()
+
+    def _stream(self, train: bool, rank: int, world: int, workers: int | None = None):
+        """Batches of the training or the evaluation split for one rank: cut from the tensors on
+        the device (``BatchStream``) or read from the folder as they are needed (``FolderStream``)."""
+        cfg, data = self.cfg, self.data
+        mean, std = self.normalization
+        batch = cfg.batch_size if train else max(cfg.batch_size, 256 if not self.streamed else cfg.batch_size)
+        if self.streamed:
+            paths, labels = data.train if train else data.val
+            return stream.FolderStream(paths, labels, batch, train=train, mean=mean, std=std, seed=cfg.seed,
+                                       image_size=cfg.image_size, rank=rank, world=world,
+                                       workers=cfg.workers if workers is None else workers, device=self.device,
+                                       channels_last=self.channels_last)
+        if train:
+            return BatchStream(data.train_x, data.train_y, batch, mean, std, shuffle=cfg.shuffle, seed=cfg.seed,
+                               crop_padding=cfg.crop_padding, flip=cfg.flip, channels_last=self.channels_last,
+                               rank=rank, world=world)
+        n = len(data.test_y)
+        shard = slice(rank * n // world, (rank + 1) * n // world)
+        return BatchStream(data.test_x[shard], data.test_y[shard], batch, mean, std, shuffle=False, seed=cfg.seed,
+                           channels_last=self.channels_last)
+
+    def close(self) -> None:
+        """Stop the data-loading processes of a streamed run (nothing to do otherwise)."""
+        for s in (self.train_stream, self.test_stream):
+            if hasattr(s, "close"):
+                s.close()
 
     @property
     def quiet(self) -> bool:
@@ -469,7 +496,7 @@ def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp
     """``[Σ loss, top-1 hits, top-5 hits, images]`` (float64, on the device) over ``stream`` in eval mode."""
     previous = circuit.mode
     circuit.set_mode("eval")
-    device = stream.x.device
+    device = stream.device
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in stream.epoch(0):
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):

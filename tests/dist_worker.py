@@ -57,6 +57,16 @@ def sync_bn(out: Path, world: distributed.World) -> dict:
     return result
 
 
+def stream(out: Path, world: distributed.World) -> dict:
+    """An ImageNet ResNet on a streamed folder (argv[3]), synchronised batch norm, 12 images a step."""
+    cfg = preset("kp_resnet18_imagenet", data_dir=sys.argv[3], width=0.0625, image_size=32, epochs=1,
+                 batch_size=12 // world.size, workers=1, device="cpu", monitor_every=0, sync_bn=True)
+    run = open_run(out / f"stream-{world.size}", cfg, quiet=True)
+    run.train()
+    run.close()
+    return {"weights": weights(run), "steps": run.step}
+
+
 def stop(out: Path, world: distributed.World) -> dict:
     """Rank 1 alone is asked to stop in step 3; every rank must stop at the same step."""
     cfg = preset("kp_mlp_digits", epochs=3, train_limit=256, batch_size=16, monitor_every=5, device="cpu")

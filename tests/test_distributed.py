@@ -171,3 +171,29 @@ def test_torchrun_trains_the_digits_circuit_end_to_end(tmp_path):
     assert again.returncode != 0
     said = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert said == [f"error: {out} already holds a run; use --resume {out} to continue it or choose another --out"]
+
+
+def test_a_streamed_folder_trains_alike_on_two_processes(tmp_path):
+    """ImageNet's layout read from disk: each rank decodes its half of every global batch."""
+    from tests.test_stream_run import make_imagenet
+
+    make_imagenet(tmp_path / "data" / "imagenet")
+    r0, r1 = launch("stream", tmp_path, 2, str(tmp_path / "data"))
+    (one,) = launch("stream", tmp_path, 1, str(tmp_path / "data"))
+    assert r0["steps"] == one["steps"] == 2
+    assert_identical(r0["weights"], r1["weights"])
+    assert relative_error(r0["weights"], one["weights"]) < 1e-4
+
+
+def test_torchrun_trains_an_imagenet_resnet_on_a_folder(tmp_path):
+    from tests.test_stream_run import make_imagenet
+
+    make_imagenet(tmp_path / "data" / "imagenet")
+    out = tmp_path / "run"
+    done = torchrun("kp_resnet18_imagenet", "--data-dir", str(tmp_path / "data"), "--width", "0.0625",
+                    "--image-size", "32", "--batch-size", "2", "--epochs", "1", "--workers", "1", "--device", "cpu",
+                    "--monitor-every", "2", "--monitor-probe", "8", "--sync-bn", "true", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4 (2 per process), lr 0.0015625 (= 0.1 x 4/256, the linear scaling rule)" in done.stderr
+    assert done.stdout.count("final: test top-1") == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
