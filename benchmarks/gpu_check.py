@@ -24,8 +24,9 @@ crash of one does not lose the others:
 ``env``
     device, driver (nvidia-smi), CUDA, cuDNN, torch/torchvision/Python versions, GPU memory.
 ``tests``
-    ``pytest tests/test_cuda.py tests/test_equivalence.py`` (the CUDA tests, and the CPU
-    equivalence tests on this machine's software).
+    ``pytest tests/test_cuda.py tests/test_stream.py tests/test_equivalence.py`` (the CUDA
+    tests, JPEG decoding on the GPU among them, and the CPU equivalence tests on this machine's
+    software).
 ``bench_eager``
     ``benchmarks/step_time.py``: ResNet-18 full width, batch 512, bf16 autocast, channels_last,
     variants native,bp,fa,ss,kp,wm, with CUDA peak memory (``--memory``).
@@ -148,7 +149,8 @@ CIFAR = {
     # The smoke run's compiled path is the epoch parts'; here it would only add a graph capture.
     "smoke": dict(device="cpu", width=0.0625, batch_size=32, compile=False, backend="eager", max_epochs=1),
 }
-TESTS = {"gpu": ["tests/test_cuda.py", "tests/test_equivalence.py"], "smoke": ["tests/test_cuda.py"]}
+TESTS = {"gpu": ["tests/test_cuda.py", "tests/test_stream.py", "tests/test_equivalence.py"],
+         "smoke": ["tests/test_cuda.py"]}
 TARGETS = {"kp_compiled_speed": 0.97, "kp_epoch_s": 3.0, "kp_memory": 1.10}
 
 TREE_LIMIT = 64 * 2**20  # what the GPU tool carries: tracked + untracked-not-ignored + carried files

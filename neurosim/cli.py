@@ -363,6 +363,7 @@ def evaluate(argv: list[str]) -> int:
 
     import torch
 
+    from neurosim import stream as streaming
     from neurosim.checkpoint import load_checkpoint
     from neurosim.config import RunConfig
     from neurosim.data import DATASET_NAMES, BatchStream, load_dataset
@@ -413,8 +414,12 @@ def evaluate(argv: list[str]) -> int:
     out = Path(opts["--json"] or run_dir / f"eval-{slug}-{which}.json")
     _check_json_target(out)
     device = resolve_device(opts["--device"])
-    data = load_dataset(spec, opts["--data-dir"] or cfg.data_dir, val, (cfg.synthetic_train, cfg.synthetic_test),
-                        device, cfg.seed)
+    data_dir = opts["--data-dir"] or cfg.data_dir
+    streamed = streaming.wants_stream(spec, data_dir, cfg.stream)
+    if streamed:  # a folder read from disk, as the run read it (ImageNet)
+        data = streaming.open_folder(spec, data_dir, val, cfg.image_size)
+    else:
+        data = load_dataset(spec, data_dir, val, (cfg.synthetic_train, cfg.synthetic_test), device, cfg.seed)
     if list(data.image_shape) != trained["image_shape"]:
         raise UserError(f"{spec} has images of shape {data.image_shape}; the run was trained on "
                         f"{tuple(trained['image_shape'])}")
@@ -425,11 +430,18 @@ def evaluate(argv: list[str]) -> int:
                         f"{trained['classes'][:5]}…; labels would not correspond")
     circuit = build_circuit(cfg, tuple(trained["image_shape"]), len(trained["classes"])).to(device)
     circuit.load_state_dict(state["circuit"])
-    if split == "all":
-        x, y = torch.cat([data.train_x, data.test_x]), torch.cat([data.train_y, data.test_y])
+    if streamed:
+        paths, labels = data.val if split == "test" else (data.train[0] + data.val[0], data.train[1] + data.val[1])
+        if not paths:
+            raise UserError("the evaluation split is empty; hold out some images (e.g. --val-per-class 50)")
+        stream = streaming.FolderStream(paths, labels, 256, train=False, mean=trained["mean"], std=trained["std"],
+                                        seed=0, image_size=cfg.image_size, workers=cfg.workers, device=device)
     else:
-        x, y = data.test_x, data.test_y
-    stream = BatchStream(x, y, 256, trained["mean"], trained["std"], shuffle=False, seed=0)
+        if split == "all":
+            x, y = torch.cat([data.train_x, data.test_x]), torch.cat([data.train_y, data.test_y])
+        else:
+            x, y = data.test_x, data.test_y
+        stream = BatchStream(x, y, 256, trained["mean"], trained["std"], shuffle=False, seed=0)
     m = evaluate_stream(circuit, circuit, stream, loss_function(cfg.loss))
     result = {"run": str(run_dir), "checkpoint": which, "epoch": state["epoch"], "data": spec, "split": split, **m}
     # Through a temporary file and a rename; the temporary file never outlives a failure.

@@ -247,9 +247,10 @@ _RESNET = dict(data="cifar100", init="kaiming_normal", epochs=200, batch_size=12
 
 # The ImageNet recipe of the weight-mirror paper's era (Goyal et al. 2017): 90 epochs of SGD with
 # momentum 0.9 and weight decay 1e-4, lr 0.1 per 256 images scaled linearly to the global batch
-# (lr_batch), ×0.1 at epochs 30/60/80. The folder streams through the loader, which crops
+# (lr_batch), ×0.1 at epochs 30/60/80. ImageNet's folder streams (stream "auto" streams its train/ +
+# val/ layout; a small dataset such as synthetic, for a smoke run, stays on the device); the loader crops
 # (random-resized, image_size) and flips each image itself: no crop_padding or flip here.
-_IMAGENET = dict(data="imagenet", stream="on", image_size=224, init="kaiming_normal", epochs=90, batch_size=256,
+_IMAGENET = dict(data="imagenet", image_size=224, init="kaiming_normal", epochs=90, batch_size=256,
                  lr=0.1, lr_batch=256, momentum=0.9, weight_decay=1e-4, milestones=(30, 60, 80), lr_gamma=0.1,
                  monitor_every=500)
 

@@ -675,11 +675,9 @@ def folder_root(spec: str, data_dir: str | os.PathLike) -> Path:
                 "folders, as torchvision's ImageFolder reads it), give --data-dir the folder above, "
                 "or pass the folder itself as --data /path/to/imagenet")
         return root.resolve()
-    root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise DataError(f"--data {spec}: no such folder; a streamed dataset is a folder of class subfolders "
-                        "(or of train/ and val/ holding them) or imagenet")
-    return root.resolve()
+    from neurosim.data import _folder_root
+
+    return _folder_root(spec)  # names the datasets and what a folder must hold when it is none
 
 
 def wants_stream(spec: str, data_dir: str | os.PathLike, mode: str) -> bool:

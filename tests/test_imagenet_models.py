@@ -203,7 +203,7 @@ def test_every_rule_has_imagenet_presets_with_the_imagenet_recipe():
     for rule in RULE_NAMES:
         for model in IMAGENET_RESNETS:
             cfg = preset(f"{rule}_{model}")
-            assert (cfg.rule, cfg.model, cfg.data, cfg.stream, cfg.image_size) == (rule, model, "imagenet", "on", 224)
+            assert (cfg.rule, cfg.model, cfg.data, cfg.stream, cfg.image_size) == (rule, model, "imagenet", "auto", 224)
             assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_batch, cfg.momentum) == (90, 256, 0.1, 256, 0.9)
             assert (cfg.weight_decay, cfg.milestones, cfg.lr_gamma) == (1e-4, (30, 60, 80), 0.1)
             assert cfg.init == "kaiming_normal" and cfg.crop_padding == 0 and not cfg.flip

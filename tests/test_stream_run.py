@@ -110,3 +110,18 @@ def test_train_limit_takes_a_mixed_subset(tmp_path):
     assert len(paths) == 8 and len(set(labels)) > 1
     run.close()
 
+
+
+def test_evaluate_reads_a_streamed_run_as_it_was_trained(tmp_path, capsys):
+    import json
+
+    from neurosim.cli import evaluate
+
+    make_imagenet(tmp_path / "imagenet")
+    run = open_run(tmp_path / "run", imagenet_config(tmp_path, epochs=1, monitor_every=0), quiet=True)
+    m = run.train()
+    run.close()
+    assert evaluate([str(tmp_path / "run"), "--last", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "run" / "eval-imagenet-last.json").read_text())
+    assert result["images"] == 9
+    assert result["top1"] == pytest.approx(m["test_acc"]) and result["loss"] == pytest.approx(m["test_loss"], rel=1e-5)
