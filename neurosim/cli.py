@@ -171,24 +171,32 @@ def unique_run_dir(root: Path, name: str) -> Path:
 def check_out_dir(out: Path) -> None:
     """Refuse an ``--out`` that cannot become a run directory, before anything is loaded or written:
     a file, a folder holding other things than a run, or a place that cannot be written."""
+    check_new_dir(out, "run", "config.json")
+
+
+def check_new_dir(out: Path, what: str, marker: str) -> None:
+    """Refuse an ``--out`` that cannot become a ``what`` directory (a run, a study): a file, a
+    folder holding other things than a ``what`` (recognised by its ``marker`` file), or a place
+    that cannot be written. A folder holding a ``what`` passes; its owner decides about it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give the path of a new or empty directory")
     if out.is_dir():
-        if (out / "config.json").exists():
-            return  # a run: open_run refuses it, or starts one that never committed a checkpoint anew
+        if (out / marker).exists():
+            return
         others = sorted(p.name for p in out.iterdir() if p.name != ".lock")
         if others:
             listed = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-            raise UserError(f"{out} exists and holds other files ({listed}); choose a new or empty directory "
+            no = "" if what == "run" else f" but no {what} ({marker})"
+            raise UserError(f"{out} exists and holds other files ({listed}){no}; choose a new or empty directory "
                             f"for --out")
         where = out
     else:
         where = next((p for p in out.parents if p.exists()), Path("."))
         if not where.is_dir():
-            raise UserError(f"cannot make the run directory {out}: {where} is a file, not a directory; "
+            raise UserError(f"cannot make the {what} directory {out}: {where} is a file, not a directory; "
                             f"choose another --out")
     if not os.access(where, os.W_OK | os.X_OK):
-        raise UserError(f"cannot make the run directory {out}: {where} is not writable (read-only or "
+        raise UserError(f"cannot make the {what} directory {out}: {where} is not writable (read-only or "
                         f"permission denied); choose another --out")
 
 

@@ -576,26 +576,33 @@ def _load_folder(root: Path, data_dir: Path, val_per_class: int | None):
     x = torch.from_numpy(images)
     y = torch.as_tensor(labels, dtype=torch.int64)
 
-    # Samples are grouped by class in sorted order, so each class is one contiguous run.
-    counts = torch.bincount(y, minlength=len(classes)).tolist()
-    is_test = torch.zeros(len(y), dtype=torch.bool)
-    start = 0
-    for cls_name, count in zip(classes, counts):
-        # val_per_class=0 holds nothing out (the evaluation split is empty; evaluating says so).
-        k = max(1, count // 10) if val_per_class is None else int(val_per_class)
-        if k < 0 or k >= count:
-            raise DataError(
-                f"class {cls_name!r} in {root} has {count} images; cannot hold out {k} of them "
-                "for validation and still train on it (choose a smaller val_per_class)"
-            )
-        is_test[start + count - k:start + count] = True
-        start += count
+    is_test = torch.from_numpy(held_out(root, classes, labels, val_per_class))
     # A folder lists its images class by class; CIFAR's files hold them in one fixed random
     # order. Give the training split such an order too (always the same one), so that a run
     # without shuffling (the original weight-mirror recipe) still sees every class in a batch.
     train = torch.nonzero(~is_test).flatten()
     train = train[folder_training_order(len(train))]
     return x[train], y[train], x[is_test], y[is_test], tuple(classes)
+
+
+def held_out(root: Path, classes: Sequence[str], labels: Sequence[int], val_per_class: int | None) -> np.ndarray:
+    """Which images of a folder form its evaluation split (a bool mask over its images, which
+    ``_scan_folder`` lists class by class): the last ``val_per_class`` of each class in sorted
+    file order, by default 10 % of each class and at least one."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()
+    mask = np.zeros(len(labels), dtype=bool)
+    start = 0
+    for name, count in zip(classes, counts):
+        # val_per_class=0 holds nothing out (the evaluation split is empty; evaluating says so).
+        k = max(1, count // 10) if val_per_class is None else int(val_per_class)
+        if k < 0 or k >= count:
+            raise DataError(
+                f"class {name!r} in {root} has {count} images; cannot hold out {k} of them "
+                "for validation and still train on it (choose a smaller val_per_class)"
+            )
+        mask[start + count - k:start + count] = True
+        start += count
+    return mask
 
 
 def folder_training_order(n: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from neurosim.data import _derive_seed, _failure, _pixels, _scan_folder, _UnsupportedMode
+from neurosim.data import _derive_seed, _failure, _pixels, _scan_folder, _UnsupportedMode, held_out
 from neurosim.errors import DataError
 
 __all__ = ["folder_splits", "FolderStream", "crop_box"]
@@ -86,20 +86,7 @@ def folder_splits(root: str | os.PathLike, val_per_class: int | None = None
         return tuple(classes), (train_paths, train_labels), (val_paths, val_labels)
 
     classes, paths, labels = _scan_folder(root)
-    # Samples are grouped by class in sorted order, so each class is one contiguous run.
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes)).tolist()
-    is_val = np.zeros(len(paths), dtype=bool)
-    start = 0
-    for name, count in zip(classes, counts):
-        # val_per_class=0 holds nothing out (the evaluation split is empty).
-        k = max(1, count // 10) if val_per_class is None else int(val_per_class)
-        if k < 0 or k >= count:
-            raise DataError(
-                f"class {name!r} in {root} has {count} images; cannot hold out {k} of them "
-                "for validation and still train on it (choose a smaller val_per_class)"
-            )
-        is_val[start + count - k:start + count] = True
-        start += count
+    is_val = held_out(root, classes, labels, val_per_class)  # the split `load_dataset` makes too
     train = [(p, y) for p, y, v in zip(paths, labels, is_val) if not v]
     val = [(p, y) for p, y, v in zip(paths, labels, is_val) if v]
     return (tuple(classes),

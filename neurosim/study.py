@@ -34,6 +34,7 @@ import attrs
 
 from neurosim.errors import UserError
 from neurosim.files import DirectoryLock, describe_os_error, write_atomic
+from neurosim.cli import check_new_dir
 
 FORMAT = 1
 STUDY_FILE = "study.json"
@@ -360,26 +361,7 @@ def _now() -> str:
 
 def check_study_dir(path: Path) -> None:
     """Refuse a place that cannot hold a study: a file, a folder of other things, an unwritable one."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file; give the path of a new or empty directory, or of a study")
-    if path.is_dir():
-        if (path / STUDY_FILE).exists():
-            where = path
-        else:
-            others = sorted(p.name for p in path.iterdir() if p.name != ".lock")
-            if others:
-                listed = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-                raise UserError(f"{path} exists and holds other files ({listed}) but no study ({STUDY_FILE}); "
-                                f"choose a new or empty directory for --out")
-            where = path
-    else:
-        where = next((p for p in path.parents if p.exists()), Path("."))
-        if not where.is_dir():
-            raise UserError(f"cannot make the study directory {path}: {where} is a file, not a directory; "
-                            f"choose another --out")
-    if not os.access(where, os.W_OK | os.X_OK):
-        raise UserError(f"cannot make the study directory {path}: {where} is not writable (read-only or "
-                        f"permission denied); choose another --out")
+    check_new_dir(path, "study", STUDY_FILE)
 
 
 def _lock(study_dir: Path) -> DirectoryLock:
