@@ -126,6 +126,25 @@ def _title(run_dir: Path) -> str:
     return preset if isinstance(preset, str) and preset else run_dir.name
 
 
+def compare_labels(run_dirs) -> list[str]:
+    """One legend label per run: its preset; runs of one preset told apart by their rule's own
+    settings (``kp_resnet18 kp_decay=0.01``), then by their folders."""
+    run_dirs = [Path(d) for d in run_dirs]
+    labels = [_title(d) for d in run_dirs]
+    labels = [f"{lab} {_rule_settings(d)}".rstrip() if labels.count(lab) > 1 else lab
+              for lab, d in zip(labels, run_dirs)]
+    return [f"{lab} ({d.parent.name}/{d.name})" if labels.count(lab) > 1 else lab for lab, d in zip(labels, run_dirs)]
+
+
+def _rule_settings(run_dir: Path) -> str:
+    """The rule's own settings of a run as ``kp_decay=0.01`` (empty when none are set or readable)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        return " ".join(f"{cfg['rule']}_{k}={v}" for k, v in sorted(cfg.get("rule_params", {}).items()))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return ""
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Every figure of one run, written into its directory; returns the files written."""
     run_dir = Path(run_dir)
@@ -382,8 +401,7 @@ def plot_compare(run_dirs, out: Path) -> Path:
     ``compare_accuracy_angle.png`` in it) or a ``.png`` path."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = [(d, read_metrics(d)) for d in run_dirs]
-    labels = [_title(d) for d in run_dirs]
-    labels = [f"{lab} ({d.name})" if labels.count(lab) > 1 else lab for lab, d in zip(labels, run_dirs)]
+    labels = compare_labels(run_dirs)
     palette = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     for n, ((_, records), label) in enumerate(zip(runs, labels)):

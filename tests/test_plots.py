@@ -222,3 +222,19 @@ def test_a_rule_without_feedback_matrices_gets_no_empty_w_bt_figures(tmp_path):
     assert {"accuracy.png", "delta_angle_by_step.png", "synapse_traces.png"} <= names
     assert not names & {"angles_by_epoch.png", "angle_w_bt_by_step.png", "norm_ratio_by_step.png",
                         "w_vs_bt_scatter.png"}
+
+
+def test_compared_runs_of_one_preset_are_told_apart(tmp_path):
+    import json
+
+    from neurosim.plots import compare_labels
+
+    def run(path, preset, params):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps({"preset": preset, "rule": "kp", "rule_params": params}))
+        return path
+
+    dirs = [run(tmp_path / "a" / "kp", "kp_resnet18", {}), run(tmp_path / "b" / "kp", "kp_resnet18", {"decay": 0.01}),
+            run(tmp_path / "c" / "kp", "kp_resnet18", {"decay": 0.01}), run(tmp_path / "wm", "wm_resnet18", {})]
+    assert compare_labels(dirs) == ["kp_resnet18", "kp_resnet18 kp_decay=0.01 (b/kp)", "kp_resnet18 kp_decay=0.01 (c/kp)",
+                                    "wm_resnet18"]
