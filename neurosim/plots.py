@@ -66,12 +66,12 @@ def _depth_legend(fig, axes, names, colours):
     bar.set_label(f"synapse depth (0 = {names[0]}, {len(names) - 1} = {names[-1]})", fontsize=8)
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path, dpi: int = 120) -> Path:
     """Write the figure to ``out`` through a temporary file: a failure or Ctrl-C leaves no half image."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=dpi, format=out.suffix.lstrip(".") or "png")
         os.replace(tmp, out)
     except OSError as e:
         raise UserError(f"cannot write figure {out}: {describe_os_error(e)}") from None
@@ -97,7 +97,7 @@ def plot_epoch_angles(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(f"{_title(run_dir)}: forward/feedback alignment per synapse")
     ax.grid(alpha=0.3)
     _depth_legend(fig, ax, names, colours)
-    return _save(fig, out or run_dir / "angles_by_epoch.png")
+    return save_figure(fig, out or run_dir / "angles_by_epoch.png")
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
@@ -113,7 +113,7 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(f"{_title(run_dir)}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out or run_dir / "accuracy.png")
+    return save_figure(fig, out or run_dir / "accuracy.png")
 
 
 def _title(run_dir: Path) -> str:
@@ -194,7 +194,7 @@ def _per_synapse_figure(run_dir: Path, rec: MonitorRecord, values, ylabel: str, 
     scale_axis(ax, values)
     ax.set_title(f"{_title(run_dir)}: {title}")
     _depth_legend(fig, ax, rec.synapses, colours)
-    return _save(fig, out or run_dir / name)
+    return save_figure(fig, out or run_dir / name)
 
 
 def plot_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
@@ -256,7 +256,7 @@ def plot_delta_angle_by_step(run_dir: Path, record: MonitorRecord | None = None,
     _angle_limits(axes[1], rec.grad_angle)
     fig.suptitle(f"{_title(run_dir)}: feedback signal vs backprop on a fixed probe batch")
     _depth_legend(fig, axes, rec.synapses, colours)
-    return _save(fig, out or run_dir / "delta_angle_by_step.png")
+    return save_figure(fig, out or run_dir / "delta_angle_by_step.png")
 
 
 def plot_synapse_traces(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
@@ -288,7 +288,7 @@ def plot_synapse_traces(run_dir: Path, record: MonitorRecord | None = None, out:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="pair", title_fontsize=7)
     axes[-1, 0].set_xlabel("training step (engaged optimizer steps)")
     fig.suptitle(f"{_title(run_dir)}: traced synapses — W_ji solid, its feedback partner B_ij dashed")
-    return _save(fig, out or run_dir / "synapse_traces.png")
+    return save_figure(fig, out or run_dir / "synapse_traces.png")
 
 
 def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
@@ -320,7 +320,7 @@ def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path |
             if r == len(rows) - 1:
                 ax.set_xlabel("W_ji (weight)", fontsize=8)
     fig.suptitle(f"{_title(run_dir)}: forward vs feedback weight of sampled pairs (angle of the sample)")
-    return _save(fig, out or run_dir / "w_vs_bt_scatter.png")
+    return save_figure(fig, out or run_dir / "w_vs_bt_scatter.png")
 
 
 def _sample_angle(w: np.ndarray, b: np.ndarray) -> float:
@@ -372,7 +372,7 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
     fig.suptitle(title)
     _depth_legend(fig, axes, [rec.synapses[i] for i in sleeping] if len(sleeping) <= 12 else rec.synapses,
                [colours[i] for i in sleeping] if len(sleeping) <= 12 else colours)
-    return _save(fig, out or run_dir / "sleep_effect.png")
+    return save_figure(fig, out or run_dir / "sleep_effect.png")
 
 
 def plot_monitor(run_dir: Path) -> list[Path]:
@@ -427,4 +427,4 @@ def plot_compare(run_dirs, out: Path) -> Path:
     if out.suffix != ".png":
         out.mkdir(parents=True, exist_ok=True)
         out = out / "compare_accuracy_angle.png"
-    return _save(fig, out)
+    return save_figure(fig, out)

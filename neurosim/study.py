@@ -1043,21 +1043,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write figure {path}: {describe_os_error(e)}") from None
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
 def draw_figures(study_dir: Path, model: str, results: list[RuleResult]) -> list[tuple[str, str]]:
     """The comparison figures (PNG, 100 dpi) in ``STUDY/figures/``: (caption, path relative to STUDY)."""
+    from neurosim.plots import save_figure
+
     plt = _pyplot()
     runs = [r for r in results if r.trained]
     if not runs:
@@ -1080,7 +1069,7 @@ def draw_figures(study_dir: Path, model: str, results: list[RuleResult]) -> list
     written = []
 
     def save(fig, name, caption):
-        _save(fig, folder / name)
+        save_figure(fig, folder / name, dpi=100)
         written.append((caption, f"{FIGURES}/{name}"))
 
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
