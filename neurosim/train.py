@@ -223,7 +223,8 @@ class Run:
         the device (``BatchStream``) or read from the folder as they are needed (``FolderStream``)."""
         cfg, data = self.cfg, self.data
         mean, std = self.normalization
-        batch = cfg.batch_size if train else max(cfg.batch_size, 256 if not self.streamed else cfg.batch_size)
+        # Evaluation of data on the device goes in batches of at least 256 (no gradients to hold).
+        batch = cfg.batch_size if train or self.streamed else max(cfg.batch_size, 256)
         if self.streamed:
             paths, labels = data.train if train else data.val
             return stream.FolderStream(paths, labels, batch, train=train, mean=mean, std=std, seed=cfg.seed,

@@ -11,12 +11,7 @@ from neurosim.models.native import native_resnet
 from neurosim.rules import Backprop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(model, circuit, x, target, train):

@@ -24,13 +24,7 @@ from neurosim.rules import Backprop
 RULES = {name: cls.example for name, cls in REGISTRY.items()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small float64 tensors: intra-op threads only add barrier waits on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grads(module):
