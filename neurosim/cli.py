@@ -134,6 +134,7 @@ _NOTES = {
     "init": "MLPs only", "width": "ResNets only", "milestones": "epochs at which lr is multiplied by lr-gamma",
     "wm_lr": "of the sleep optimizer", "wm_sleep_before": "-1: one epoch's worth",
     "wm_sleep_batch_size": "0: --batch-size",
+    "wm_sleep_events": "co-activations per weight per mirror batch, at least; 0: no minimum",
     "monitor_every": "engaged steps between records; 0: no monitor", "monitor_synapses": "e.g. 'x->h1,h2->*'",
     "log_every": "steps between progress lines; 0: by time",
     "max_loss_ratio": "stop at this multiple of the first loss; 0: at a non-finite one",

@@ -39,6 +39,34 @@ def test_weight_mirror_resnet_sleeps_every_synapse():
     assert all(s.feedback.grad is not None for s in c.synapses.values())
 
 
+def _angle(a, b):
+    return torch.rad2deg(torch.arccos(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))).item()
+
+
+def test_weight_mirror_sleep_events_give_every_synapse_enough_noise(monkeypatch):
+    # One noise image gives conv1 1024 co-activations per weight (32x32 outputs), a 4x4 convolution
+    # of the last stage 16, the classifier 1: sleep_events tops up the synapses that get fewer.
+    drawn = {}
+    real = WeightMirror.draw_noise
+
+    def spy(self, shape, generator, device, dtype):
+        drawn.setdefault(shape[1:], []).append(shape[0])
+        return real(self, shape, generator, device, dtype)
+
+    monkeypatch.setattr(WeightMirror, "draw_noise", spy)
+    for events in (0, 4096):
+        drawn.clear()
+        c = build_resnet("resnet18", WeightMirror(decay=0.0, sleep_events=events), num_classes=10, width=0.0625)
+        c.sleep(2, torch.Generator().manual_seed(0))
+        fc, conv1 = c.synapses["fc"], c.synapses["conv1"]
+        assert drawn[(3, 32, 32)] == [2 if events == 0 else 4]  # 4096 / 1024 positions
+        assert max(drawn[(32,)]) == (2 if events == 0 else 4096)  # the classifier's input: 32 features
+        # The classifier's Hebbian estimate of -Wᵀ: hopeless from 2 samples of 32 inputs, close from 4096.
+        angle = _angle(-fc.feedback.grad, fc.weight.detach())  # B is kept in W's layout
+        assert (angle > 45) if events == 0 else (angle < 10), angle
+        assert _angle(-conv1.feedback.grad, conv1.weight.detach()) < 10
+
+
 def test_unknown_resnet_names_the_choices():
     with pytest.raises(ValueError, match="unknown ResNet 'resnet101'.*resnet50_imagenet"):
         build_resnet("resnet101", Backprop())

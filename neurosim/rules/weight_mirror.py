@@ -57,6 +57,10 @@ class WeightMirror(PlasticityRule):
     sleep_every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     sleep_batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
     sleep_batch_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: the training batch size
+    # At least this many co-activations per weight in each synapse's mirror batch (0: no minimum).
+    # A noise image gives a convolution one per output position but a dense synapse only one, so
+    # a classifier learns from far less noise than the convolutions below it (docs/results.md).
+    sleep_events: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
     presets: ClassVar[dict] = {
         # Twenty mirror batches before training, then one after every engaged step. The mirror
@@ -111,6 +115,11 @@ class WeightMirror(PlasticityRule):
             half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
             xi = torch.rand(shape, generator=generator, device=where, dtype=dtype).mul_(2 * half).sub_(half)
         return xi.to(device, non_blocking=True)
+
+    def mirror_batch(self, batch: int, positions: int) -> int:
+        """Noise images in one synapse's mirror batch: ``batch``, or as many more as it takes to
+        give ``sleep_events`` co-activations per weight when one image gives ``positions``."""
+        return max(batch, -(-self.sleep_events // positions))
 
     def respond(self, drive: torch.Tensor) -> torch.Tensor:
         """The postsynaptic response to the noise drive ``Wξ``."""
