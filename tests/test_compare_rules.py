@@ -17,7 +17,7 @@ from neurosim.cli import main
 from neurosim.config import RULE_NAMES
 from neurosim.monitor_files import load_monitor
 from neurosim.run_log import metrics_records
-from neurosim.study import MACHINE_SETTINGS, compare_rules, epochs_done
+from neurosim.study import MACHINE_SETTINGS, RuleResult, compare_rules, epochs_done
 from neurosim.train import CHANGEABLE_ON_RESUME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,8 @@ def test_every_rule_trained_and_reported_with_its_runs_numbers(study):
         final, row = records[-1], results[rule]
         assert final["epoch"] == 1 and row["state"] == "done" and row["epochs"] == "1/1"
         assert row["top-1"] == f"{final['test_acc']:.2f}" and row["top-5"] == f"{final['test_top5']:.2f}"
+        tail = records[1:][-3:]
+        assert row["top-1 last 3"] == f"{sum(m['test_acc'] for m in tail) / len(tail):.2f}"
         best = max(records[1:], key=lambda m: m["test_acc"])
         assert row["best top-1"] == f"{best['test_acc']:.2f} ({best['epoch']})"
         if rule != "bp":
@@ -279,3 +281,13 @@ def test_help(capsys):
     code, out, _ = in_process("--help", capsys=capsys)
     assert code == 0 and out.startswith("usage: compare_rules.py MODEL")
     assert ",".join(every_rule()) in out.replace("\n", "").replace(" ", "")
+
+
+def test_recent_mean_averages_the_last_three_trained_epochs():
+    records = [{"epoch": e, "test_acc": a} for e, a in enumerate([1.0, 10.0, 20.0, 30.0, 50.0])]
+    r = RuleResult(rule="kp", state="done", epochs=4, records=records, wall_s=1.0)
+    assert r.recent_mean("test_acc") == pytest.approx((20 + 30 + 50) / 3)  # epoch 0 (untrained) never counts
+    assert RuleResult(rule="kp", state="done", epochs=4, records=records[:3], wall_s=1.0).recent_mean(
+        "test_acc") == pytest.approx(15.0)
+    assert RuleResult(rule="kp", state="pending", epochs=4, records=records[:1], wall_s=None).recent_mean(
+        "test_acc") is None
