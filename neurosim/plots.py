@@ -137,10 +137,18 @@ def compare_labels(run_dirs) -> list[str]:
 
 
 def _rule_settings(run_dir: Path) -> str:
-    """The rule's own settings of a run as ``kp_decay=0.01`` (empty when none are set or readable)."""
+    """The rule's own settings of a run where they differ from its preset's, as ``kp_decay=0.01``
+    (all of them when the preset is unknown; empty when none differ or none are readable)."""
+    from neurosim.config import preset
+
     try:
         cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-        return " ".join(f"{cfg['rule']}_{k}={v}" for k, v in sorted(cfg.get("rule_params", {}).items()))
+        params, rule = cfg.get("rule_params", {}), cfg["rule"]
+        try:
+            base = preset(cfg["preset"]).rule_params
+        except (UserError, KeyError, TypeError):  # a preset this version does not have
+            base = {}
+        return " ".join(f"{rule}_{k}={v}" for k, v in sorted(params.items()) if k not in base or base[k] != v)
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return ""
 

@@ -231,10 +231,18 @@ def test_compared_runs_of_one_preset_are_told_apart(tmp_path):
 
     def run(path, preset, params):
         path.mkdir(parents=True)
-        (path / "config.json").write_text(json.dumps({"preset": preset, "rule": "kp", "rule_params": params}))
+        (path / "config.json").write_text(json.dumps({"preset": preset, "rule": preset.split("_")[0],
+                                                      "rule_params": params}))
         return path
 
     dirs = [run(tmp_path / "a" / "kp", "kp_resnet18", {}), run(tmp_path / "b" / "kp", "kp_resnet18", {"decay": 0.01}),
             run(tmp_path / "c" / "kp", "kp_resnet18", {"decay": 0.01}), run(tmp_path / "wm", "wm_resnet18", {})]
     assert compare_labels(dirs) == ["kp_resnet18", "kp_resnet18 kp_decay=0.01 (b/kp)", "kp_resnet18 kp_decay=0.01 (c/kp)",
                                     "wm_resnet18"]
+    # Only the settings that differ from the preset's own name a run: a sweep's legend stays short.
+    own = {"sleep_before": 200, "sleep_every": 4, "sleep_batch_size": 32, "lr": 0.1}
+    dirs = [run(tmp_path / "p" / "wm", "wm_resnet18", own), run(tmp_path / "q" / "wm", "wm_resnet18", {**own, "lr": 0.02}),
+            run(tmp_path / "r" / "wm", "wm_resnet18", {**own, "noise": "uniform"}),
+            run(tmp_path / "s" / "wm", "wm_resnet99", {**own, "lr": 0.02})]
+    assert compare_labels(dirs) == ["wm_resnet18", "wm_resnet18 wm_lr=0.02", "wm_resnet18 wm_noise=uniform",
+                                    "wm_resnet99"]
