@@ -37,7 +37,7 @@ class SynapseKind(Protocol):
     def fan_in(self) -> int: ...
     def fan_out(self) -> int: ...
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]: ...
-    def events(self, x: torch.Tensor) -> int: ...
+    def positions(self, in_shape: tuple[int, ...]) -> int: ...
     def describe(self) -> str: ...
     def forward(self, x, w, b): ...
     def fused_backward(self, grad_y, x, m, need_input: bool, need_product: bool, need_bias: bool): ...
@@ -72,9 +72,9 @@ class Dense:
             raise ValueError(f"dense synapse expects {self.in_features} inputs, population has shape {in_shape}")
         return (self.out_features,)
 
-    def events(self, x: torch.Tensor) -> int:
-        """How many (pre, post) co-activations one batch holds per weight: the batch size."""
-        return x.shape[0]
+    def positions(self, in_shape: tuple[int, ...]) -> int:
+        """(pre, post) co-activations per weight that one input image gives: one."""
+        return 1
 
     # -- compiled path --------------------------------------------------------------------
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -151,9 +151,9 @@ class Conv2d:
             raise ValueError(f"conv synapse with kernel {k} leaves no output for input {in_shape}")
         return (self.out_channels, h, w)
 
-    def events(self, x: torch.Tensor) -> int:
-        """Co-activations per weight in one batch: batch size × output positions."""
-        return x.shape[0] * math.prod(self.out_shape(tuple(x.shape[1:]))[1:])
+    def positions(self, in_shape: tuple[int, ...]) -> int:
+        """(pre, post) co-activations per weight that one input image gives: its output positions."""
+        return math.prod(self.out_shape(tuple(in_shape))[1:])
 
     # -- compiled path --------------------------------------------------------------------
     def forward(self, x, w, b):

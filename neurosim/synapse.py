@@ -156,7 +156,7 @@ class Synapse(nn.Module):
         """One mirror batch: noise at the presynaptic side, the response it drives, and the
         feedback weight's Hebbian update from those two signals alone."""
         w = self.weight.detach()
-        batch = self.rule.mirror_batch(batch, self.kind.events(torch.empty((1, *pre_shape), device="meta")))
+        batch = self.rule.mirror_batch(batch, self.kind.positions(pre_shape))
         xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype)
         if literal:
             r = self.rule.respond(self.kind.ref_forward(xi, w, None))

@@ -127,5 +127,6 @@ class WeightMirror(PlasticityRule):
 
     def sleep_update(self, s):
         # −⟨ξ rᵀ⟩/σ² + decay·B, formed in place on the fresh product tensor.
-        update = s.product().mul(-1.0 / (s.kind.events(s.pre) * self.sigma**2))
+        events = s.pre.shape[0] * s.kind.positions(s.pre.shape[1:])  # co-activations per weight
+        update = s.product().mul(-1.0 / (events * self.sigma**2))
         return update.add_(s.own, alpha=self.decay) if self.decay else update
