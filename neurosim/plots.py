@@ -19,6 +19,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from neurosim.config import preset  # noqa: E402
 from neurosim.errors import UserError  # noqa: E402
 from neurosim.files import describe_os_error  # noqa: E402
 from neurosim.monitors import MonitorRecord, load_monitor  # noqa: E402
@@ -139,8 +140,6 @@ def compare_labels(run_dirs) -> list[str]:
 def _rule_settings(run_dir: Path) -> str:
     """The rule's own settings of a run where they differ from its preset's, as ``kp_decay=0.01``
     (all of them when the preset is unknown; empty when none differ or none are readable)."""
-    from neurosim.config import preset
-
     try:
         cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
         params, rule = cfg.get("rule_params", {}), cfg["rule"]
