@@ -288,6 +288,10 @@ class Run:
         self.slept_before, self.best = state["slept_before"], state["best"]
         self.stats, self.seen = state["stats"].to(self.device), state["seen"]
         self.first_loss = state.get("first_loss")
+        # Losses of steps taken before the restore (a warm-up, an abandoned attempt) belong to
+        # no position of the restored run: the divergence watch starts from the checkpoint.
+        self._recent.zero_()
+        self._unwatched = 0
         if self.monitor is not None:
             self.monitor.load_state_dict(state["monitor"])
         rng = state["rng"]

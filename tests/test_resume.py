@@ -1,5 +1,6 @@
 """A run stopped mid-epoch and resumed ends exactly where an uninterrupted run ends."""
 
+import copy
 import json
 
 import pytest
@@ -70,3 +71,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="is damaged or not a checkpoint"):
         resume_run(tmp_path / "r")
+
+
+def test_a_restored_run_watches_divergence_from_its_own_first_step(tmp_path):
+    """Steps taken before a restore (a warm-up that compiles the graphs) leave no loss behind
+    for the divergence watch: its reference is the restored run's own first step."""
+    cfg = preset("kp_mlp_digits", epochs=1, train_limit=64, batch_size=16, device="cpu")
+    fresh = open_run(tmp_path / "fresh", cfg, quiet=True)
+    warmed = open_run(tmp_path / "warmed", cfg, quiet=True)
+    start = copy.deepcopy(warmed.state_dict())
+    batches = list(warmed.train_stream.epoch(0))
+    for x, y in batches[:2]:  # the first step sets the reference; the second waits in the ring
+        warmed.engaged_step(x, y)
+    warmed.load_state_dict(start)
+    assert warmed.first_loss is None
+    x, y = batches[0]
+    warmed.engaged_step(x, y)
+    fresh.engaged_step(x, y)
+    assert warmed.first_loss == fresh.first_loss
