@@ -503,6 +503,7 @@ class FolderStream:
                                   collate_fn=_Collate(stack=in_workers), pin_memory=self.device.type == "cuda", **extra)
         # The pass over the loader that may draw from it now (see `epoch`); None once closed.
         self._owner: object | None = object()
+        self._decode_stream = None  # CUDA: the stream JPEGs are decoded on (see _decode_jpegs)
         self._finalizer = weakref.finalize(self, _shut_down, self._loader)
 
     def __len__(self) -> int:
@@ -579,8 +580,7 @@ class FolderStream:
         jpegs = [i for i, img in enumerate(images) if img is None]
         if jpegs:
             try:
-                with _torchvision_decoders():
-                    decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+                decoded = self._decode_jpegs([data[i] for i in jpegs])
             except RuntimeError:
                 decoded = None  # one bad or unsupported file fails the whole call: try them one by one
             for n, i in enumerate(jpegs):
@@ -588,8 +588,7 @@ class FolderStream:
                     images[i] = decoded[n]
                     continue
                 try:
-                    with _torchvision_decoders():
-                        images[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device)
+                    images[i] = self._decode_jpegs([data[i]])[0]
                 except RuntimeError:
                     # A damaged file, or a JPEG flavour the device decoder lacks (e.g. CMYK):
                     # the CPU decoders, with Pillow behind them, decide and give the reason.
@@ -602,6 +601,29 @@ class FolderStream:
                        self._layout.seed, epoch, position)
             for img, (epoch, position) in zip(images, keys)
         ])
+
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``decode_jpeg`` on the device, ordered with the training's CUDA stream.
+
+        torchvision's CUDA decoder allocates its outputs on the calling stream but decodes on a
+        private stream that does not wait for it: called on the training stream, it could write
+        into memory that the previous step freed while that step's queued kernels still read it.
+        So it is called on a stream of its own that holds nothing else, and its outputs are
+        marked as used by the training stream, which waits for the decode before reading them:
+        the allocator then reuses an output's memory only once the training stream is past it.
+        """
+        with _torchvision_decoders():
+            if self.device.type != "cuda":
+                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            if self._decode_stream is None:
+                self._decode_stream = torch.cuda.Stream(self.device)
+            training = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._decode_stream):
+                images = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+            training.wait_stream(self._decode_stream)
+            for img in images:
+                img.record_stream(training)
+            return images
 
     def close(self) -> None:
         """Stop the worker processes. Also done when the stream is garbage-collected."""

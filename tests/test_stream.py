@@ -314,3 +314,31 @@ def test_cuda_decodes_jpegs_on_the_gpu_with_the_same_crops(files):
         # Same crops and flips; the pixels differ only by decoder and resize rounding.
         diff = ((xg.cpu() - xc) * std * 255).abs()
         assert float(diff.mean()) < 3
+
+
+@pytest.mark.cuda
+def test_cuda_decoding_waits_for_nothing_and_overwrites_nothing_the_training_stream_holds(files):
+    """Decoding while the training stream is still busy: queued kernels read tensors that are
+    already freed (their memory back in the allocator) when the batch is decoded. The decoded
+    batch equals the one decoded on an idle GPU, and the tensors the queued work wrote hold
+    what it computed."""
+    paths, labels = files
+    dev = stream(paths, labels, 6, device="cuda", workers=0)
+    try:
+        idle = collect(dev, epoch=2)
+        torch.cuda.synchronize()
+        busy, checks = [], []
+        for x, y in dev.epoch(2):
+            busy.append((x, y))
+            a = torch.randn(4096, 4096, device="cuda")
+            for _ in range(4):  # a long queue on the training stream, reading `a`
+                a = a @ a.T / 4096
+            checks.append(a.norm())
+            del a  # freed while the kernels that read it are still queued
+        torch.cuda.synchronize()
+    finally:
+        dev.close()
+    assert all(bool(torch.isfinite(c)) for c in checks)
+    for (xb, yb), (xi, yi) in zip(busy, idle):
+        assert torch.equal(yb, yi)
+        assert torch.equal(xb, xi)
