@@ -502,15 +502,17 @@ def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp
     previous = circuit.mode
     circuit.set_mode("eval")
     device = stream.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    images = 0  # counted on the host: a count built on the device per batch is a copy, and a sync
     for x, y in stream.epoch(0):
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             out = model(x).float()
         top = out.topk(min(5, out.shape[1]), 1).indices
-        totals += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
-                               (top == y[:, None]).any(1).sum().double(), totals.new_tensor(y.shape[0])])
+        sums += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
+                             (top == y[:, None]).any(1).sum().double()])
+        images += y.shape[0]
     circuit.set_mode(previous)
-    return totals
+    return torch.cat([sums, torch.full((1,), float(images), dtype=sums.dtype, device=device)])
 
 
 def _evaluation_result(totals: torch.Tensor) -> dict:

@@ -284,3 +284,20 @@ def test_no_host_sync_in_training_steps(tmp_path, name):
     torch.cuda.synchronize()
     assert run.step == 6 and run.monitor.steps[-1] == 6
     assert bool(torch.isfinite(run.stats).all())
+
+
+def test_evaluation_syncs_the_host_only_to_read_its_result(tmp_path):
+    """The evaluation loop queues every batch without waiting for the GPU; its totals are read once."""
+    from neurosim.train import evaluation_totals
+
+    cfg = preset("kp_resnet18", device="cuda", epochs=1, width=0.0625, data="synthetic", synthetic_train=32,
+                 synthetic_test=600, batch_size=16, monitor_every=0)
+    run = Run(cfg, tmp_path, quiet=True)
+    evaluation_totals(run.model, run.circuit, run.test_stream, run.loss_fn, run.amp_dtype)  # first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        totals = evaluation_totals(run.model, run.circuit, run.test_stream, run.loss_fn, run.amp_dtype)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(run.test_stream) >= 2 and totals.tolist()[3] == 600
