@@ -233,6 +233,27 @@ def test_brsf_redraw_on_cuda_with_a_generator_on_either_device(where):
     F.cross_entropy(on_gpu(torch.randn(4, 8, device="cuda")), torch.arange(4, device="cuda")).backward()
 
 
+def test_device_names_without_an_index_mean_the_current_device():
+    from neurosim.rules.sign_concordant import same_device
+
+    assert same_device(torch.device("cuda"), torch.device("cuda:0"))  # a CUDA generator's device
+    assert same_device("cpu", torch.device("cpu"))
+    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda:0")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_brsf_redraw_with_a_generator_on_the_gpu_draws_in_place():
+    """A ``torch.Generator("cuda")`` draws straight into the buffer: no weight-sized temporary."""
+    c = deep_circuit(BatchRandomSignConcordant(), "dense").cuda()
+    g = torch.Generator("cuda").manual_seed(3)
+    c.new_batch(g)  # first use
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    c.new_batch(g)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+
+
 def test_brsf_redraw_between_forward_and_backward_is_refused():
     c = deep_circuit(BatchRandomSignConcordant(), "dense")
     out = c(torch.randn(4, 8))

@@ -109,8 +109,20 @@ class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
         (the synapse's initialiser). ``generator`` ``None``: the default generator of the buffer's
         device; a generator on another device draws there and the result is copied over."""
         with torch.no_grad():
-            if generator is not None and generator.device != feedback.device:
+            if generator is not None and not same_device(generator.device, feedback.device):
                 m = torch.empty(feedback.shape, dtype=feedback.dtype, device=generator.device)
                 feedback.copy_(init(m, generator).abs_())
             else:
                 init(feedback, generator).abs_()
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two device names mean the same device: ``torch.Generator("cuda")`` reports
+    ``cuda`` without an index, which means the current GPU (``cuda:0`` in a lone process)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        default = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (default if a.index is None else a.index) == (default if b.index is None else b.index)
+    return a.index == b.index
