@@ -157,7 +157,10 @@ class Synapse(nn.Module):
         feedback weight's Hebbian update from those two signals alone."""
         w = self.weight.detach()
         batch = self.rule.mirror_batch(batch, self.kind.positions(pre_shape))
-        xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype)
+        # Noise in the weights' layout (channels_last circuits), so the update arrives in it too.
+        channels_last = w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype,
+                                  torch.channels_last if channels_last else torch.contiguous_format)
         if literal:
             r = self.rule.respond(self.kind.ref_forward(xi, w, None))
             return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach()))

@@ -84,3 +84,15 @@ def test_kp_resnet18_cli_smoke(tmp_path, name):
     ev = cli(str(out), "--data", "synthetic", script="evaluate.py")
     assert ev.returncode == 0, ev.stderr
     assert "top-1" in ev.stdout
+
+
+def test_sleep_updates_of_a_channels_last_circuit_come_in_its_layout():
+    """Mirror noise is drawn in the weights' layout, so each update lands in ``.grad`` as the
+    optimizer's fast path wants it (no conversion per mirror batch)."""
+    c = build_resnet("resnet18", WeightMirror(), 10, (3, 16, 16), width=0.0625)
+    c.to(memory_format=torch.channels_last)
+    c.sleep(4, torch.Generator().manual_seed(0))
+    spatial = [s for s in c.synapses.values() if s.feedback.dim() == 4 and s.feedback.shape[-1] > 1]
+    assert len(spatial) == 17
+    for s in spatial:
+        assert s.feedback.grad.is_contiguous(memory_format=torch.channels_last), s.name

@@ -97,23 +97,27 @@ class WeightMirror(PlasticityRule):
     def feedback_matrix(self, w, feedback):
         return feedback
 
-    def draw_noise(self, shape, generator, device, dtype) -> torch.Tensor:
+    def draw_noise(self, shape, generator, device, dtype,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons, on ``device``.
 
         The noise is drawn where ``generator`` lives (``None``: the default generator of
         ``device``) and moved to ``device`` if that is elsewhere: a CPU generator drives a CUDA
         circuit reproducibly, at the cost of a host-to-device copy per mirror batch (pass
-        ``torch.Generator(device)`` to avoid it).
+        ``torch.Generator(device)`` to avoid it). It is laid out in ``memory_format`` (the
+        circuit's: channels_last weights get channels_last noise, so the update they receive
+        comes out in their own layout), drawn in that layout's memory order.
         """
         device = torch.device(device)
         where = device if generator is None else generator.device
+        xi = torch.empty(shape, device=where, dtype=dtype, memory_format=memory_format)
         if self.noise == "gaussian":
-            xi = torch.randn(shape, generator=generator, device=where, dtype=dtype)
+            xi.normal_(generator=generator)
             if self.sigma != 1:
                 xi.mul_(self.sigma)
         else:
             half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
-            xi = torch.rand(shape, generator=generator, device=where, dtype=dtype).mul_(2 * half).sub_(half)
+            xi.uniform_(generator=generator).mul_(2 * half).sub_(half)
         return xi.to(device, non_blocking=True)
 
     def mirror_batch(self, batch: int, positions: int) -> int:
