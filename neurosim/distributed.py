@@ -226,7 +226,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         view = (1, -1) + (1,) * (x.dim() - 2)
-        xf = x.float()
+        # Statistics in float32 at least (bf16 activity under autocast), float64 kept as it is.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         c, w = x.shape[1], world()
         # Each rank's count, mean and sum of squared deviations (two passes: exact for any
         # offset), combined by Chan's rule: the variance comes as a sum of non-negative terms, so
@@ -260,8 +261,10 @@ def sync_batch_norm(circuit: nn.Module) -> int:
     for pop in circuit.populations.values():
         bn = getattr(pop, "norm", None)
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not isinstance(bn, SyncBatchNorm):
-            sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                 device=bn.running_mean.device if bn.running_mean is not None else None)
+            # Made where and in the precision the old one was (a float64 circuit stays float64).
+            like = next((t for t in bn.state_dict().values() if t.is_floating_point()), None)
+            where = {} if like is None else {"device": like.device, "dtype": like.dtype}
+            sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **where)
             sync.load_state_dict(bn.state_dict())
             sync.train(bn.training)
             pop.norm = sync

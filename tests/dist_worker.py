@@ -12,20 +12,26 @@ from pathlib import Path
 
 import attrs
 import torch
+import torch.nn.functional as F
 
 from neurosim import distributed
 from neurosim.config import RULE_NAMES, preset
-from neurosim.train import RunInterrupted, open_run, resume_run
+from neurosim.step import engaged_step, sleep_steps
+from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
 
 
 def weights(run) -> dict[str, torch.Tensor]:
     """Every synapse's W and feedback weight, and every batch-norm state, on the CPU."""
+    return circuit_weights(run.circuit)
+
+
+def circuit_weights(circuit) -> dict[str, torch.Tensor]:
     out = {}
-    for name, syn in run.circuit.synapses.items():
+    for name, syn in circuit.synapses.items():
         out[f"{name}.weight"] = syn.weight.detach().cpu().clone()
         if syn.feedback is not None:
             out[f"{name}.feedback"] = syn.feedback.detach().cpu().clone()
-    for name, t in run.circuit.state_dict().items():
+    for name, t in circuit.state_dict().items():
         if ".norm." in name:
             out[name] = t.detach().cpu().clone()
     return out
@@ -44,17 +50,33 @@ def every_rule(out: Path, world: distributed.World) -> dict:
 
 
 def sync_bn(out: Path, world: distributed.World) -> dict:
-    """A small ResNet (KP and WM) for two steps of 16 images, with and without synchronised batch norm."""
-    result = {}
-    for rule, own in (("kp", {}), ("wm", {"wm_sleep_before": 2, "wm_sleep_batch_size": 4})):
-        for sync in (True, False):
-            cfg = preset(f"{rule}_resnet18", data="synthetic", synthetic_train=32, synthetic_test=16, width=0.125,
-                         epochs=1, batch_size=16 // world.size, monitor_every=0, device="cpu", sync_bn=sync,
-                         crop_padding=2, **own)
-            run = open_run(out / f"bn-{world.size}" / f"{rule}-{sync}", cfg, quiet=True)
-            run.train()
-            result[rule, sync] = weights(run)
-    return result
+    """A small float64 ResNet (KP and WM) for three steps of 16 images, with and without
+    synchronised batch norm."""
+    return {(rule, sync): float64_resnet(rule, sync, world) for rule in ("kp", "wm") for sync in (True, False)}
+
+
+def float64_resnet(rule: str, sync: bool, world: distributed.World, steps: int = 3, batch: int = 16) -> dict:
+    """A narrow ResNet-18 built, wrapped and stepped as a run does it, but in float64 on seeded
+    random images (this rank's share of each global batch), so that comparing process counts
+    measures the distributed arithmetic and not float32 rounding."""
+    cfg = preset(f"{rule}_resnet18", width=0.125, device="cpu")
+    circuit = build_circuit(cfg, (3, 16, 16), 10).double()
+    if sync:
+        distributed.sync_batch_norm(circuit)
+    model = distributed.wrap(circuit, torch.device("cpu")) if world.distributed else circuit
+    optimizer = torch.optim.SGD(circuit.engaged_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    sleepers = circuit.sleep_parameters()
+    sleep_optimizer = torch.optim.SGD(sleepers, lr=circuit.rule.lr) if sleepers else None
+    noise, data = torch.Generator().manual_seed(1), torch.Generator().manual_seed(0)
+    share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)
+    for _ in range(steps):
+        x = torch.randn(batch, 3, 16, 16, generator=data, dtype=torch.float64)
+        y = torch.randint(0, 10, (batch,), generator=data)
+        engaged_step(circuit, model, optimizer, x[share], y[share], F.cross_entropy, None, noise)
+        if sleep_optimizer is not None:
+            sleep_steps(circuit, sleep_optimizer, 1, 4, noise)
+    return circuit_weights(circuit)
 
 
 def stream(out: Path, world: distributed.World) -> dict:
