@@ -222,21 +222,25 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected 2-d or 4-d input, got {x.dim()}-d")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and not _local_statistics and world().distributed):
+        # Rank and size straight from torch.distributed, which TorchDynamo traces; ``world()``
+        # builds a frozen attrs object, which it cannot (``--sync-bn true --compile true``).
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not (self.training and not _local_statistics and ranks > 1):
             return super().forward(x)
+        rank = dist.get_rank()
         dims = [0, *range(2, x.dim())]
         view = (1, -1) + (1,) * (x.dim() - 2)
         # Statistics in float32 at least (bf16 activity under autocast), float64 kept as it is.
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        c, w = x.shape[1], world()
+        c = x.shape[1]
         # Each rank's count, mean and sum of squared deviations (two passes: exact for any
         # offset), combined by Chan's rule: the variance comes as a sum of non-negative terms, so
         # a channel of nearly constant activity keeps its small variance accurately.
         count = xf.new_full((1,), x.numel() // c)
         local_mean = xf.mean(dims)
         m2 = (xf - local_mean.view(view)).square().sum(dims)
-        rows = [xf.new_zeros(2 * c + 1)] * w.size
-        rows[w.rank] = torch.cat([local_mean, m2, count])
+        rows = [xf.new_zeros(2 * c + 1)] * ranks
+        rows[rank] = torch.cat([local_mean, m2, count])
         table = _AllSum.apply(torch.stack(rows))  # (ranks, 2C + 1): every rank's row
         counts = table[:, -1:]
         n = counts.sum()

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from neurosim import distributed
+from neurosim.circuit import Circuit
 from neurosim.config import RULE_NAMES, preset
+from neurosim.rules.kolen_pollack import KolenPollack
 from neurosim.step import engaged_step, sleep_steps
 from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
 
@@ -53,6 +55,39 @@ def sync_bn(out: Path, world: distributed.World) -> dict:
     """A small float64 ResNet (KP and WM) for three steps of 16 images, with and without
     synchronised batch norm."""
     return {(rule, sync): float64_resnet(rule, sync, world) for rule in ("kp", "wm") for sync in (True, False)}
+
+
+def compiled_sync_bn(out: Path, world: distributed.World) -> dict:
+    """A small KP circuit with synchronised batch norm (convolutional and dense) for two steps of
+    8 images, compiled by Dynamo and not. The eager backend: what is under test is the tracing,
+    and it keeps the test fast."""
+    return {compiled: small_sync_bn_circuit(world, compiled) for compiled in (True, False)}
+
+
+def small_sync_bn_circuit(world: distributed.World, compiled: bool, steps: int = 2, batch: int = 8) -> dict:
+    circuit = Circuit(rule=KolenPollack(decay=0.01))
+    circuit.input("x", (3, 8, 8))
+    circuit.population("c", (4, 8, 8), activation="relu", norm="batch")
+    circuit.population("p", 4, pool="global_avg")
+    circuit.population("h", 6, activation="relu", norm="batch")
+    circuit.population("y", 3)
+    circuit.conv("x", "c", 3, padding=1)
+    circuit.identity("c", "p")
+    circuit.dense("p", "h")
+    circuit.dense("h", "y")
+    circuit.double()
+    distributed.sync_batch_norm(circuit)
+    model = distributed.wrap(circuit, torch.device("cpu"))
+    if compiled:
+        model = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(circuit.engaged_parameters(), lr=0.1, momentum=0.9)
+    data = torch.Generator().manual_seed(0)
+    share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)
+    for _ in range(steps):
+        x = torch.randn(batch, 3, 8, 8, generator=data, dtype=torch.float64)
+        y = torch.randint(0, 3, (batch,), generator=data)
+        engaged_step(circuit, model, optimizer, x[share], y[share], F.cross_entropy, None, None)
+    return circuit_weights(circuit)
 
 
 def float64_resnet(rule: str, sync: bool, world: distributed.World, steps: int = 3, batch: int = 16) -> dict:

@@ -130,6 +130,15 @@ def test_sync_batch_norm_equals_one_process(tmp_path):
         assert local > 1e6 * synced, (rule, synced, local)
 
 
+def test_compiled_circuit_with_sync_batch_norm_trains_on_two_processes(tmp_path):
+    """``--sync-bn true --compile true`` under torchrun: Dynamo traces the synchronised batch
+    norm's forward (it once built a frozen attrs object there and failed), and the compiled
+    circuit trains as the uncompiled one."""
+    r0, r1 = launch("compiled_sync_bn", tmp_path, 2)
+    assert_identical(r0[True], r1[True])
+    assert relative_error(r0[True], r0[False]) < 1e-12
+
+
 def trained_only(weights: dict) -> dict:
     """The weights a step trains, without batch norm's running statistics."""
     return {k: v for k, v in weights.items() if not k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))}
