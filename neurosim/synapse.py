@@ -49,8 +49,9 @@ class _SynapseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, feedback, kind, rule):
-        ctx.save_for_backward(x, w, feedback)
-        ctx.kind, ctx.rule = kind, rule
+        # W only where the rule's backward reads it: under autocast ``w`` is a cast copy.
+        ctx.save_for_backward(x, w if rule.backward_reads_weight else None, feedback)
+        ctx.kind, ctx.rule, ctx.weight_shape = kind, rule, w.shape
         ctx.set_materialize_grads(False)
         return kind.forward(x, w, b)
 
@@ -60,6 +61,8 @@ class _SynapseFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         x, w, feedback = ctx.saved_tensors
         kind, rule = ctx.kind, ctx.rule
+        if w is None:  # not kept: the kinds read only its shape where no error goes through it
+            w = grad_y.new_zeros(()).expand(ctx.weight_shape)
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         need_fb = need_fb and rule.feedback_learns == "engaged"
         m = rule.feedback_matrix(w, feedback) if need_x else w

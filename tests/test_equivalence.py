@@ -267,6 +267,32 @@ def test_autocast_bf16_on_cpu_matches_native():
     assert torch.allclose(syn.weight.grad, lin.weight.grad, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rule", sorted(RULES) + ["kp_no_decay"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_the_backward_keeps_a_copy_of_w_only_if_the_rule_reads_it(rule, kind):
+    """Under autocast each synapse casts W to bf16; that copy is kept for the backward only by
+    rules that send errors through W (or its signs) or decay it, and their updates are unchanged."""
+    make = (lambda: KolenPollack(decay=0.0)) if rule == "kp_no_decay" else RULES[rule]
+    c = random_circuit(make(), 0, True, kind).float()
+    casts = {s.weight.detach().to(torch.bfloat16) for s in c.synapses.values()}
+    kept = []
+
+    def pack(t):
+        kept.append(any(t.dtype == w.dtype and t.shape == w.shape and torch.equal(t, w) for w in casts))
+        return t
+
+    x = torch.randn(6, *c.populations["x"].shape)
+    y = torch.randint(0, 4, (6,))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(c(x).float(), y)
+    loss.backward()
+    reads = make().backward_reads_weight
+    assert reads == (rule not in ("fa", "wm", "dfa", "kp_no_decay"))
+    assert sum(kept) == (len(c.synapses) if reads else 0)
+    assert all(torch.isfinite(s.weight.grad).all() for s in c.synapses.values())
+
+
 def test_synapse_kinds_follow_one_protocol():
     from neurosim.kinds import Conv2d, Dense, SynapseKind
 

@@ -80,6 +80,10 @@ class PlasticityRule:
     # Settings of this rule's presets, per model family ("mlp_digits", "mlp_original", "resnet"),
     # written as command-line fields: the rule's own as "<name>_<field>", others as they are.
     presets: ClassVar[dict] = {}
+    # Whether the compiled backward reads ``W`` (to send errors through it or its signs, or to
+    # decay it). A rule that does not lets the synapse keep no copy of ``W`` for the backward:
+    # under autocast that copy is a low-precision tensor as large as the weight.
+    backward_reads_weight: ClassVar[bool] = True
 
     @classmethod
     def example(cls) -> "PlasticityRule":

@@ -31,6 +31,7 @@ class DirectFeedbackAlignment(PlasticityRule):
     name: ClassVar[str] = "dfa"
     transports: ClassVar[str] = "nothing"
     direct_feedback: ClassVar[bool] = True
+    backward_reads_weight: ClassVar[bool] = False
     # On digits the first steps at lr 0.05 (the other rules' rate) spike the loss over 100x its
     # start (and the run is stopped); lr 0.02 trains smoothly to 97.22 %.
     presets: ClassVar[dict] = {"mlp_digits": {"lr": 0.02}}

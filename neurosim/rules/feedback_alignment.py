@@ -13,6 +13,7 @@ class FeedbackAlignment(PlasticityRule):
     """Errors return through a random ``B`` drawn at construction (seeded) that never changes."""
 
     name: ClassVar[str] = "fa"
+    backward_reads_weight: ClassVar[bool] = False
     presets: ClassVar[dict] = {"mlp_original": {"lr": 0.2}}  # the weight-mirror authors' rate
 
     def init_feedback(self, w, init, generator):

@@ -39,6 +39,10 @@ class KolenPollack(PlasticityRule):
     def feedback_matrix(self, w, feedback):
         return feedback
 
+    @property
+    def backward_reads_weight(self) -> bool:
+        return self.decay != 0  # errors return through B; W is read only by its decay term
+
     def forward_update(self, s):
         return s.product() if self.decay == 0 else s.product() + self.decay * s.own
 

@@ -47,6 +47,7 @@ class WeightMirror(PlasticityRule):
 
     name: ClassVar[str] = "wm"
     feedback_learns: ClassVar[str] = "sleep"
+    backward_reads_weight: ClassVar[bool] = False  # errors return through B; W is read in sleep only
     sigma: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
     noise: str = attrs.field(default="gaussian", validator=attrs.validators.in_(("gaussian", "uniform")))
     decay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
