@@ -3,16 +3,23 @@
 A finished checkpoint is never lost or half-written (``write_atomic``), and one damaged on disk
 afterwards is recognised: every checkpoint carries a digest of its contents (each tensor's
 dtype, shape and bytes, and every plain value), recomputed on load.
+
+A training run does not wait for its checkpoints: ``CheckpointWriter`` copies the state into
+host buffers and hashes, serialises and writes it in a background thread, one commit at a time.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import pickle
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import torch
 
 from neurosim.errors import UserError
@@ -29,7 +36,8 @@ def state_digest(state) -> str:
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # hashed in place: a copy of every tensor's bytes costs as much as the hash
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(v, dict):
             h.update(f"D{len(v)}".encode())
             for k in sorted(v, key=repr):
@@ -46,11 +54,21 @@ def state_digest(state) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write ``state`` with its digest to ``path`` (temporary file, fsync, atomic rename)."""
+def checkpoint_bytes(state: dict) -> memoryview:
+    """The contents of a checkpoint file holding ``state`` and its digest."""
     buf = io.BytesIO()
     torch.save({**state, "digest": state_digest(state)}, buf)
-    write_atomic(Path(path), buf.getvalue(), what="checkpoint")
+    return buf.getbuffer()  # the serialised bytes themselves, not a second copy of them
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write ``state`` with its digest to ``path`` (temporary file, fsync, atomic rename)."""
+    write_checkpoint(checkpoint_bytes(state), path)
+
+
+def write_checkpoint(data: bytes | memoryview, path: Path) -> None:
+    """Write serialised checkpoint contents (``checkpoint_bytes``) to ``path`` atomically."""
+    write_atomic(Path(path), data, what="checkpoint")
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -106,3 +124,93 @@ def _alternatives(path: Path) -> str:
     how = (f" To continue from it: cp {other} {path} and resume" if path.name == "last.pt"
            else " evaluate.py --last reads it")
     return f" {other.name} in the same run (epoch {epoch}) is intact.{how}."
+
+
+@attrs.define(eq=False)
+class CheckpointWriter:
+    """Writes a run's checkpoints in a background thread, so that training goes on meanwhile.
+
+    ``snapshot(state)`` copies every tensor of a state into host buffers kept from one save to
+    the next (pinned memory for CUDA tensors: one asynchronous copy each and a single
+    synchronisation), so the caller may change its weights at once. ``start(commit)`` runs a
+    commit (hash, serialise, write the files in their order) in a thread of its own. Commits
+    never overlap and keep their order: ``start`` and ``flush`` first wait for the one in
+    progress and raise its error (a full disk's ``UserError``), so no error is lost and no
+    file of a later commit is written after a failed one. ``wait`` waits without raising and
+    hands the error back, for a caller that is already stopping for another reason.
+    """
+
+    pinned: bool = False  # copy CUDA tensors into page-locked memory (fast, asynchronous copies)
+    _buffers: dict = attrs.field(factory=dict, init=False)
+    _thread: threading.Thread | None = attrs.field(default=None, init=False)
+    _error: BaseException | None = attrs.field(default=None, init=False)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a commit is still being written."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self, state):
+        """A copy of ``state`` that stays as it is while the original goes on changing.
+
+        Waits for the commit in progress first: it may still be reading the buffers."""
+        self.flush()
+        devices = set()
+        copies = self._copy(state, (), devices)
+        for device in devices:
+            torch.cuda.synchronize(device)  # the one wait for every device-to-host copy above
+        return copies
+
+    def start(self, commit: Callable[[], None]) -> None:
+        """Run ``commit`` in the background, after the commit before it has finished."""
+        self.flush()
+        self._thread = threading.Thread(target=self._run, args=(commit,), name="checkpoint-writer")
+        self._thread.start()
+
+    def flush(self) -> None:
+        """Wait for the commit in progress; raise its error, if it failed."""
+        error = self.wait()
+        if error is not None:
+            raise error
+
+    def wait(self) -> BaseException | None:
+        """Wait for the commit in progress and return its error (once), or None."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        return error
+
+    def _run(self, commit: Callable[[], None]) -> None:
+        try:
+            commit()
+        except BaseException as e:  # handed to the training thread by flush or wait
+            self._error = e
+
+    def _copy(self, value, path: tuple, devices: set):
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(value.detach(), path, devices)
+        if isinstance(value, dict):
+            out = copy.copy(value)  # the same kind of dict (a scheduler's milestones are a Counter)
+            for key in value:
+                out[key] = self._copy(value[key], (*path, key), devices)
+            return out
+        if type(value) in (list, tuple):
+            return type(value)(self._copy(v, (*path, i), devices) for i, v in enumerate(value))
+        if value is None or isinstance(value, (bool, int, float, str, bytes)):
+            return value
+        return copy.deepcopy(value)
+
+    def _copy_tensor(self, t: torch.Tensor, path: tuple, devices: set) -> torch.Tensor:
+        layout = (t.shape, t.stride(), t.dtype)
+        kept = self._buffers.get(path)
+        if kept is None or kept[0] != layout:
+            # The tensor's own strides (channels_last stays channels_last in the file).
+            buffer = torch.empty_like(t, device="cpu", pin_memory=self.pinned and t.is_cuda)
+            kept = self._buffers[path] = (layout, buffer)
+        buffer = kept[1]
+        asynchronous = t.is_cuda and buffer.is_pinned()
+        buffer.copy_(t, non_blocking=asynchronous)
+        if asynchronous:
+            devices.add(t.device)
+        return buffer

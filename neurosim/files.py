@@ -19,7 +19,7 @@ def describe_os_error(exc: OSError) -> str:
     return _CAUSES.get(exc.errno, exc.strerror or type(exc).__name__)
 
 
-def write_atomic(path: Path, data: bytes, what: str = "file") -> None:
+def write_atomic(path: Path, data: bytes | memoryview, what: str = "file") -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and an atomic rename.
 
     Either the new contents are in place or the old file is untouched; the temporary file never

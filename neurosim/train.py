@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim import distributed, stream
-from neurosim.checkpoint import load_checkpoint, save_checkpoint
+from neurosim.checkpoint import CheckpointWriter, checkpoint_bytes, load_checkpoint, write_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
 from neurosim.data import BatchStream, ImageData, load_dataset
@@ -216,6 +217,8 @@ class Run:
         self._recent = torch.zeros(WATCH_STEPS, dtype=torch.float32, device=self.device)
         self._unwatched = 0  # steps whose loss sits in the ring unread
         self.lock = None  # the run directory's DirectoryLock while this run writes into it
+        # Checkpoints are hashed and written in the background (see ``save``).
+        self.checkpoint_writer = CheckpointWriter(pinned=cuda)
         self._reset_stats()
 
     def _stream(self, train: bool, rank: int, world: int, workers: int | None = None):
@@ -241,10 +244,13 @@ class Run:
                            channels_last=self.channels_last)
 
     def close(self) -> None:
-        """Stop the data-loading processes of a streamed run (nothing to do otherwise)."""
-        for s in (self.train_stream, self.test_stream):
-            if hasattr(s, "close"):
-                s.close()
+        """Finish writing the last checkpoint and stop the data-loading processes of a streamed run."""
+        try:
+            self.flush()
+        finally:
+            for s in (self.train_stream, self.test_stream):
+                if hasattr(s, "close"):
+                    s.close()
 
     @property
     def quiet(self) -> bool:
@@ -313,18 +319,36 @@ class Run:
         files, the epoch's metrics line) belongs to a position at or after the previous
         ``last.pt``; a resume from that checkpoint truncates and rewrites all of it, so a kill at
         any moment ends, after ``--resume``, in the same run directory as no kill at all.
+
+        Training is not held up by the writing: the state is copied into host buffers here, the
+        callbacks write their files, and a background thread (``CheckpointWriter``) hashes and
+        serialises the copy and writes ``best.pt``, the metrics line and ``last.pt``, in that
+        order. The next ``save`` and ``flush`` wait for it and raise its error (a full disk); a
+        commit that fails stops before ``last.pt``, so the previous one is kept.
         """
         self._check_divergence()
         if not self.world.writer:
             return
-        state = self.state_dict()
-        if best:
-            save_checkpoint(state, self.run_dir / "best.pt")
+        state = self.checkpoint_writer.snapshot(self.state_dict())  # waits for the previous commit
         for callback in self.callbacks:
             callback.on_checkpoint(self.run_dir)
-        if metrics is not None:
-            self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
-        save_checkpoint(state, self.run_dir / "last.pt")
+        metrics = copy.deepcopy(metrics)  # the caller's dict may change while the line is written
+
+        def commit():
+            # Serialised once; best.pt gets its own copy of the bytes rather than a hard link,
+            # so that damage to one file leaves the other to resume from.
+            data = checkpoint_bytes(state)
+            if best:
+                write_checkpoint(data, self.run_dir / "best.pt")
+            if metrics is not None:
+                self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
+            write_checkpoint(data, self.run_dir / "last.pt")
+
+        self.checkpoint_writer.start(commit)
+
+    def flush(self) -> None:
+        """Wait until the checkpoint being written is on disk; raise its error if it failed."""
+        self.checkpoint_writer.flush()
 
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -372,6 +396,7 @@ class Run:
                for which, t in (("weight", syn.weight), ("feedback weight", syn.feedback))
                if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
         first_bad = f"; non-finite: {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}" if bad else ""
+        unwritten = self.checkpoint_writer.wait()  # the last good checkpoint may still be being written
         last = self.run_dir / "last.pt"
         if last.exists():
             kept = (f"The last good checkpoint ({last}, epoch {load_checkpoint(last)['epoch']}) is kept; "
@@ -379,6 +404,8 @@ class Run:
         else:
             kept = (f"No checkpoint had been written yet; {self.run_dir} can be started again from the "
                     f"beginning with --resume or reused as --out.")
+        if unwritten is not None:
+            kept += f" Writing the next checkpoint failed: {unwritten}."
         return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad}. {kept} "
                 f"Lower --lr (now {self.cfg.lr:g}) and start again.")
 
@@ -431,11 +458,20 @@ class Run:
                     last = self._train_epoch(on_step)
             except RunInterrupted:
                 self.save()
+                self.flush()  # the message says the checkpoint is saved: it is on disk before it is seen
                 raise
+            self.flush()  # a finished run's files are complete when it returns
             return last
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            # Stopped by anything else (divergence, a second Ctrl-C, an error): the commit in
+            # progress, of a position reached earlier, still completes before the lock is let go.
+            try:
+                unwritten = self.checkpoint_writer.wait()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
+            if unwritten is not None:  # not hidden by the error that stopped the run
+                print(f"error: {unwritten}", file=sys.stderr)
 
     def _train_epoch(self, on_step) -> dict:
         cfg, stream = self.cfg, self.train_stream

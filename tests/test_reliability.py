@@ -2,7 +2,7 @@
 
 The kill test trains a real process, SIGKILLs it at chosen moments (mid-epoch, while a
 checkpoint is being written, right after one is replaced, between the files of one epoch's
-commit), resumes it from the command line and compares the whole run directory with an
+commit, while training goes on past a commit still being written), resumes it from the command line and compares the whole run directory with an
 uninterrupted run's.
 """
 
@@ -33,7 +33,7 @@ ARGS = ["wm_mlp_digits", "--epochs", "2", "--hidden", "24,16", "--monitor-every"
 
 # Runs the command line in a process that SIGKILLs itself at the moment KILL names.
 DRIVER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
     import neurosim.files as files
     import neurosim.plots as plots
@@ -49,6 +49,8 @@ DRIVER = textwrap.dedent("""
     def replace(src, dst):
         name = os.path.basename(dst)
         counts[name] = counts.get(name, 0) + 1
+        if what == "step_during_commit" and name == "last.pt":
+            time.sleep(10)  # the commit is still being written when training reaches step n
         if what == "writing_last" and name == "last.pt" and counts[name] == n:
             size = os.path.getsize(src)
             with open(src, "r+b") as f:
@@ -65,7 +67,7 @@ DRIVER = textwrap.dedent("""
 
     def engaged_step(self, x, y):
         real_step(self, x, y)
-        if what == "step" and self.step == n:
+        if what in ("step", "step_during_commit") and self.step == n:
             die()
 
     plots.plot_run = lambda run_dir: []  # figures are not what is compared; they cost seconds
@@ -134,6 +136,7 @@ def uninterrupted(tmp_path_factory):
     "after_last_pt:1",    # right after epoch 1's checkpoint replaced the last one
     "after_best_pt:2",    # epoch 2's best.pt written, its last.pt not yet
     "after_metrics:2",    # epoch 2's metrics line written, its last.pt not yet
+    "step_during_commit:50",  # epoch 2 under way while epoch 1's commit is still being written
 ])
 def test_killed_run_resumes_to_the_uninterrupted_directory(tmp_path, uninterrupted, kill):
     first = run_cli(tmp_path, [*ARGS, "--out", "run"], kill=kill)
