@@ -1,11 +1,13 @@
 """Training on several processes: ``torchrun`` launches them, ``torch.distributed`` joins them.
 
 Each process (rank) holds the whole circuit and a disjoint shard of every global batch;
-``DistributedDataParallel`` averages the engaged updates across ranks as it averages gradients
-— which in a circuit includes Kolen-Pollack's feedback updates, since a synapse's backward
-returns ``ΔB`` as the feedback weight's gradient. What else keeps every rank's feedback weights
-identical, rule by rule:
+``DistributedDataParallel`` averages the engaged updates across ranks as it averages gradients.
+What keeps every rank's feedback weights identical, rule by rule:
 
+- **KP**: its feedback update is the forward update's product with ``B``'s own decay
+  (``PlasticityRule.feedback_from_forward``), so DDP reduces ``ΔW`` alone and every rank
+  derives ``ΔB`` from the averaged ``ΔW`` after the backward (``derive_feedback_updates``):
+  the all-reduce carries what it carries for backprop.
 - **FA, SS, uSF, frSF, DFA**: the feedback weights are fixed (or follow ``W``'s signs), drawn
   from the run's seed on every rank: no traffic.
 - **brSF**: redrawn every batch from the run's seeded stream, which every rank holds in the same
@@ -152,17 +154,25 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap(circuit: nn.Module, device: torch.device) -> nn.Module:
-    """``circuit`` under ``DistributedDataParallel``, reducing exactly the engaged updates.
+    """``circuit`` under ``DistributedDataParallel``, reducing exactly the engaged updates that
+    cannot be derived from others.
 
     Parameters an engaged step does not update (WM's feedback weights, which learn in sleep)
     and the fixed feedback buffers (FA's ``B``, DFA's pathways, brSF's per-batch draws) are kept
     out of DDP: every rank computes them identically, and broadcasting them would move a
-    weight-sized tensor per synapse each step for nothing. Batch-norm running statistics are
+    weight-sized tensor per synapse each step for nothing. So are feedback weights whose update
+    follows from their synapse's forward update (KP): autograd no longer forms it, and
+    ``derive_feedback_updates`` makes it on every rank from the reduced ``ΔW`` after the
+    backward, so such a rule adds nothing to the all-reduce. Batch-norm running statistics are
     broadcast from rank 0 at each forward (DDP's default) unless batch norm is synchronised,
     which makes them equal anyway."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    engaged = {id(p) for p in circuit.engaged_parameters()}
+    for syn in derivable_feedback(circuit):
+        syn.feedback_derived = True
+        # Without a gradient to form, the synapse's backward skips the feedback update.
+        syn.feedback.requires_grad_(False)
+    engaged = {id(p) for p in circuit.engaged_parameters() if p.requires_grad}
     population_buffers = {id(b) for pop in circuit.populations.values() for b in pop.buffers()}
     ignore = [n for n, p in circuit.named_parameters() if id(p) not in engaged]
     ignore += [n for n, b in circuit.named_buffers() if id(b) not in population_buffers]
@@ -173,6 +183,22 @@ def wrap(circuit: nn.Module, device: torch.device) -> nn.Module:
         "broadcast_buffers"
     return DDP(circuit, device_ids=[device.index] if device.type == "cuda" else None,
                gradient_as_bucket_view=True, **{sync: not synced})
+
+
+def derivable_feedback(circuit: nn.Module) -> list:
+    """The synapses whose engaged feedback update follows from their forward update."""
+    return [s for s in circuit.synapses.values() if s.feedback is not None
+            and s.rule.feedback_learns == "engaged" and s.rule.feedback_follows_forward]
+
+
+def derive_feedback_updates(circuit: nn.Module) -> None:
+    """After an engaged backward: the feedback updates ``wrap`` left out of autograd, each from
+    its synapse's forward update — by then averaged over the ranks, so every rank derives the
+    same tensor and the average of the ranks' own updates. Nothing to do outside ``wrap``."""
+    for syn in circuit.synapses.values():
+        if syn.feedback_derived and syn.weight.grad is not None:
+            syn.feedback.grad = syn.rule.feedback_from_forward(syn.weight.grad, syn.weight.detach(),
+                                                               syn.feedback.detach())
 
 
 # -- synchronised batch norm ---------------------------------------------------------------------

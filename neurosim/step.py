@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from neurosim.distributed import derive_feedback_updates
 from neurosim.reference import reference_backward
 
 
@@ -39,6 +40,10 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
             out = model(x)
             loss = loss_fn(out.float(), y)
         loss.backward()
+        if circuit is not None:
+            # Under DDP the backward has reduced ΔW by now; feedback updates that follow from it
+            # (KP's) are made from the reduced one, the same on every rank.
+            derive_feedback_updates(circuit)
     optimizer.step()
     return loss, out
 

@@ -91,6 +91,10 @@ class Synapse(nn.Module):
     buffer when it is fixed (FA's random matrix, SS's scale) and absent for backprop.
     """
 
+    # Set by ``distributed.wrap`` where the rule derives the engaged feedback update from the
+    # forward one: autograd then forms none, and ``distributed.derive_feedback_updates`` does.
+    feedback_derived = False
+
     def __init__(self, name: str, pre: str, post: str, kind: SynapseKind, rule: PlasticityRule,
                  bias: bool = True, init: str = "default", generator: torch.Generator | None = None):
         super().__init__()

@@ -13,10 +13,12 @@ from pathlib import Path
 import attrs
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from neurosim import distributed
 from neurosim.circuit import Circuit
 from neurosim.config import RULE_NAMES, preset
+from neurosim.rules.backprop import Backprop
 from neurosim.rules.kolen_pollack import KolenPollack
 from neurosim.step import engaged_step, sleep_steps
 from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
@@ -58,14 +60,30 @@ def sync_bn(out: Path, world: distributed.World) -> dict:
 
 
 def compiled_sync_bn(out: Path, world: distributed.World) -> dict:
-    """A small KP circuit with synchronised batch norm (convolutional and dense) for two steps of
-    8 images, compiled by Dynamo and not. The eager backend: what is under test is the tracing,
-    and it keeps the test fast."""
-    return {compiled: small_sync_bn_circuit(world, compiled) for compiled in (True, False)}
+    """The small KP circuit with synchronised batch norm for two steps, compiled by Dynamo and
+    not. The eager backend: what is under test is the tracing, and it keeps the test fast."""
+    return {compiled: circuit_weights(small_circuit_trained(world, KolenPollack(decay=0.01), sync=True,
+                                                            compiled=compiled)) for compiled in (True, False)}
 
 
-def small_sync_bn_circuit(world: distributed.World, compiled: bool, steps: int = 2, batch: int = 8) -> dict:
-    circuit = Circuit(rule=KolenPollack(decay=0.01))
+def reduced(out: Path, world: distributed.World) -> dict:
+    """KP and backprop on the small circuit (synchronised batch norm) for three steps: what DDP
+    all-reduced per step, the size of the forward side's updates (W, biases, norms), and the
+    weights before and after."""
+    result = {}
+    for rule in (KolenPollack(decay=0.01), Backprop()):
+        sent = []
+        circuit = small_circuit_trained(world, rule, sync=True, steps=3, sent=sent)
+        result[rule.name] = {"bytes": sum(sent) / 3, "weights": circuit_weights(circuit),
+                             "start": circuit_weights(small_circuit(rule))}
+        result[rule.name]["forward_bytes"] = sum(p.numel() * p.element_size() for n, p in circuit.named_parameters()
+                                                 if not n.endswith(".feedback"))
+    return result
+
+
+def small_circuit(rule) -> Circuit:
+    """A float64 circuit with a convolution, a dense layer and batch norm in both."""
+    circuit = Circuit(rule=rule)
     circuit.input("x", (3, 8, 8))
     circuit.population("c", (4, 8, 8), activation="relu", norm="batch")
     circuit.population("p", 4, pool="global_avg")
@@ -75,19 +93,37 @@ def small_sync_bn_circuit(world: distributed.World, compiled: bool, steps: int =
     circuit.identity("c", "p")
     circuit.dense("p", "h")
     circuit.dense("h", "y")
-    circuit.double()
-    distributed.sync_batch_norm(circuit)
-    model = distributed.wrap(circuit, torch.device("cpu"))
+    return circuit.double()
+
+
+def small_circuit_trained(world: distributed.World, rule, sync: bool = False, compiled: bool = False,
+                          steps: int = 2, batch: int = 8, sent: list | None = None) -> Circuit:
+    """``small_circuit`` trained on seeded images, this rank's share of each global batch; the
+    bytes of every bucket DDP all-reduces are appended to ``sent``."""
+    circuit = small_circuit(rule)
+    if sync:
+        distributed.sync_batch_norm(circuit)
+    model = circuit
+    if world.distributed:
+        model = distributed.wrap(circuit, torch.device("cpu"))
+        if sent is not None:
+            model.register_comm_hook(sent, counted_allreduce)
     if compiled:
         model = torch.compile(model, backend="eager")
-    optimizer = torch.optim.SGD(circuit.engaged_parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(circuit.engaged_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     data = torch.Generator().manual_seed(0)
     share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)
     for _ in range(steps):
         x = torch.randn(batch, 3, 8, 8, generator=data, dtype=torch.float64)
         y = torch.randint(0, 3, (batch,), generator=data)
         engaged_step(circuit, model, optimizer, x[share], y[share], F.cross_entropy, None, None)
-    return circuit_weights(circuit)
+    return circuit
+
+
+def counted_allreduce(sent: list, bucket):
+    """DDP's own all-reduce, noting the bucket's size."""
+    sent.append(bucket.buffer().numel() * bucket.buffer().element_size())
+    return default_hooks.allreduce_hook(None, bucket)
 
 
 def float64_resnet(rule: str, sync: bool, world: distributed.World, steps: int = 3, batch: int = 16) -> dict:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from neurosim.config import RULE_NAMES
+from neurosim.rules import RULES, KolenPollack
 
 ROOT = Path(__file__).resolve().parents[1]
 # One process on the global batch against two on halves: the same images, crops, noise and
@@ -137,6 +138,49 @@ def test_compiled_circuit_with_sync_batch_norm_trains_on_two_processes(tmp_path)
     r0, r1 = launch("compiled_sync_bn", tmp_path, 2)
     assert_identical(r0[True], r1[True])
     assert relative_error(r0[True], r0[False]) < 1e-12
+
+
+@pytest.mark.parametrize("rule", [n for n, cls in RULES.items() if cls.feedback_follows_forward])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_a_derived_feedback_update_equals_the_one_formed_from_its_own_signals(rule, kind):
+    """What ``wrap`` derives from the forward update is what the feedback synapse forms itself."""
+    from neurosim.kinds import Conv2d, Dense
+    from neurosim.rules.base import LocalSignals
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "dense":
+        k, pre, post = Dense(5, 3), torch.randn(6, 5, generator=g), torch.randn(6, 3, generator=g)
+    else:
+        k = Conv2d(2, 3, 3, padding=1)
+        pre, post = torch.randn(4, 2, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    pre, post = pre.double(), post.double()
+    w, b = (torch.randn(k.weight_shape(), generator=g, dtype=torch.float64) for _ in range(2))
+    for r in (RULES[rule](), RULES[rule].example()):  # KP: without decay and with
+        gw = r.forward_update(LocalSignals(k, pre, post, w))
+        derived = r.feedback_from_forward(gw, w, b)
+        torch.testing.assert_close(derived, r.feedback_update(LocalSignals(k, pre, post, b)), rtol=1e-12,
+                                   atol=1e-12)
+        assert derived is not gw
+
+
+def test_kolen_pollack_derives_its_feedback_update():
+    assert KolenPollack.feedback_follows_forward
+
+
+def test_kp_all_reduces_what_backprop_does(tmp_path):
+    """KP's ``ΔB`` is derived on every rank from the all-reduced ``ΔW``, not all-reduced itself:
+    per step DDP moves the forward side's updates alone, as for backprop, and ``B`` still ends
+    bitwise equal on both ranks and equal to one process on the global batch (float64: only the
+    order of sums differs, ~1e-15 measured)."""
+    r0, r1 = launch("reduced", tmp_path, 2)
+    (one,) = launch("reduced", tmp_path, 1)
+    kp, bp = r0["kp"], r0["bp"]
+    assert kp["bytes"] == bp["bytes"] == kp["forward_bytes"] == bp["forward_bytes"], (kp["bytes"], bp["bytes"])
+    for rule in ("kp", "bp"):
+        assert_identical(r0[rule]["weights"], r1[rule]["weights"])
+        assert relative_error(r0[rule]["weights"], one[rule]["weights"]) < 1e-12, rule
+    feedback = [k for k in kp["weights"] if k.endswith(".feedback")]
+    assert len(feedback) == 3 and all(not torch.equal(kp["weights"][k], kp["start"][k]) for k in feedback)
 
 
 def trained_only(weights: dict) -> dict:

@@ -77,6 +77,8 @@ class PlasticityRule:
     transports: ClassVar[str] = "nothing"
     # When the feedback weight learns: None (never, or has none), "engaged" or "sleep".
     feedback_learns: ClassVar[str | None] = None
+    # Whether the engaged feedback update follows from the forward update (``feedback_from_forward``).
+    feedback_follows_forward: ClassVar[bool] = False
     # Settings of this rule's presets, per model family ("mlp_digits", "mlp_original", "resnet"),
     # written as command-line fields: the rule's own as "<name>_<field>", others as they are.
     presets: ClassVar[dict] = {}
@@ -106,6 +108,17 @@ class PlasticityRule:
 
     def feedback_update(self, s: LocalSignals) -> torch.Tensor | None:
         """Gradient for the feedback weight in an engaged step (None: it does not learn then)."""
+        return None
+
+    def feedback_from_forward(self, gw: torch.Tensor, w: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor | None:
+        """The engaged feedback update, given ``gw``, the forward update of the same synapse from
+        the same signals, and the weights ``w`` and ``feedback`` as they are now; None where it
+        does not follow from ``gw`` (then ``feedback_follows_forward`` is False).
+
+        For runs on several processes: ``gw`` arrives averaged over the processes, and what this
+        derives from it on every process is the average of their feedback updates, so the
+        all-reduce carries ``ΔW`` alone (``neurosim.distributed.wrap``). It must equal
+        ``feedback_update`` on the feedback synapse's own signals, as the rule-generic test checks."""
         return None
 
     def sleep_update(self, s: LocalSignals) -> torch.Tensor | None:

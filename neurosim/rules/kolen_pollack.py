@@ -18,10 +18,16 @@ class KolenPollack(PlasticityRule):
     independent draws. Because both see the same product and the same decay (and the optimizer
     treats them alike), ``W − Bᵀ`` shrinks by ``(1 − ηλ)`` every step and ``B`` comes to mirror
     ``W``. An optimizer's own weight decay, applied to both, adds to ``decay``.
+
+    On several processes only ``ΔW`` is all-reduced: ``ΔB`` is the same (averaged) product with
+    ``B``'s own decay, so every process derives it as ``ΔW + λ(B − W)`` (``feedback_from_forward``).
+    That is bookkeeping of the compiled execution, which forms the shared product once anyway,
+    not a signal the feedback synapse reads; the reference execution forms ``ΔB`` literally.
     """
 
     name: ClassVar[str] = "kp"
     feedback_learns: ClassVar[str] = "engaged"
+    feedback_follows_forward: ClassVar[bool] = True
     decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     presets: ClassVar[dict] = {
         "mlp_digits": {"kp_decay": 0.01},
@@ -48,3 +54,8 @@ class KolenPollack(PlasticityRule):
 
     # The feedback synapse obeys the same law, applied to its own signals and its own weight.
     feedback_update = forward_update
+
+    def feedback_from_forward(self, gw, w, feedback):
+        # Both updates are the one product plus their own decay, so ΔB − ΔW = λ(B − W). A copy
+        # without decay: two parameters must not share one gradient tensor.
+        return gw.clone() if self.decay == 0 else gw + self.decay * (feedback - w)
