@@ -61,13 +61,12 @@ class _SynapseFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         x, w, feedback = ctx.saved_tensors
         kind, rule = ctx.kind, ctx.rule
-        if w is None:  # not kept: the kinds read only its shape where no error goes through it
-            w = grad_y.new_zeros(()).expand(ctx.weight_shape)
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         need_fb = need_fb and rule.feedback_learns == "engaged"
-        m = rule.feedback_matrix(w, feedback) if need_x else w
-        if m is None:  # the rule sends no error back (direct feedback alignment)
-            need_x, m = False, w
+        m = rule.feedback_matrix(w, feedback) if need_x else None
+        if m is None:  # no error goes back (none asked for, or direct feedback alignment)
+            # The kinds then read only the weight's shape; a rule that does not read W kept none.
+            need_x, m = False, w if w is not None else grad_y.new_zeros(()).expand(ctx.weight_shape)
         gx, product, gb = kind.fused_backward(grad_y, x, m, need_x, need_w or need_fb, need_b)
         gw = rule.forward_update(LocalSignals(kind, x, grad_y, w, product)) if need_w else None
         gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product)) if need_fb else None
@@ -126,6 +125,10 @@ class Synapse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b, fb = self.weight, self.bias, self.feedback
+        if self.rule.native_backward:
+            # Backprop's updates are autograd's own gradients: the kind's forward under native
+            # autograd (and native autocast) does the same work without a Python backward.
+            return self.kind.forward(x, w, b)
         dtype = _autocast_dtype(x.device.type)
         if dtype is None:
             return _SynapseFunction.apply(x, w, b, fb, self.kind, self.rule)

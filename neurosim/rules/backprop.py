@@ -14,6 +14,7 @@ class Backprop(PlasticityRule):
 
     name: ClassVar[str] = "bp"
     transports: ClassVar[str] = "weights"
+    native_backward: ClassVar[bool] = True
     presets: ClassVar[dict] = {"mlp_original": {"lr": 0.2}}  # the weight-mirror authors' rate
 
     def feedback_matrix(self, w, feedback):

@@ -86,6 +86,11 @@ class PlasticityRule:
     # decay it). A rule that does not lets the synapse keep no copy of ``W`` for the backward:
     # under autocast that copy is a low-precision tensor as large as the weight.
     backward_reads_weight: ClassVar[bool] = True
+    # Whether the rule's engaged updates are exactly autograd's gradients of the forward pass
+    # (errors back through ``W`` itself, ``ΔW = δ_y ⊗ x``, no feedback weight): backprop. The
+    # compiled execution then runs the synapse under native autograd; the reference one is
+    # unchanged, and the tests compare the two as for every rule.
+    native_backward: ClassVar[bool] = False
 
     @classmethod
     def example(cls) -> "PlasticityRule":
