@@ -183,6 +183,25 @@ def test_kp_all_reduces_what_backprop_does(tmp_path):
     assert len(feedback) == 3 and all(not torch.equal(kp["weights"][k], kp["start"][k]) for k in feedback)
 
 
+def test_the_scaling_benchmark_counts_what_ddp_all_reduces():
+    """``benchmarks/scaling.py`` counts the buckets DDP reduces in a real step: KP's as many as
+    backprop's, the forward side's parameters at 4 bytes each."""
+    import importlib.util
+
+    from neurosim.config import preset
+    from neurosim.train import build_circuit
+
+    spec = importlib.util.spec_from_file_location("scaling", ROOT / "benchmarks" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    kp, bp = scaling.traffic("kp_mlp_digits", []), scaling.traffic("bp_mlp_digits", [])
+    c = build_circuit(preset("kp_mlp_digits"), (1, 8, 8), 10)
+    forward = sum(4 * p.numel() for n, p in c.named_parameters() if not n.endswith(".feedback"))
+    assert kp["grad_bytes"] == bp["grad_bytes"] == forward
+    assert kp["derived_feedback_bytes"] == sum(4 * s.feedback.numel() for s in c.synapses.values())
+    assert bp["derived_feedback_bytes"] == 0
+
+
 def trained_only(weights: dict) -> dict:
     """The weights a step trains, without batch norm's running statistics."""
     return {k: v for k, v in weights.items() if not k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))}
