@@ -22,16 +22,27 @@ What is timed is the full training step a user runs::
 All variants live in one process and see the same fixed synthetic batch. After warm-up the
 repetitions are interleaved (rep 1: every variant once, rep 2: again, starting one variant later,
 …), each timing K consecutive steps with the device synchronised before the clock is read, so a
-slow spell of a shared machine hits all variants alike. Reported: median ms/step over reps, its
-ratio to ``native`` (and to ``bp``), images/s and the projected time of a 50,000-image epoch; on
-CPU also the process's CPU time per step (less sensitive to other processes than wall time).
+slow spell of a shared machine hits all variants alike. ``--sequential`` instead takes the
+variants one at a time — built, warmed up, timed, freed — so that a run stopped by a time limit
+keeps every variant it finished (a compiled variant's warm-up can take a minute) and each
+variant's memory is its own. Reported: median ms/step over reps, its ratio to ``native`` (and
+to ``bp``), images/s and the projected time of a 50,000-image epoch; on CPU also the process's
+CPU time per step (less sensitive to other processes than wall time); per variant the seconds
+of building, of the warm-up and of its first step, and with ``--compile`` what was compiled
+(graphs, seconds per graph, recompiles; ``compile_stats.py``) in the warm-up and while timing.
+
+``--json FILE`` is rewritten (atomically) after every variant's warm-up, every repetition and
+every memory measurement, with ``"complete": false`` and the phase reached until the end: a run
+that is killed keeps what it finished.
+
 ``--profile`` prints torch.profiler's op table of each variant after the timing, to find where
 a variant's extra time goes.
 
 ``--memory`` adds a peak-memory phase. On CUDA each variant is built alone (the others freed)
-and ``torch.cuda.max_memory_allocated`` over two steps is its peak. On CPU each variant runs in
-a fresh subprocess (``--memory-child VARIANT``) that reports the growth of its peak RSS from
-after building to after two steps (the kernel's peak mark, ``ru_maxrss``/``VmHWM``, reset after
+and ``torch.cuda.max_memory_allocated`` over two steps is its peak; with ``--sequential`` it is
+instead the peak over the variant's timed steps (no separate phase, compiled variants not
+compiled twice). On CPU each variant runs in a fresh subprocess (``--memory-child VARIANT``)
+that reports the growth of its peak RSS from after building to after two steps (the kernel's peak mark, ``ru_maxrss``/``VmHWM``, reset after
 building where Linux allows): the memory the steps need (activations, gradients, optimizer
 state), uncontaminated by the other variants.
 
@@ -42,6 +53,9 @@ one whose compiled code fails — an exception or a hard crash of the interprete
 failed and the others are still measured. ``--no-compile-check`` skips that step (each variant is
 then compiled once, in the timing process, during its warm-up): for a caller that runs this script
 in a process of its own with a time limit, where the second compilation costs more than it buys.
+``--dynamic-batch`` marks the batch dimension dynamic before the first compiled call: the graph a
+training run settles on once its epoch's last, smaller batch has made it recompile (and the one
+``benchmarks/epoch_time.py`` compiles), so that inductor's on-disk cache can serve both.
 
 Bad arguments end in one message and exit status 2. Timings on a shared machine are noisy: the
 JSON records the load average before and after.
@@ -67,10 +81,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import compile_stats  # noqa: E402
 from neurosim.models import RESNETS, build_resnet  # noqa: E402
 from neurosim.models.native import native_resnet  # noqa: E402
 
@@ -108,6 +124,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile-check", action="store_true",
                    help="with --compile: skip compiling each variant in a subprocess first (compile once, "
                         "in the warm-up of the timing process)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="with --compile: mark the batch dimension dynamic, as a run's graph is once its "
+                        "epoch's last, smaller batch has been seen")
+    p.add_argument("--sequential", action="store_true",
+                   help="each variant built, warmed up, timed and freed before the next (a time limit keeps "
+                        "finished variants; on CUDA --memory is the peak over the variant's timed steps); "
+                        "default: repetitions interleaved across variants")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--rules", default=",".join(RULES), help=f"variants, comma-separated, from {','.join(RULES)}")
     p.add_argument("--monitors", action="store_true",
@@ -140,6 +163,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} asked for but no CUDA GPU is available; use --device cpu")
+    if args.sequential and args.profile:
+        p.error("--profile profiles variants side by side; it cannot be used with --sequential")
+    if args.dynamic_batch and not args.compile:
+        p.error("--dynamic-batch needs --compile")
     if args.compile:  # importing the compiler's registry takes seconds: only when it is used
         backends = torch._dynamo.list_backends(exclude_tags=())
         if args.compile_backend not in backends:
@@ -233,6 +260,8 @@ class Variant:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One full training step (no host synchronisation): ``neurosim.step``'s functions, as
         ``neurosim.train.Run`` calls them."""
+        if self.steps == 0 and self.args.dynamic_batch:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         circuit = None if self.rule_name == "native" else self.net  # the native net draws nothing per batch
         loss, _ = engaged_step(circuit, self.model, self.optimizer, x, y, F.cross_entropy, self.amp_dtype,
                                self.sleep_generator)
@@ -295,45 +324,172 @@ def describe_failure(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # timing
 
-def time_variants(args, variants: dict[str, Variant], x, y) -> tuple[dict, dict, dict]:
-    """Warm up each variant, then time interleaved repetitions. Returns per-rep wall seconds per
-    step, per-rep CPU seconds per step of this process (``time.process_time``: on a shared
-    machine it leaves out the time other processes held the cores) and the failure message of
-    each variant that raised."""
-    failures, times, cpu = {}, {name: [] for name in variants}, {name: [] for name in variants}
+class Results:
+    """What has been measured so far, per variant, and the JSON file (``--json``) that holds it:
+    rewritten whole (atomically) after every variant's warm-up, every repetition and every
+    memory measurement, so a run stopped by a time limit keeps what it finished."""
+
+    def __init__(self, args, argv, load_before):
+        self.args, self.argv, self.load_before = args, argv, load_before
+        self.times = {n: [] for n in args.variants}
+        self.cpu = {n: [] for n in args.variants}
+        self.failures: dict[str, str] = {}
+        self.extra: dict[str, dict] = {n: {} for n in args.variants}  # build, warm-up, compile per variant
+        self.memory: dict | None = {} if args.memory else None
+        self.final_loss: dict[str, float] = {}
+        self.phase = "started"
+
+    def fail(self, name: str, e: BaseException, when: str) -> None:
+        self.failures[name] = describe_failure(e)
+        print(f"  {name}: failed {when}: {self.failures[name]}", file=sys.stderr)
+
+    def rows(self) -> dict:
+        rows = summarise(self.args, self.times, self.cpu, self.failures, self.memory)
+        for name, row in rows.items():
+            row.update(self.extra.get(name, {}))
+        return rows
+
+    def write(self, phase: str | None = None, complete: bool = False) -> None:
+        if phase is not None:
+            self.phase = phase
+        if self.args.json is None:
+            return
+        args = self.args
+        result = {
+            "settings": settings_of(args), "torch": torch.__version__, "device_name": device_name(args.device),
+            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
+            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if self.argv is None else self.argv)),
+            "load_average": {"before": self.load_before, "after": os.getloadavg() if complete else None},
+            "final_loss": self.final_loss, "complete": complete, "phase": self.phase, "variants": self.rows(),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.json)
+
+
+def warm_up(args, v: Variant, x, y) -> dict:
+    """The untimed steps of one variant; with ``--compile`` the first of them compiles. Returns
+    their seconds, the first step's, and (compiled) what was compiled: graphs, seconds per graph,
+    recompiles (``compile_stats.py``)."""
+    if not args.warmup:
+        return {}
+    start = compile_stats.mark() if args.compile else None
+    synchronize(args.device)
+    t0 = time.perf_counter()
+    v.step(x, y)
+    synchronize(args.device)
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        v.step(x, y)
+    synchronize(args.device)
+    out = {"warmup_s": time.perf_counter() - t0, "first_step_s": first}
+    if start is not None:
+        out["compile"] = compile_stats.since(start)
+    return out
+
+
+def time_steps(args, v: Variant, x, y) -> tuple[float, float]:
+    """Wall and CPU seconds per step over ``steps_per_rep`` consecutive steps."""
+    synchronize(args.device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(args.steps_per_rep):
+        v.step(x, y)
+    synchronize(args.device)
+    return (time.perf_counter() - t0) / args.steps_per_rep, (time.process_time() - c0) / args.steps_per_rep
+
+
+def time_variants(args, variants: dict[str, Variant], x, y, results: Results) -> None:
+    """Warm up each variant, then time interleaved repetitions into ``results``: per-rep wall
+    seconds per step, per-rep CPU seconds per step of this process (``time.process_time``: on a
+    shared machine it leaves out the time other processes held the cores), and the failure
+    message of each variant that raised."""
+    failures, times, cpu = results.failures, results.times, results.cpu
     for name, v in variants.items():
         try:
-            for _ in range(args.warmup):
-                v.step(x, y)
-            synchronize(args.device)
+            results.extra[name].update(warm_up(args, v, x, y))
         except Exception as e:  # e.g. torch.compile cannot trace a variant: report, go on
-            failures[name] = describe_failure(e)
-            print(f"  {name}: failed in warm-up: {failures[name]}", file=sys.stderr)
+            results.fail(name, e, "in warm-up")
+        results.write(f"warmed up {name}")
     live = [n for n in variants if n not in failures]
+    start = compile_stats.mark() if args.compile else None
     for rep in range(args.reps):
         # Start each repetition one variant later so none always runs right after the same one.
         order = live[rep % len(live):] + live[:rep % len(live)] if live else []
         for name in order:
             if name in failures:
                 continue
-            v = variants[name]
             try:
-                synchronize(args.device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(args.steps_per_rep):
-                    v.step(x, y)
-                synchronize(args.device)
-                times[name].append((time.perf_counter() - t0) / args.steps_per_rep)
-                cpu[name].append((time.process_time() - c0) / args.steps_per_rep)
+                wall, proc = time_steps(args, variants[name], x, y)
+                times[name].append(wall)
+                cpu[name].append(proc)
             except Exception as e:
-                failures[name] = describe_failure(e)
-                print(f"  {name}: failed while timing: {failures[name]}", file=sys.stderr)
+                results.fail(name, e, "while timing")
         if not any(n not in failures for n in live):
             break
         print(f"  rep {rep + 1}/{args.reps}: " + "  ".join(
             f"{n} {times[n][-1] * 1e3:.1f}" for n in live if n not in failures and times[n]) + " ms/step",
             file=sys.stderr)
-    return times, cpu, failures
+        results.write(f"repetition {rep + 1} of {args.reps}")
+    if start is not None:  # graphs compiled while timing (all variants together): recompiles
+        stats = compile_stats.since(start)
+        for name in live:
+            results.extra[name]["compiled_while_timing"] = compile_stats.describe(stats)
+
+
+def run_sequential(args, x, y, tmp: Path, results: Results) -> None:
+    """``--sequential``: each variant alone, built, warmed up, timed (its repetitions one after
+    the other) and freed before the next; the JSON is written after each. On CUDA with
+    ``--memory`` its peak is ``max_memory_allocated`` over its timed steps (reset after the
+    warm-up: the steady state of a long run, without first-use allocations and cuDNN's search)."""
+    cuda = args.device.type == "cuda"
+    for name in args.variants:
+        if name in results.failures:
+            continue
+        v = None
+        extra = results.extra[name]
+        try:
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            v = Variant(name, args, (x, y), tmp / name)
+            synchronize(args.device)
+            extra["build_s"] = time.perf_counter() - t0
+            if cuda:
+                extra["built_mb"] = torch.cuda.memory_allocated(args.device) / 2**20
+            extra.update(warm_up(args, v, x, y))
+            results.write(f"warmed up {name}")
+            if cuda:
+                synchronize(args.device)
+                torch.cuda.reset_peak_memory_stats(args.device)
+            start = compile_stats.mark() if args.compile else None
+            for rep in range(args.reps):
+                wall, proc = time_steps(args, v, x, y)
+                results.times[name].append(wall)
+                results.cpu[name].append(proc)
+            if start is not None:
+                extra["compiled_while_timing"] = compile_stats.describe(compile_stats.since(start))
+            if cuda and args.memory:
+                peak = torch.cuda.max_memory_allocated(args.device)
+                results.memory[name] = {"peak_mb": peak / 2**20, "built_mb": extra["built_mb"],
+                                        "step_mb": peak / 2**20 - extra["built_mb"],
+                                        "method": "max_memory_allocated over the timed steps"}
+            if v.last_loss is not None:
+                results.final_loss[name] = float(v.last_loss)
+            print(f"  {name}: {statistics.median(results.times[name]) * 1e3:.1f} ms/step (median of "
+                  f"{args.reps})", file=sys.stderr)
+            v.close()
+        except Exception as e:
+            results.fail(name, e, "in its run")
+        finally:
+            del v
+            gc.collect()
+            if args.compile:
+                torch._dynamo.reset()  # the next variant's graphs are its own
+            if cuda:
+                torch.cuda.empty_cache()
+        results.write(f"timed {name}")
 
 
 def profile_variants(args, variants: dict[str, Variant], x, y, failures: dict) -> dict[str, str]:
@@ -619,8 +775,9 @@ def _duration(seconds: float) -> str:
 
 
 def settings_of(args) -> dict:
-    keys = ("model", "width", "batch", "dtype", "compile", "compile_backend", "no_compile_check", "channels_last",
-            "rules", "variants", "monitors", "reps", "warmup", "steps_per_rep", "threads", "memory", "seed")
+    keys = ("model", "width", "batch", "dtype", "compile", "compile_backend", "no_compile_check", "dynamic_batch",
+            "sequential", "channels_last", "rules", "variants", "monitors", "reps", "warmup", "steps_per_rep",
+            "threads", "memory", "seed")
     s = {k: getattr(args, k) for k in keys}
     if any(v.endswith(MONITOR_SUFFIX) for v in args.variants):
         s["monitor_every"] = monitor_every(args)
@@ -652,71 +809,73 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     print(f"{args.model} width {args.width} batch {args.batch} on {device_name(args.device)}, {args.dtype}"
           f"{f', compiled ({args.compile_backend})' if args.compile else ''}"
-          f"{', channels_last' if args.channels_last else ''}; "
-          f"{args.reps} reps x {args.steps_per_rep} steps after {args.warmup} warm-up; "
+          f"{', dynamic batch' if args.dynamic_batch else ''}{', channels_last' if args.channels_last else ''}; "
+          f"{args.reps} reps x {args.steps_per_rep} steps after {args.warmup} warm-up"
+          f"{', variants one after the other' if args.sequential else ''}; "
           f"load average {load_before[0]:.2f}", file=sys.stderr)
 
+    results = Results(args, argv, load_before)
+    try:
+        results.write("started")
+    except OSError as e:
+        print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
+        return 2
     x, y = synthetic_batch(args)
-    failures = compile_preflight(args, args.variants) if args.compile and not args.no_compile_check else {}
-    variants = {}
+    if args.compile and not args.no_compile_check:
+        results.failures.update(compile_preflight(args, args.variants))
+        results.write("compile checks done")
+    tables = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants:
-            if name in failures:
-                continue
-            try:
-                variants[name] = Variant(name, args, (x, y), Path(tmp) / name)
-            except Exception as e:
-                failures[name] = describe_failure(e)
-                print(f"  {name}: failed to build: {failures[name]}", file=sys.stderr)
-        times, cpu, step_failures = time_variants(args, variants, x, y)
-        failures.update(step_failures)
-        final_loss = {n: float(v.last_loss) for n, v in variants.items() if v.last_loss is not None}
-        tables = profile_variants(args, variants, x, y, failures) if args.profile else {}
-        for v in variants.values():
-            try:
-                v.close()
-            except Exception as e:
-                print(f"  {v.name}: monitor close failed: {describe_failure(e)}", file=sys.stderr)
-    for name, loss in final_loss.items():
+        if args.sequential:
+            run_sequential(args, x, y, Path(tmp), results)
+        else:
+            variants = {}
+            for name in args.variants:
+                if name in results.failures:
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    variants[name] = Variant(name, args, (x, y), Path(tmp) / name)
+                    results.extra[name]["build_s"] = time.perf_counter() - t0
+                except Exception as e:
+                    results.fail(name, e, "to build")
+            time_variants(args, variants, x, y, results)
+            results.final_loss.update({n: float(v.last_loss) for n, v in variants.items() if v.last_loss is not None})
+            tables = profile_variants(args, variants, x, y, results.failures) if args.profile else {}
+            for v in variants.values():
+                try:
+                    v.close()
+                except Exception as e:
+                    print(f"  {v.name}: monitor close failed: {describe_failure(e)}", file=sys.stderr)
+            del variants
+    for name, loss in results.final_loss.items():
         if not math.isfinite(loss):
             print(f"  warning: {name} diverged (loss {loss}); its timings may include non-finite arithmetic",
                   file=sys.stderr)
-    del variants
     gc.collect()
 
-    memory = None
-    if args.memory:
-        live = [n for n in args.variants if n not in failures]
+    if args.memory and not (args.sequential and args.device.type == "cuda"):
+        live = [n for n in args.variants if n not in results.failures]
+        results.write("memory")
         if args.device.type == "cuda":
-            memory = cuda_peak_memory(args, live, x, y)
+            results.memory.update(cuda_peak_memory(args, live, x, y))
         else:
-            memory = cpu_peak_memory(args, live)
+            for name in live:
+                results.memory.update(cpu_peak_memory(args, [name]))
+                results.write(f"memory of {name}")
     load_after = os.getloadavg()
 
-    rows = summarise(args, times, cpu, failures, memory)
+    rows = results.rows()
     for name, tab in tables.items():
         print(f"\n== profile: {name} ({args.steps_per_rep} steps) ==\n{tab}")
     print()
     print_table(args, rows, on_cpu=args.device.type == "cpu")
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"({os.cpu_count()} logical CPUs); torch {torch.__version__}")
-
     if args.json:
-        result = {
-            "settings": settings_of(args), "torch": torch.__version__, "device_name": device_name(args.device),
-            "python": platform.python_version(), "date": datetime.datetime.now().astimezone().isoformat(),
-            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
-            "load_average": {"before": load_before, "after": load_after}, "final_loss": final_loss,
-            "variants": rows,
-        }
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as e:
-            print(f"error: cannot write --json {args.json}: {e}", file=sys.stderr)
-            return 2
+        results.write("done", complete=True)
         print(f"wrote {args.json}")
-    return 1 if failures and len(failures) == len(args.variants) else 0
+    return 1 if results.failures and len(results.failures) == len(args.variants) else 0
 
 
 if __name__ == "__main__":
