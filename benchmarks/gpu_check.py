@@ -136,9 +136,9 @@ PLAN = {
     "gpu": {"env": (10, 60, 15), "epoch_compiled": (120, 330, 170), "bench_compiled": (60, 240, 120),
             "bench_eager": (30, 120, 45), "tests": (30, 180, 60), "epoch_eager": (40, 150, 50),
             "cifar": (60, 600, 0)},
-    "smoke": {"env": (5, 120, 5), "epoch_compiled": (10, 300, 20), "bench_compiled": (10, 300, 12),
-              "bench_eager": (10, 300, 8), "tests": (5, 240, 8), "epoch_eager": (10, 300, 12),
-              "cifar": (10, 300, 8)},
+    "smoke": {"env": (5, 120, 7), "epoch_compiled": (10, 300, 31), "bench_compiled": (10, 300, 18),
+              "bench_eager": (10, 300, 7), "tests": (5, 240, 13), "epoch_eager": (10, 300, 10),
+              "cifar": (10, 300, 10)},
 }
 WHAT = {  # one line per part for --plan
     "env": "versions, device, driver, inductor cache",
