@@ -517,9 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         "data_note": (f"random uint8 images of CIFAR-100's shape ({args.train:,} training + {args.test:,} test, "
                       f"3×32×32, {args.classes} classes) held on the {args.device.type}, the same tensors for "
                       f"every variant")})
-    if args.run_dir is not None:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="epoch_time-", dir=args.run_dir))
+    try:
+        report.write()
+        if args.run_dir is not None:
+            args.run_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="epoch_time-", dir=args.run_dir))
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     failed = []
     try:
         t0 = time.perf_counter()

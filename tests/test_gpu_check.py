@@ -118,6 +118,13 @@ def test_benchmarks_refuse_bad_arguments(capsys, script, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_epoch_time_refuses_an_unwritable_json_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert _load("epoch_time").main(["--device", "cpu", "--json", str(tmp_path / "file" / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
 def test_parts_put_the_headline_first():
     gc = _gpu_check()
     assert gc.PARTS[:len(HEADLINE_FIRST)] == HEADLINE_FIRST
