@@ -23,11 +23,12 @@ from neurosim.config import preset  # noqa: E402
 from neurosim.errors import UserError  # noqa: E402
 from neurosim.files import describe_os_error  # noqa: E402
 from neurosim.monitors import MonitorRecord, load_monitor  # noqa: E402
-from neurosim.run_log import metrics_records  # noqa: E402
+from neurosim.run_log import metrics_records, nan_for_null  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` (a ``UserError`` if there are none).
+    """The per-epoch records of ``metrics.jsonl`` (a ``UserError`` if there are none), undefined
+    values (an angle where a rule has no feedback matrix) as NaN, which the figures leave out.
 
     A last line without its newline is what a run killed while writing leaves: it is ignored
     when it is not a whole record. Any other bad line is named by its (1-based) number."""
@@ -37,7 +38,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         raise UserError(f"no run directory {run_dir}")
     if not path.exists():
         raise UserError(f"{run_dir} has no metrics.jsonl; give the directory of a run (made by run_circuit.py)")
-    records = metrics_records(path)
+    records = [nan_for_null(r) for r in metrics_records(path)]
     if not records:
         raise UserError(f"{path} holds no epochs yet")
     return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -13,8 +14,39 @@ import torch
 from neurosim.errors import UserError
 
 
+def metrics_line(m: dict) -> str:
+    """One epoch's record as a line of strict JSON: a value that is not a finite number (the
+    W–Bᵀ angle of a synapse without a feedback matrix is NaN) is written ``null``, which every
+    JSON reader accepts; ``NaN`` and ``Infinity`` are not JSON."""
+    return json.dumps(_null_for_non_finite(m), allow_nan=False) + "\n"
+
+
+def _null_for_non_finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _null_for_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_null_for_non_finite(v) for v in value]
+    return value
+
+
+def _undefined(constant: str) -> None:
+    """``NaN`` (or ``Infinity``) in a file written before undefined values were ``null``."""
+    return None
+
+
+def nan_for_null(record: dict) -> dict:
+    """A record read from ``metrics.jsonl`` with its undefined values (``null``) as NaN, for
+    readers that compute or draw with them."""
+    return {k: (math.nan if v is None else nan_for_null(v) if isinstance(v, dict) else v)
+            for k, v in record.items()}
+
+
 def metrics_records(path: Path) -> list[dict]:
-    """The epoch records of a ``metrics.jsonl``, in order.
+    """The epoch records of a ``metrics.jsonl``, in order. An undefined value is ``None``: it is
+    written ``null``, and files written before that hold ``NaN``, which loads as ``None`` too.
+    ``nan_for_null`` turns a record's ``None`` into NaN.
 
     A last line without its newline is what a run killed while writing leaves: it is ignored
     when it is not a whole record. Any other bad line is a ``UserError`` naming its (1-based)
@@ -44,7 +76,7 @@ def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
     if not text.strip():
         return None
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_constant=_undefined)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} line {number} is not a JSON record ({e.msg}, column {e.colno}){fix}") from None
     missing = [k for k in ("epoch", "test_acc", "angles") if not isinstance(record, dict) or k not in record]
@@ -68,7 +100,7 @@ class RunLog:
     def metrics(self, path: Path, m: dict) -> None:
         """Append one epoch's metrics line (synced to disk) and its TensorBoard scalars."""
         with open(path, "a") as f:
-            f.write(json.dumps(m) + "\n")
+            f.write(metrics_line(m))
             f.flush()
             os.fsync(f.fileno())
         writer = self.tensorboard()
