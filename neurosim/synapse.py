@@ -48,9 +48,9 @@ class _SynapseFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, feedback, kind, rule):
-        # W only where the rule's backward reads it: under autocast ``w`` is a cast copy.
-        ctx.save_for_backward(x, w if rule.backward_reads_weight else None, feedback)
+    def forward(ctx, x, w, b, feedback, kind, rule, keep_w):
+        # ``keep_w`` False: ``w`` is a cast copy (autocast) that the rule's backward never reads.
+        ctx.save_for_backward(x, w if keep_w else None, feedback)
         ctx.kind, ctx.rule, ctx.weight_shape = kind, rule, w.shape
         ctx.set_materialize_grads(False)
         return kind.forward(x, w, b)
@@ -58,7 +58,7 @@ class _SynapseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         if grad_y is None:  # no error reached the post population (DFA without a pathway to it)
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, w, feedback = ctx.saved_tensors
         kind, rule = ctx.kind, ctx.rule
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
@@ -73,7 +73,7 @@ class _SynapseFunction(torch.autograd.Function):
         if gfb is not None and gfb is gw:
             # Two parameters must not share one gradient tensor: accumulation would double up.
             gfb = gfb.clone()
-        return gx, gw, gb, gfb, None, None
+        return gx, gw, gb, gfb, None, None, None
 
 
 def _autocast_dtype(device_type: str):
@@ -131,13 +131,14 @@ class Synapse(nn.Module):
             return self.kind.forward(x, w, b)
         dtype = _autocast_dtype(x.device.type)
         if dtype is None:
-            return _SynapseFunction.apply(x, w, b, fb, self.kind, self.rule)
+            return _SynapseFunction.apply(x, w, b, fb, self.kind, self.rule, True)  # W itself: free to keep
         # Cast as native autocast would (the casts are ordinary autograd ops), then run the
         # synapse in that precision; gradients flow back to the float32 master weights.
         with torch.autocast(x.device.type, enabled=False):
             def cast(t):  # a 0-d gain (sign symmetry's scale) keeps its precision
                 return t if t is None or t.dim() == 0 else t.to(dtype)
-            return _SynapseFunction.apply(cast(x), cast(w), cast(b), cast(fb), self.kind, self.rule)
+            return _SynapseFunction.apply(cast(x), cast(w), cast(b), cast(fb), self.kind, self.rule,
+                                          self.rule.backward_reads_weight)
 
     def feedback_matrix(self) -> torch.Tensor:
         """The matrix the feedback path uses now, in ``W``'s layout."""
