@@ -259,3 +259,20 @@ def test_deterministic_mode_trains_and_resumes_bit_for_bit(tmp_path):
         torch.use_deterministic_algorithms(False)
     for (k, a), b in zip(whole.circuit.state_dict().items(), resumed.circuit.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_compiled_run_compiles_one_graph_for_every_batch_size(tmp_path):
+    """An epoch ends with a smaller batch, and evaluation has its own: with the batch dimension
+    marked dynamic from the first call, training and evaluation compile one graph each."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = preset("kp_mlp_digits", epochs=1, train_limit=70, batch_size=32, compile=True, monitor_every=0,
+                 device="cpu")
+    run = open_run(tmp_path / "r", cfg, quiet=True)
+    # Training batches of 32, 32 and 6 images; evaluation of 360 in batches of 256 and 104.
+    assert len(run.train_stream) == 3 and len(run.data.test_y) == 360
+    run.train()
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
