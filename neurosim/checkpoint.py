@@ -6,10 +6,13 @@ dtype, shape and bytes, and every plain value), recomputed on load.
 
 A training run does not wait for its checkpoints: ``CheckpointWriter`` copies the state into
 host buffers and hashes, serialises and writes it in a background thread, one commit at a time.
+Its buffers (a copy of the state, and the serialised file) are kept from one save to the next:
+about twice the checkpoint's size in host memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -20,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import numpy as np
 import torch
 
 from neurosim.errors import UserError
@@ -54,10 +58,15 @@ def state_digest(state) -> str:
     return h.hexdigest()
 
 
-def checkpoint_bytes(state: dict) -> memoryview:
-    """The contents of a checkpoint file holding ``state`` and its digest."""
-    buf = io.BytesIO()
+def checkpoint_bytes(state: dict, into: io.BytesIO | None = None) -> memoryview:
+    """The contents of a checkpoint file holding ``state`` and its digest.
+
+    ``into``: a buffer to write them over, kept from one checkpoint to the next (a buffer grown
+    afresh costs as much again as the serialisation). Release the view before reusing it."""
+    buf = io.BytesIO() if into is None else into
+    buf.seek(0)
     torch.save({**state, "digest": state_digest(state)}, buf)
+    buf.truncate()
     return buf.getbuffer()  # the serialised bytes themselves, not a second copy of them
 
 
@@ -142,6 +151,7 @@ class CheckpointWriter:
 
     pinned: bool = False  # copy CUDA tensors into page-locked memory (fast, asynchronous copies)
     _buffers: dict = attrs.field(factory=dict, init=False)
+    _file: io.BytesIO = attrs.field(factory=io.BytesIO, init=False)  # the serialised checkpoint
     _thread: threading.Thread | None = attrs.field(default=None, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
 
@@ -160,6 +170,16 @@ class CheckpointWriter:
         for device in devices:
             torch.cuda.synchronize(device)  # the one wait for every device-to-host copy above
         return copies
+
+    @contextlib.contextmanager
+    def serialised(self, state):
+        """The contents of the checkpoint file of ``state`` (``checkpoint_bytes``), in a buffer
+        kept from one commit to the next; valid inside the ``with`` block."""
+        data = checkpoint_bytes(state, self._file)
+        try:
+            yield data
+        finally:
+            data.release()  # even if an error's traceback still refers to it: the buffer is reusable
 
     def start(self, commit: Callable[[], None]) -> None:
         """Run ``commit`` in the background, after the commit before it has finished."""
@@ -209,8 +229,19 @@ class CheckpointWriter:
             buffer = torch.empty_like(t, device="cpu", pin_memory=self.pinned and t.is_cuda)
             kept = self._buffers[path] = (layout, buffer)
         buffer = kept[1]
+        if t.device.type == "cpu" and t.is_contiguous() and buffer.is_contiguous():
+            # Byte for byte on one thread: the copy is bound by memory bandwidth, which one core
+            # nearly fills, and torch's parallel copy only adds barrier waits when the cores are
+            # shared (171 MiB: 230 ms against 27 ms on a loaded 2-core machine).
+            np.copyto(_bytes(buffer), _bytes(t))
+            return buffer
         asynchronous = t.is_cuda and buffer.is_pinned()
         buffer.copy_(t, non_blocking=asynchronous)
         if asynchronous:
             devices.add(t.device)
         return buffer
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor, as a NumPy array sharing its memory."""
+    return t.reshape(-1).view(torch.uint8).numpy()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim import distributed, stream
-from neurosim.checkpoint import CheckpointWriter, checkpoint_bytes, load_checkpoint, write_checkpoint
+from neurosim.checkpoint import CheckpointWriter, load_checkpoint, write_checkpoint
 from neurosim.circuit import Circuit
 from neurosim.config import RunConfig
 from neurosim.data import BatchStream, ImageData, load_dataset
@@ -352,12 +352,12 @@ class Run:
         def commit():
             # Serialised once; best.pt gets its own copy of the bytes rather than a hard link,
             # so that damage to one file leaves the other to resume from.
-            data = checkpoint_bytes(state)
-            if best:
-                write_checkpoint(data, self.run_dir / "best.pt")
-            if metrics is not None:
-                self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
-            write_checkpoint(data, self.run_dir / "last.pt")
+            with self.checkpoint_writer.serialised(state) as data:
+                if best:
+                    write_checkpoint(data, self.run_dir / "best.pt")
+                if metrics is not None:
+                    self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
+                write_checkpoint(data, self.run_dir / "last.pt")
 
         self.checkpoint_writer.start(commit)
 

@@ -110,6 +110,9 @@ def test_a_failed_background_write_surfaces_once_and_keeps_the_previous_last_pt(
     run.flush()  # said once
     assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 0
     assert not list((tmp_path / "r").glob("*.tmp"))
+    run.save()  # the disk has room again: the next commit goes through
+    run.flush()
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 1
 
 
 def test_an_interrupt_after_a_failed_write_reports_the_failure_not_a_saved_checkpoint(tmp_path, monkeypatch):
@@ -186,6 +189,19 @@ def test_snapshots_reuse_their_buffers_and_keep_types_and_layouts():
     second = writer.snapshot(state)
     assert second["w"].data_ptr() == first["w"].data_ptr()  # the same buffer, refilled
     assert torch.equal(second["w"], conv)
+
+
+def test_the_serialised_file_buffer_is_reused_and_cut_to_each_checkpoint(tmp_path):
+    writer = CheckpointWriter()
+    big = {"format": 1, "config": {}, "epoch": 1, "w": torch.randn(1000)}
+    small = {"format": 1, "config": {}, "epoch": 2, "w": torch.randn(10)}
+    with writer.serialised(big) as data:
+        size = len(data)
+    with writer.serialised(small) as data:  # written over the first: no stale bytes after its end
+        assert len(data) < size
+        (tmp_path / "c.pt").write_bytes(data)
+    back = load_checkpoint(tmp_path / "c.pt")
+    assert back["epoch"] == 2 and torch.equal(back["w"], small["w"])
 
 
 def _digest_as_first_written(state) -> str:
