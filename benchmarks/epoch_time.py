@@ -176,12 +176,12 @@ def preset_config(rule: str, args_or_settings: dict):
 
 def make_run(cfg, run_dir: Path, data, backend: str):
     """A ``neurosim.train.Run`` on ``data``, compiled with ``backend`` if ``cfg.compile``."""
-    from neurosim.train import Run
+    from neurosim.train import Run, compiled_with_dynamic_batch
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, data=data, quiet=True)
     if cfg.compile and backend != "inductor":  # Run compiles with the default backend (inductor)
-        run.model = torch.compile(run.engine, backend=backend)
+        run.model = compiled_with_dynamic_batch(run.engine, backend)
     return run
 
 

@@ -75,13 +75,13 @@ def build_circuit(cfg: RunConfig, image_shape, num_classes: int) -> Circuit:
     return build_resnet(cfg.model, rule, num_classes, image_shape, cfg.width, cfg.seed)
 
 
-def _compiled_with_dynamic_batch(module):
-    """``torch.compile(module)``, called with the batch dimension marked dynamic.
+def compiled_with_dynamic_batch(module, backend: str = "inductor"):
+    """``torch.compile(module, backend=backend)``, called with the batch dimension marked dynamic.
 
     An epoch's last batch is smaller, and so is an evaluation's: compiled for a fixed batch, each
     would compile its graph a second time (on a GPU, a minute each). Marked from the first call,
     one graph serves every batch size."""
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, backend=backend)
 
     def call(x):
         torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -198,7 +198,7 @@ class Run:
             distributed.sync_batch_norm(self.circuit)
         # ``engine`` runs the engaged steps: the circuit, under DDP when there are several ranks.
         self.engine = distributed.wrap(self.circuit, self.device) if self.world.distributed else self.circuit
-        self.model = _compiled_with_dynamic_batch(self.engine) if cfg.compile else self.engine
+        self.model = compiled_with_dynamic_batch(self.engine) if cfg.compile else self.engine
         self.loss_fn = loss_function(cfg.loss)
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
