@@ -457,6 +457,7 @@ class Run:
             metrics_path = self.run_dir / "metrics.jsonl"
             fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before
             if writer:
+                self.flush()  # a checkpoint saved before train() would append to the file rewritten here
                 _truncate_metrics(metrics_path, -1 if fresh else self.epoch)
             if fresh:
                 m = self._epoch_metrics(0, 0.0, None)
