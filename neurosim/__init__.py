@@ -1,21 +1,38 @@
-"""neurosim: circuit-level simulation of neural networks that learn without weight transport."""
+"""neurosim: circuit-level simulation of neural networks that learn without weight transport.
 
-from neurosim.circuit import Circuit
-from neurosim.convert import ConversionError, convert, copy_weights
-from neurosim.errors import DataError, UserError
-from neurosim.kinds import Conv2d, Dense, SynapseKind
-from neurosim.pathways import FeedbackPathway
-from neurosim.population import NeuronPopulation
-from neurosim.reference import reference_backward
-from neurosim.rules import (RULES, Backprop, FeedbackAlignment, KolenPollack, LocalSignals, PlasticityRule,
-                            SignSymmetry, SleepSchedule, WeightMirror, register_rule)
-from neurosim.rules.direct_feedback_alignment import DirectFeedbackAlignment
-from neurosim.rules.sign_concordant import (BatchRandomSignConcordant, FixedRandomSignConcordant,
-                                            UniformSignConcordant)
-from neurosim.synapse import Synapse
+The names below are loaded on first use (PEP 562): ``import neurosim`` and the command line's
+help and option parsing then run without loading PyTorch, which takes seconds to import.
+"""
 
-__all__ = ["Circuit", "NeuronPopulation", "Synapse", "FeedbackPathway", "Dense", "Conv2d", "SynapseKind",
-           "PlasticityRule", "LocalSignals", "RULES", "register_rule", "Backprop", "FeedbackAlignment",
-           "SignSymmetry", "UniformSignConcordant", "FixedRandomSignConcordant", "BatchRandomSignConcordant",
-           "KolenPollack", "WeightMirror", "SleepSchedule", "DirectFeedbackAlignment", "reference_backward",
-           "UserError", "DataError", "convert", "copy_weights", "ConversionError"]
+import importlib
+
+# public name → the module that defines it
+_HOMES = {
+    "Circuit": "neurosim.circuit", "NeuronPopulation": "neurosim.population", "Synapse": "neurosim.synapse",
+    "FeedbackPathway": "neurosim.pathways", "Dense": "neurosim.kinds", "Conv2d": "neurosim.kinds",
+    "SynapseKind": "neurosim.kinds", "PlasticityRule": "neurosim.rules", "LocalSignals": "neurosim.rules",
+    "RULES": "neurosim.rules", "register_rule": "neurosim.rules", "Backprop": "neurosim.rules",
+    "FeedbackAlignment": "neurosim.rules", "SignSymmetry": "neurosim.rules",
+    "UniformSignConcordant": "neurosim.rules.sign_concordant",
+    "FixedRandomSignConcordant": "neurosim.rules.sign_concordant",
+    "BatchRandomSignConcordant": "neurosim.rules.sign_concordant", "KolenPollack": "neurosim.rules",
+    "WeightMirror": "neurosim.rules", "SleepSchedule": "neurosim.rules",
+    "DirectFeedbackAlignment": "neurosim.rules.direct_feedback_alignment",
+    "reference_backward": "neurosim.reference", "UserError": "neurosim.errors", "DataError": "neurosim.errors",
+    "convert": "neurosim.convert", "copy_weights": "neurosim.convert", "ConversionError": "neurosim.convert",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'neurosim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_HOMES])

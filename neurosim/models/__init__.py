@@ -1,6 +1,16 @@
-"""Circuit builders."""
+"""Circuit builders. The builders are loaded on first use: the model names alone (what a
+configuration checks) need no PyTorch."""
 
-from neurosim.models.mlp import build_mlp
-from neurosim.models.resnet import DEPTHS as RESNETS, IMAGENET_RESNETS, build_resnet
+import importlib
+
+from neurosim.models.families import DEPTHS as RESNETS, IMAGENET_RESNETS
+
+_BUILDERS = {"build_mlp": "neurosim.models.mlp", "build_resnet": "neurosim.models.resnet"}
 
 __all__ = ["build_mlp", "build_resnet", "RESNETS", "IMAGENET_RESNETS"]
+
+
+def __getattr__(name: str):
+    if name not in _BUILDERS:
+        raise AttributeError(f"module 'neurosim.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_BUILDERS[name]), name)

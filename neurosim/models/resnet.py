@@ -14,15 +14,8 @@ torchvision's module names (``conv1``, ``layer2_0_conv1``, ``layer2_0_shortcut``
 from __future__ import annotations
 
 from neurosim.circuit import Circuit
+from neurosim.models.families import DEPTHS, IMAGENET_RESNETS, IMAGENET_SUFFIX
 from neurosim.rules.base import PlasticityRule
-
-DEPTHS = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-}
-IMAGENET_SUFFIX = "_imagenet"
-IMAGENET_RESNETS = tuple(f"{depth}{IMAGENET_SUFFIX}" for depth in DEPTHS)
 
 
 def resnet_layout(model: str) -> tuple[str, tuple[int, ...], bool]:

@@ -2,6 +2,10 @@
 
 Every module of this package is imported here, and each rule in it registers itself with
 ``@register_rule``: adding a rule is adding its file. ``RULES`` maps names to rule classes.
+
+A rule module imports torch inside the methods that compute, not at its top: the registry is
+what the command line reads to build its options, presets and ``--help``, and that should answer
+at once, without the seconds PyTorch takes to load (``tests/test_cli_options.py`` checks it).
 """
 
 import importlib

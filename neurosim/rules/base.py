@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
-import torch
+
+if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
+    import torch
 
 
 @attrs.define
@@ -141,6 +143,8 @@ class PlasticityRule:
 
 def random_feedback(w: torch.Tensor, init, generator: torch.Generator) -> torch.Tensor:
     """A feedback weight drawn independently of ``W`` from the same distribution."""
+    import torch
+
     b = torch.empty_like(w)
     init(b, generator)
     return b

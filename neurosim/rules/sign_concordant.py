@@ -18,10 +18,12 @@ initialisation, whichever init the circuit uses.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
-import torch
+
+if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
+    import torch
 
 from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
@@ -56,7 +58,7 @@ class UniformSignConcordant(PlasticityRule):
         return w.detach().pow(2).mean().sqrt()
 
     def feedback_matrix(self, w, feedback):
-        return torch.sign(w).mul_(feedback)
+        return w.sign().mul_(feedback)
 
 
 @attrs.frozen
@@ -71,7 +73,7 @@ class _RandomMagnitudeSignConcordant(PlasticityRule):
         return random_feedback(w, init, generator).abs_()
 
     def feedback_matrix(self, w, feedback):
-        return torch.sign(w).mul_(feedback)
+        return w.sign().mul_(feedback)
 
 
 @register_rule
@@ -108,6 +110,8 @@ class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
         """Refill ``feedback`` in place with a fresh ``|M|``, ``M`` drawn by ``init(tensor, generator)``
         (the synapse's initialiser). ``generator`` ``None``: the default generator of the buffer's
         device; a generator on another device draws there and the result is copied over."""
+        import torch
+
         with torch.no_grad():
             if generator is not None and not same_device(generator.device, feedback.device):
                 m = torch.empty(feedback.shape, dtype=feedback.dtype, device=generator.device)
@@ -119,6 +123,8 @@ class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two device names mean the same device: ``torch.Generator("cuda")`` reports
     ``cuda`` without an index, which means the current GPU (``cuda:0`` in a lone process)."""
+    import torch
+
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False

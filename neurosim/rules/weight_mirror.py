@@ -1,9 +1,13 @@
 """Weight mirror (Akrout et al. 2019): feedback weights learn in a sleep phase driven by noise."""
 
-from typing import ClassVar
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
-import torch
+
+if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
+    import torch
 
 from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
@@ -98,8 +102,7 @@ class WeightMirror(PlasticityRule):
     def feedback_matrix(self, w, feedback):
         return feedback
 
-    def draw_noise(self, shape, generator, device, dtype,
-                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    def draw_noise(self, shape, generator, device, dtype, memory_format=None):
         """Zero-mean noise of standard deviation ``sigma`` for the presynaptic neurons, on ``device``.
 
         The noise is drawn where ``generator`` lives (``None``: the default generator of
@@ -107,8 +110,11 @@ class WeightMirror(PlasticityRule):
         circuit reproducibly, at the cost of a host-to-device copy per mirror batch (pass
         ``torch.Generator(device)`` to avoid it). It is laid out in ``memory_format`` (the
         circuit's: channels_last weights get channels_last noise, so the update they receive
-        comes out in their own layout), drawn in that layout's memory order.
+        comes out in their own layout; None: contiguous), drawn in that layout's memory order.
         """
+        import torch
+
+        memory_format = torch.contiguous_format if memory_format is None else memory_format
         device = torch.device(device)
         where = device if generator is None else generator.device
         xi = torch.empty(shape, device=where, dtype=dtype, memory_format=memory_format)
@@ -128,7 +134,7 @@ class WeightMirror(PlasticityRule):
 
     def respond(self, drive: torch.Tensor) -> torch.Tensor:
         """The postsynaptic response to the noise drive ``Wξ``."""
-        return torch.sigmoid(drive) - 0.5 if self.response == "sigmoid" else drive
+        return drive.sigmoid() - 0.5 if self.response == "sigmoid" else drive
 
     def sleep_update(self, s):
         # −⟨ξ rᵀ⟩/σ² + decay·B, formed in place on the fresh product tensor.
