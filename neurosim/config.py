@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -113,70 +114,123 @@ def _seed(inst, att, value):
         raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {value}")
 
 
+def _about(group: str, text: str, unit: str | None = None) -> dict:
+    """A field's metadata, which the command line shows: its ``group`` in ``--help``, one line
+    saying what it is for, and its unit (None for a name, a switch or a plain ratio)."""
+    return {"group": group, "help": text, "unit": unit}
+
+
 @attrs.frozen(kw_only=True, field_transformer=_finite_floats)
 class RunConfig:
-    """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON)."""
+    """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON).
+
+    Each field's metadata (``_about``) gives its group, description and unit for ``--help``."""
 
     preset: str = "custom"
-    rule: str = attrs.field(default="bp", validator=_registered)
+    rule: str = attrs.field(default="bp", validator=_registered, metadata=_about(
+        "model", "plasticity rule; fixed by the preset"))
     # The rule's own settings (its attrs fields), e.g. {"decay": 0.01}; on the command line
     # and in presets they are "<rule>_<field>" (--kp-decay).
     rule_params: dict = attrs.field(factory=dict, converter=dict)
-    model: str = attrs.field(default="mlp", validator=_v.in_(MODELS))
+    model: str = attrs.field(default="mlp", validator=_v.in_(MODELS), metadata=_about(
+        "model", "circuit architecture; fixed by the preset"))
     # data
-    data: str = "digits"
-    data_dir: str = "data"
-    val_per_class: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(0)))
-    train_limit: int = attrs.field(default=0, validator=_v.ge(0))  # train on the first N images; 0: all
-    synthetic_train: int = attrs.field(default=1024, validator=_positive)
-    synthetic_test: int = attrs.field(default=256, validator=_positive)
-    normalize: str = attrs.field(default="standard", validator=_v.in_(("standard", "unit")))
-    crop_padding: int = attrs.field(default=0, validator=_v.ge(0))
-    flip: bool = False
-    shuffle: bool = True
+    data: str = attrs.field(default="digits", metadata=_about(
+        "data", "dataset: digits, cifar10, cifar100, synthetic, or a folder of class subfolders of images"))
+    data_dir: str = attrs.field(default="data", metadata=_about(
+        "data", "where named datasets are kept (and downloaded) and decoded folders cached"))
+    val_per_class: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(0)), metadata=_about(
+        "data", "images per class held out of a folder for testing; none: 10 %", "images"))
+    train_limit: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
+        "data", "train on the first N training images only; 0: all", "images"))
+    synthetic_train: int = attrs.field(default=1024, validator=_positive, metadata=_about(
+        "data", "training images of the synthetic dataset", "images"))
+    synthetic_test: int = attrs.field(default=256, validator=_positive, metadata=_about(
+        "data", "test images of the synthetic dataset", "images"))
+    normalize: str = attrs.field(default="standard", validator=_v.in_(("standard", "unit")), metadata=_about(
+        "data", "pixel scaling: standard (zero mean, unit std per channel) or unit (0 to 1)"))
+    crop_padding: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
+        "data", "random crops from images padded by this much; 0: no crops", "pixels"))
+    flip: bool = attrs.field(default=False, metadata=_about("data", "random horizontal flips of training images"))
+    shuffle: bool = attrs.field(default=True, metadata=_about(
+        "data", "shuffle the training images every epoch"))
     # Folders: "auto" streams one whose decoded images would not fit comfortably in memory
     # (neurosim.stream), "on" always streams, "off" always decodes once and holds it on the device.
-    stream: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
-    image_size: int = attrs.field(default=224, validator=_positive)  # a streamed folder's crop size
-    workers: int = attrs.field(default=4, validator=_v.ge(0))  # DataLoader processes per rank when streaming
+    stream: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")), metadata=_about(
+        "data", "read a folder from disk as it trains (on), decode it once into memory (off), or by size"))
+    image_size: int = attrs.field(default=224, validator=_positive, metadata=_about(
+        "data", "crop size of a streamed folder's images", "pixels"))
+    workers: int = attrs.field(default=4, validator=_v.ge(0), metadata=_about(
+        "data", "loader processes per training process when streaming", "processes"))
     # circuit
-    hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_ints)
-    activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")))
-    init: str = attrs.field(default="default", validator=_v.in_(("default", "kaiming_normal", "xavier_sum")))
-    width: float = attrs.field(default=1.0, validator=_positive)
-    loss: str = attrs.field(default="cross_entropy", validator=_v.in_(("cross_entropy", "sigmoid_bce")))
+    hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_ints, metadata=_about(
+        "model", "sizes of an MLP's hidden populations", "neurons"))
+    activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")), metadata=_about(
+        "model", "nonlinearity of an MLP's hidden neurons"))
+    init: str = attrs.field(default="default", validator=_v.in_(("default", "kaiming_normal", "xavier_sum")),
+                            metadata=_about("model", "initial weight distribution of an MLP"))
+    width: float = attrs.field(default=1.0, validator=_positive, metadata=_about(
+        "model", "channels of a ResNet relative to the standard 64-128-256-512", "× standard"))
+    loss: str = attrs.field(default="cross_entropy", validator=_v.in_(("cross_entropy", "sigmoid_bce")),
+                            metadata=_about("optimisation", "loss at the output population"))
     # optimisation
-    epochs: int = attrs.field(default=10, validator=_positive)
-    batch_size: int = attrs.field(default=128, validator=_positive)  # per process; global = x processes
-    lr: float = attrs.field(default=0.1, validator=_positive)
+    epochs: int = attrs.field(default=10, validator=_positive, metadata=_about(
+        "optimisation", "passes over the training images", "epochs"))
+    batch_size: int = attrs.field(default=128, validator=_positive, metadata=_about(
+        "optimisation", "images per step in each process (the global batch is this × processes)", "images"))
+    lr: float = attrs.field(default=0.1, validator=_positive, metadata=_about(
+        "optimisation", "learning rate of SGD (at --lr-batch images when that is set)"))
     # The linear scaling rule: lr is the rate at a global batch of lr_batch images, and a run
     # whose global batch (batch_size x processes) differs uses lr x global / lr_batch. 0: lr as given.
-    lr_batch: int = attrs.field(default=0, validator=_v.ge(0))
-    momentum: float = attrs.field(default=0.0, validator=[_v.ge(0.0), _v.lt(1.0)])
-    weight_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0))
-    milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing])
-    lr_gamma: float = attrs.field(default=0.2, validator=_positive)
+    lr_batch: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
+        "optimisation", "global batch at which --lr applies, scaled linearly to the actual one; 0: as given",
+        "images"))
+    momentum: float = attrs.field(default=0.0, validator=[_v.ge(0.0), _v.lt(1.0)], metadata=_about(
+        "optimisation", "SGD momentum, from 0 up to (not including) 1"))
+    weight_decay: float = attrs.field(default=0.0, validator=_v.ge(0.0), metadata=_about(
+        "optimisation", "SGD weight decay, on forward and learned feedback weights alike"))
+    milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing],
+                                              metadata=_about("optimisation", "epochs after which the learning rate "
+                                                              "is multiplied by --lr-gamma", "epochs"))
+    lr_gamma: float = attrs.field(default=0.2, validator=_positive, metadata=_about(
+        "optimisation", "factor of the learning rate at each milestone"))
     # execution
-    seed: int = attrs.field(default=0, validator=_seed)
-    device: str = attrs.field(default="auto", validator=_device)
-    amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")))
-    channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")))
-    compile: bool = False
+    seed: int = attrs.field(default=0, validator=_seed, metadata=_about(
+        "execution", "seed of every random draw of the run (weights, data order, augmentation, noise)"))
+    device: str = attrs.field(default="auto", validator=_device, metadata=_about(
+        "execution", "where to train; auto: the first CUDA GPU if there is one, else the CPU"))
+    amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")), metadata=_about(
+        "execution", "mixed precision; auto: bf16 on a GPU, off on the CPU"))
+    channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")), metadata=_about(
+        "execution", "channels-last memory layout; auto: for ResNets on a GPU"))
+    compile: bool = attrs.field(default=False, metadata=_about("execution", "compile the circuit with torch.compile"))
     # Under torchrun: batch statistics over every process's batch (synchronised batch norm).
-    sync_bn: bool = False
+    sync_bn: bool = attrs.field(default=False, metadata=_about(
+        "execution", "under torchrun, batch norm statistics over every process's batch"))
     # Deterministic kernels (cuDNN without autotuning, torch.use_deterministic_algorithms): what
     # makes a CUDA run repeat, and resume, bit for bit. CPU runs are deterministic either way.
-    deterministic: bool = False
-    execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")))
+    deterministic: bool = attrs.field(default=False, metadata=_about(
+        "execution", "deterministic GPU kernels, so that a CUDA run repeats bit for bit (slower)"))
+    execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")), metadata=_about(
+        "execution", "compiled (batched tensor ops) or reference (synapse by synapse, literal; slow)"))
     # observation (neurosim.monitors): record every N engaged steps, 0 for no monitor
-    monitor_every: int = attrs.field(default=200, validator=_v.ge(0))
-    monitor_synapses: str = "*"
-    monitor_traces: int = attrs.field(default=16, validator=_v.ge(0))
-    monitor_probe: int = attrs.field(default=128, validator=_v.ge(0))
-    log_every: int = attrs.field(default=0, validator=_v.ge(0))  # steps between progress lines; 0: by time
+    monitor_every: int = attrs.field(default=200, validator=_v.ge(0), metadata=_about(
+        "monitors", "engaged steps between monitor records; 0: no monitor", "steps"))
+    monitor_synapses: str = attrs.field(default="*", metadata=_about(
+        "monitors", "synapses to monitor, as patterns such as 'x->h1,h2->*'; *: all"))
+    monitor_traces: int = attrs.field(default=16, validator=_v.ge(0), metadata=_about(
+        "monitors", "weights per synapse whose values are traced", "weights"))
+    monitor_probe: int = attrs.field(default=128, validator=_v.ge(0), metadata=_about(
+        "monitors", "fixed training images on which the feedback signal is compared with the gradient",
+        "images"))
+    log_every: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
+        "output", "steps between progress lines; 0: by time (twice a second on a terminal, else every 30 s)",
+        "steps"))
     # Stop when the training loss exceeds this multiple of the first step's loss (0: only when
     # it is not finite); checked every 32 steps.
-    max_loss_ratio: float = attrs.field(default=100.0, validator=_v.ge(0.0))
+    max_loss_ratio: float = attrs.field(default=100.0, validator=_v.ge(0.0), metadata=_about(
+        "execution", "stop when the loss exceeds this multiple of the first step's; 0: only when not finite",
+        "× first loss"))
 
     def to_dict(self) -> dict:
         return attrs.asdict(self)
@@ -298,10 +352,7 @@ def preset(name: str, **overrides) -> RunConfig:
     is a setting its kind of circuit does not read (it would change nothing). The command line
     also refuses settings of other rules (``check_rule_settings``)."""
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}. Presets are <rule>_<model> with rule in "
-                        f"{', '.join(RULE_NAMES)} and model in {', '.join(MODEL_FAMILIES)}; "
-                        f"e.g. kp_mlp_digits, wm_resnet18.\n"
-                        f"All presets: {' '.join(sorted(PRESETS))}")
+        raise UserError(unknown_preset(name))
     _check_overrides(name, overrides)
     check_rule_settings(name, overrides)
     fields = dict(PRESETS[name], preset=name)
@@ -310,6 +361,14 @@ def preset(name: str, **overrides) -> RunConfig:
 
 
 MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS, *IMAGENET_RESNETS)
+
+
+def unknown_preset(name: str) -> str:
+    """One line saying that ``name`` is no preset: the closest presets, and how names are made."""
+    close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (f"unknown preset {name!r}; {hint}A preset is <rule>_<model> with rule in {', '.join(RULE_NAMES)} and "
+            f"model in {', '.join(MODEL_FAMILIES)}, e.g. kp_mlp_digits, wm_resnet18")
 
 # Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
 _MLP_ONLY = {"hidden": "scale a ResNet with --width", "activation": "ResNet circuits use ReLU",
@@ -372,6 +431,21 @@ def check_rule_settings(name: str, overrides: dict) -> None:
                             f"for the {owner} rule use the preset {owner}_{family}")
 
 
+def from_saved(saved: RunConfig, overrides: dict) -> RunConfig:
+    """A saved configuration (a run's ``config.json``) with command-line overrides, checked as a
+    preset's are: the rule and model its preset names stay, and settings it would ignore (another
+    rule's, an MLP's on a ResNet) are refused."""
+    if saved.preset in PRESETS:
+        _check_overrides(saved.preset, overrides)
+        check_rule_settings(saved.preset, overrides)
+    else:
+        for key, (owner, _) in rule_settings().items():
+            if key in overrides and owner != overrides.get("rule", saved.rule):
+                raise UserError(f"{_option(key)} applies to the {owner} rule only and this configuration trains "
+                                f"{saved.rule}")
+    return build({**flat_settings(saved), **overrides})
+
+
 def build(fields: dict) -> RunConfig:
     """A validated configuration from command-line fields (a rule's settings as ``<rule>_<field>``).
 
@@ -406,8 +480,7 @@ def flat_settings(cfg: RunConfig) -> dict:
 
 def parse_overrides(args: list[str]) -> dict:
     """``["--lr", "0.05", "--milestones", "30,60"]`` → typed values for RunConfig fields."""
-    types = {k: v for k, v in typing.get_type_hints(RunConfig).items() if k not in ("preset", "rule_params")}
-    types.update({k: f.type for k, (_, f) in rule_settings().items()})
+    types = option_types()
     out, i = {}, 0
     names = sorted(k.replace("_", "-") for k in types)
     while i < len(args):
@@ -419,12 +492,21 @@ def parse_overrides(args: list[str]) -> dict:
             raise UserError(f"unknown option {key}. Options: {' '.join('--' + n for n in names)}")
         if i + 1 >= len(args):
             raise UserError(f"option {key} needs a value")
-        out[name] = _convert(key, args[i + 1], types[name])
+        out[name] = convert_option(key, args[i + 1], types[name])
         i += 2
     return out
 
 
-def _convert(key: str, text: str, typ):
+def option_types() -> dict:
+    """The type of every command-line field: RunConfig's own, then each rule's ``<rule>_<field>``."""
+    types = {k: v for k, v in typing.get_type_hints(RunConfig).items() if k not in ("preset", "rule_params")}
+    types.update({k: f.type for k, (_, f) in rule_settings().items()})
+    return types
+
+
+def convert_option(key: str, text: str, typ):
+    """The value of option ``key`` (``--lr``) written as ``text``, as a ``typ``; a ``UserError``
+    says what was expected instead."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if typ is bool:

@@ -51,7 +51,10 @@ def register_rule(cls: type) -> type:
         @attrs.frozen
         class MyRule(PlasticityRule):
             name: ClassVar[str] = "my"
-            gain: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
+            gain: float = attrs.field(default=1.0, validator=attrs.validators.gt(0),
+                                      metadata={"help": "what the gain multiplies", "unit": None})
+
+    A field's ``metadata`` ``help`` is its line in ``--help`` and ``unit`` its unit, if it has one.
     """
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not name.isidentifier() or "_" in name or not name.islower():

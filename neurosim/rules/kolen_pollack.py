@@ -28,7 +28,8 @@ class KolenPollack(PlasticityRule):
     name: ClassVar[str] = "kp"
     feedback_learns: ClassVar[str] = "engaged"
     feedback_follows_forward: ClassVar[bool] = True
-    decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    decay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0), metadata={
+        "help": "decay λ of W and B alike (added to --weight-decay's)"})
     presets: ClassVar[dict] = {
         "mlp_digits": {"kp_decay": 0.01},
         "mlp_original": {"lr": 0.3},  # the authors' rate; their KP ran with no decay

@@ -52,20 +52,32 @@ class WeightMirror(PlasticityRule):
     name: ClassVar[str] = "wm"
     feedback_learns: ClassVar[str] = "sleep"
     backward_reads_weight: ClassVar[bool] = False  # errors return through B; W is read in sleep only
-    sigma: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
-    noise: str = attrs.field(default="gaussian", validator=attrs.validators.in_(("gaussian", "uniform")))
-    decay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
-    response: str = attrs.field(default="linear", validator=attrs.validators.in_(("linear", "sigmoid")))
-    lr: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0))  # of the sleep optimizer
+    # Each field's metadata is its line in --help (and its unit, where it has one).
+    sigma: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0), metadata={
+        "help": "standard deviation of the sleep noise"})
+    noise: str = attrs.field(default="gaussian", validator=attrs.validators.in_(("gaussian", "uniform")), metadata={
+        "help": "distribution of the sleep noise"})
+    decay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0), metadata={
+        "help": "decay of B in sleep; B settles at f'(0)·Wᵀ / decay"})
+    response: str = attrs.field(default="linear", validator=attrs.validators.in_(("linear", "sigmoid")), metadata={
+        "help": "response of the post neurons to the noise drive Wξ"})
+    lr: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0), metadata={
+        "help": "learning rate of the sleep optimizer"})
     # The schedule (see SleepSchedule); sleep_before -1: one epoch's worth of mirror batches.
-    sleep_before: int = attrs.field(default=0, validator=attrs.validators.ge(-1))
-    sleep_every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    sleep_batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
-    sleep_batch_size: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # 0: the training batch size
+    sleep_before: int = attrs.field(default=0, validator=attrs.validators.ge(-1), metadata={
+        "help": "mirror batches before training; -1: as many as an epoch has training batches", "unit": "batches"})
+    sleep_every: int = attrs.field(default=1, validator=attrs.validators.ge(1), metadata={
+        "help": "engaged steps between sleeps", "unit": "steps"})
+    sleep_batches: int = attrs.field(default=1, validator=attrs.validators.ge(0), metadata={
+        "help": "mirror batches in each sleep", "unit": "batches"})
+    sleep_batch_size: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={
+        "help": "noise images per mirror batch; 0: --batch-size", "unit": "images"})
     # At least this many co-activations per weight in each synapse's mirror batch (0: no minimum).
     # A noise image gives a convolution one per output position but a dense synapse only one, so
     # a classifier learns from far less noise than the convolutions below it (docs/results.md).
-    sleep_events: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    sleep_events: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={
+        "help": "co-activations per weight in each synapse's mirror batch, at least; 0: no minimum",
+        "unit": "events"})
 
     presets: ClassVar[dict] = {
         # Twenty mirror batches before training, then one after every engaged step. The mirror
