@@ -92,6 +92,7 @@ def load_dataset(
     device: str | torch.device = "cpu",
     seed: int = 0,
     download: bool = True,
+    progress=None,
 ) -> ImageData:
     """Load a dataset named by `spec` onto `device`.
 
@@ -113,6 +114,8 @@ def load_dataset(
       ``<data_dir>/cache/`` so later loads skip decoding.
 
     `val_per_class` applies to folders only. Problems the user can fix raise `DataError`.
+    `progress(what, done, total, unit)`, if given, is told how decoding a folder and writing its
+    cache go (``done == total`` when one ends): minutes for tens of thousands of JPEGs.
     """
     device = torch.device(device)
     data_dir = Path(data_dir)
@@ -124,7 +127,7 @@ def load_dataset(
         name, tx, ty, vx, vy, classes = "synthetic", *_make_synthetic(synthetic_size, seed)
     else:
         root = _folder_root(spec)
-        name, tx, ty, vx, vy, classes = str(root), *_load_folder(root, data_dir, val_per_class)
+        name, tx, ty, vx, vy, classes = str(root), *_load_folder(root, data_dir, val_per_class, progress)
     if len(tx) == 0:
         raise DataError(f"dataset {name!r} has no training images")
     # Statistics from the host copy: the same numbers on every device, and no CUDA bincount
@@ -550,15 +553,20 @@ def _read_cache(path: Path, n: int) -> np.ndarray | None:
     return None
 
 
-def _write_cache(path: Path, images: np.ndarray) -> None:
+def _write_cache(path: Path, images: np.ndarray, progress=None) -> None:
     # Written under a unique temporary name and renamed, so a reader never sees half a file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            what = f"caching the decoded images in {path} ({images.nbytes / 1e6:.0f} MB)"
+            if progress is not None:
+                progress(what, 0, 1, "")
             with open(tmp, "xb") as f:
                 np.savez(f, images=images)
             os.replace(tmp, path)
+            if progress is not None:
+                progress(what, 1, 1, "")
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -566,13 +574,13 @@ def _write_cache(path: Path, images: np.ndarray) -> None:
         warnings.warn(f"could not cache decoded images at {path}: {exc}", stacklevel=3)
 
 
-def _load_folder(root: Path, data_dir: Path, val_per_class: int | None):
+def _load_folder(root: Path, data_dir: Path, val_per_class: int | None, progress=None):
     classes, paths, labels = _scan_folder(root)
     cache = _cache_path(root, data_dir, paths, labels)
     images = _read_cache(cache, len(paths))
     if images is None:
-        images = _decode_images(paths)
-        _write_cache(cache, images)
+        images = _decode_images(paths, progress)
+        _write_cache(cache, images, progress)
     x = torch.from_numpy(images)
     y = torch.as_tensor(labels, dtype=torch.int64)
 
@@ -699,7 +707,7 @@ def _unreadable_error(paths: Sequence[str], bad: Sequence[tuple[str, str]], show
     )
 
 
-def _decode_images(paths: Sequence[str]) -> np.ndarray:
+def _decode_images(paths: Sequence[str], progress=None) -> np.ndarray:
     """Decode every image once into one uint8 N×C×H×W array (C = 1 if all are greyscale, else 3).
 
     Large trees are decoded by a pool of forked processes; PIL holds the GIL for too much of the
@@ -708,6 +716,16 @@ def _decode_images(paths: Sequence[str]) -> np.ndarray:
     """
     if not paths:
         raise DataError("no images to decode")
+    what = f"decoding {len(paths):,} images of {os.path.commonpath([os.path.dirname(p) for p in paths])}"
+
+    def decoded(parts):  # the chunks' results in order, with progress as each arrives
+        arrays = []
+        for part in parts:
+            arrays += part
+            if progress is not None:
+                progress(what, len(arrays), len(paths), " images")
+        return arrays
+
     arrays = None
     workers = min(os.cpu_count() or 1, 16)
     if len(paths) >= _POOL_MIN_FILES and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
@@ -715,11 +733,11 @@ def _decode_images(paths: Sequence[str]) -> np.ndarray:
         chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                arrays = [a for part in pool.map(_decode_chunk, chunks) for a in part]
+                arrays = decoded(pool.map(_decode_chunk, chunks))
         except (BrokenProcessPool, OSError):
             arrays = None  # a pool that cannot start or dies falls back to decoding here
     if arrays is None:
-        arrays = _decode_chunk(paths)
+        arrays = decoded(_decode_chunk(paths[i:i + 256]) for i in range(0, len(paths), 256))
 
     bad = [(path, a) for path, a in zip(paths, arrays) if isinstance(a, str)]
     if bad:

@@ -1,16 +1,17 @@
-"""What a run reports as it goes: the metrics file, TensorBoard, progress lines and epoch summaries."""
+"""What a run reports as it goes: the metrics file, TensorBoard, its header, progress lines and epoch
+summaries."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from neurosim.console import FILE_FIRST, FILE_PERIOD, TERMINAL_PERIOD, Console, hms
 from neurosim.errors import UserError
 
 
@@ -87,15 +88,54 @@ def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
 
 
 class RunLog:
-    """The records of one run directory. ``quiet`` silences the terminal, not the files."""
+    """The records of one run directory: its metrics (``metrics.jsonl``, TensorBoard) and what
+    it prints (``Console``: the terminal and ``log.txt``). ``quiet`` silences the terminal, not
+    the files; ``writer``: this process writes the run's files (rank 0 under torchrun)."""
 
-    def __init__(self, run_dir: Path, quiet: bool = False):
-        self.run_dir, self.quiet = Path(run_dir), quiet
+    def __init__(self, run_dir: Path, quiet: bool = False, writer: bool = True):
+        self.run_dir = Path(run_dir)
+        self.console = Console(self.run_dir / "log.txt", quiet, writer)
         self._writer = None
         self._writer_opened = False
-        self._t0 = self._shown = 0.0
+        self._t0 = self._shown = self._logged = 0.0
+        self._lines = 0  # progress lines written to the log this epoch
         self._start = 0
-        self._period = 30.0
+        self._evaluation_t0 = 0.0
+        self._trained = False  # whether an epoch has started: an evaluation before is of the untrained circuit
+        self._evaluation_s = None  # how long the last evaluation took
+        # Said once when the run's ETA passes a day: how to make it fit (set by the command line).
+        self.slow_hint: str | None = None
+        self._hinted = False
+
+    @property
+    def quiet(self) -> bool:
+        return self.console.quiet
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        self.console.quiet = value
+
+    def say(self, text: str, stream=None, always: bool = False) -> None:
+        """Print a line (unless quiet; ``always``: even then) and keep it in ``log.txt``."""
+        self.console.say(text, stream, always)
+
+    def keep(self, text: str) -> None:
+        """Keep a line in ``log.txt`` without printing it."""
+        self.console.keep(text)
+
+    def report(self, what: str, done: int, total: int, unit: str = "") -> None:
+        """Progress of loading data: decoding, caching (see ``Console.report``)."""
+        self.console.report(what, done, total, unit)
+
+    def evaluating(self, done: int, total: int) -> None:
+        """Progress of an evaluation, in batches; its duration counts in the run's ETA."""
+        now = time.perf_counter()
+        if done == 0:
+            self._evaluation_t0 = now
+        elif done >= total:
+            self._evaluation_s = now - self._evaluation_t0
+        what = "evaluating the test split" + ("" if self._trained else " before training")
+        self.console.report(what, done, total, " batches")
 
     def metrics(self, path: Path, m: dict) -> None:
         """Append one epoch's metrics line (synced to disk) and its TensorBoard scalars."""
@@ -126,43 +166,94 @@ class RunLog:
 
     def start_epoch(self, start: int, t0: float) -> None:
         """An epoch (re)starts at batch ``start`` at time ``t0``."""
-        # Progress lines cost a host sync each: by default at most one per half second on a
-        # terminal, one per 30 s in a log file.
-        self._period = 0.5 if sys.stderr.isatty() else 30.0
-        self._t0 = self._shown = t0
+        self._t0 = self._shown = self._logged = t0
         self._start = start
+        self._lines = 0
+        self._trained = True
 
     def after_batch(self, epoch: int, epochs: int, batch: int, total: int, stats: torch.Tensor, seen: int,
                     batch_size: int, log_every: int) -> None:
-        """A progress line every ``log_every`` batches, or on the time period when that is 0."""
-        if self.quiet:
+        """A progress line every ``log_every`` batches, or by time when that is 0: redrawn twice a
+        second on a terminal; in a file a few seconds into the epoch, then every 30 s. Each line
+        costs a host sync, so they are never more frequent than that."""
+        if not self.console.writer:
             return
         now = time.perf_counter()
-        if (batch % log_every == 0) if log_every else (now - self._shown > self._period):
-            self.progress(epoch, epochs, batch, total, stats, seen, batch_size)
-            self._shown = now
+        if log_every:
+            to_terminal = to_file = batch % log_every == 0
+        else:
+            to_terminal = now - self._shown >= TERMINAL_PERIOD
+            to_file = now - self._logged >= (FILE_PERIOD if self._lines else FILE_FIRST)
+        to_terminal = to_terminal and self.console.terminal
+        if not (to_terminal or to_file):
+            return
+        line, run_eta = self.progress(epoch, epochs, batch, total, stats, seen, batch_size)
+        self.console.periodic(line, to_terminal, to_file)
+        self._shown = now if to_terminal else self._shown
+        if to_file:
+            self._logged, self._lines = now, self._lines + 1
+        if self.slow_hint and not self._hinted and run_eta > 86400 and now - self._t0 >= FILE_FIRST:
+            self._hinted = True
+            self.say(f"note: at this pace the whole run takes {hms(run_eta)}; {self.slow_hint}")
 
     def progress(self, epoch: int, epochs: int, batch: int, total: int, stats: torch.Tensor, seen: int,
-                 batch_size: int) -> None:
+                 batch_size: int) -> tuple[str, float]:
+        """The progress line, and the seconds left in the whole run: the rest of this epoch and
+        of the epochs after it at this epoch's pace, and an evaluation at the end of each."""
         (loss_sum, correct), n = stats.tolist(), seen  # one host sync per progress line
         done = batch - self._start
-        rate = done / max(time.perf_counter() - self._t0, 1e-9)
-        eta = (total - batch) / max(rate, 1e-9)
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)  # batches per second
+        epoch_eta = (total - batch) / max(rate, 1e-9)
+        run_eta = epoch_eta + (epochs - epoch - 1) * total / max(rate, 1e-9) + (
+            (epochs - epoch) * self._evaluation_s if self._evaluation_s else 0.0)
         line = (f"epoch {epoch + 1}/{epochs} [{batch:>{len(str(total))}}/{total}]"
                 f" loss {loss_sum / max(n, 1):.4f} acc {100 * correct / max(n, 1):.2f}%"
-                f" {rate * batch_size:.0f} img/s ETA {_hms(eta)}")
-        end = "" if sys.stderr.isatty() else "\n"
-        print("\r" + line if end == "" else line, end=end, file=sys.stderr, flush=True)
+                f" {rate * batch_size:.0f} img/s  ETA epoch {hms(epoch_eta)}, run {hms(run_eta)}")
+        return line, run_eta
 
     def epoch_summary(self, epoch: int, epochs: int, m: dict) -> None:
-        if self.quiet:
-            return
-        print(f"\repoch {epoch}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
-              f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
-              f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s".replace("nan°", "n/a"),
-              file=sys.stderr)
+        self.say(f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}%"
+                 f"  test loss {m['test_loss']:.4f} top1 {m['test_acc']:.2f}% top5 {m['test_top5']:.2f}%"
+                 f"  mean angle {m['mean_angle']:.1f}°  {m['images_per_s']:.0f} img/s".replace("nan°", "n/a"))
 
 
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+def weight_counts(circuit) -> tuple[int, int]:
+    """``(forward, feedback)``: the circuit's trainable parameters other than feedback weights
+    (W, biases, norms), and the entries of its feedback weights (B, learned or fixed)."""
+    feedback = sum(t.numel() for name, t in [*circuit.named_parameters(), *circuit.named_buffers()]
+                   if name.endswith(".feedback") and t.dim() > 0)
+    forward = sum(p.numel() for name, p in circuit.named_parameters() if not name.endswith(".feedback"))
+    return forward, feedback
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu (2 threads)`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    threads = torch.get_num_threads()
+    return f"{device.type} ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def run_header(run) -> str:
+    """The line a run starts with: preset, device, size of the circuit, the data, how long, and
+    where it writes (``run`` a ``neurosim.train.Run``)."""
+    cfg, data = run.cfg, run.data
+    forward, feedback = weight_counts(run.circuit)
+    if run.streamed:
+        train, test = len(data.train[0]), len(data.val[0])
+    else:
+        train, test = len(data.train_y), len(data.test_y)
+    shape = "×".join(map(str, data.image_shape))
+    processes = f"{run.world.size} processes on " if run.world.distributed else ""
+    steps = len(run.train_stream)
+    at = f", from epoch {run.epoch + 1}" + (f" batch {run.batch + 1}" if run.batch else "") if run.epoch or run.batch \
+        else ""
+    return (f"{cfg.preset} on {processes}{device_label(run.device)}: {_millions(forward)} weights"
+            + (f" + {_millions(feedback)} feedback" if feedback else "")
+            + f", {data.name} ({train:,} training + {test:,} test images, {shape}, {data.num_classes} classes), "
+            f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} of {steps:,} steps{at} -> {run.run_dir}")

@@ -150,7 +150,7 @@ class Run:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: ImageData | None = None, quiet: bool = False):
         # Under torchrun every process builds the same run; rank 0 alone writes and reports.
         self.world = distributed.world()
-        self.log = RunLog(run_dir, quiet or not self.world.writer)
+        self.log = RunLog(run_dir, quiet or not self.world.writer, writer=self.world.writer)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.device)
         if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
@@ -173,8 +173,10 @@ class Run:
             # Rank 0 first: it downloads or decodes (and caches) what the others then read.
             if not self.world.writer:
                 distributed.barrier()
-            data = load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
-                                (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed)
+            with self.log.console.warnings_said():  # a checksum mismatch: one line, in the log too
+                data = load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
+                                    (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed,
+                                    progress=self.log.report)
             if self.world.writer:
                 distributed.barrier()
         self.data = data
@@ -439,10 +441,11 @@ class Run:
 
         Under torchrun each rank evaluates its shard of the test split and the counts are summed."""
         if not self.world.distributed:
-            return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype)
+            return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype,
+                                   progress=self.log.evaluating)
         # The circuit itself, not DDP: shards may differ by a batch, and evaluation needs no traffic.
         totals = distributed.all_sum(evaluation_totals(self.circuit, self.circuit, stream or self.test_stream,
-                                                       self.loss_fn, self.amp_dtype))
+                                                       self.loss_fn, self.amp_dtype, progress=self.log.evaluating))
         return _evaluation_result(totals)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -542,27 +545,34 @@ class Run:
         self.log.metrics(path, m)
 
 
-def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None) -> dict:
+def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None, progress=None) -> dict:
     """Loss, top-1 and top-5 accuracy (percent) of ``model`` over every batch of ``stream``, in
-    eval mode; one host sync at the end."""
-    return _evaluation_result(evaluation_totals(model, circuit, stream, loss_fn, amp_dtype))
+    eval mode; one host sync at the end. ``progress(done, total)`` is told the batches done."""
+    return _evaluation_result(evaluation_totals(model, circuit, stream, loss_fn, amp_dtype, progress))
 
 
 @torch.no_grad()
-def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None) -> torch.Tensor:
-    """``[Σ loss, top-1 hits, top-5 hits, images]`` (float64, on the device) over ``stream`` in eval mode."""
+def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None,
+                      progress=None) -> torch.Tensor:
+    """``[Σ loss, top-1 hits, top-5 hits, images]`` (float64, on the device) over ``stream`` in eval
+    mode; ``progress(done, total)``, if given, is told the batches done as they are queued."""
     previous = circuit.mode
     circuit.set_mode("eval")
     device = stream.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     images = 0  # counted on the host: a count built on the device per batch is a copy, and a sync
-    for x, y in stream.epoch(0):
+    total = len(stream)
+    if progress is not None:
+        progress(0, total)
+    for batch, (x, y) in enumerate(stream.epoch(0), start=1):
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             out = model(x).float()
         top = out.topk(min(5, out.shape[1]), 1).indices
         sums += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
                              (top == y[:, None]).any(1).sum().double()])
         images += y.shape[0]
+        if progress is not None:
+            progress(batch, total)
     circuit.set_mode(previous)
     return torch.cat([sums, torch.full((1,), float(images), dtype=sums.dtype, device=device)])
 

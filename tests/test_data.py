@@ -140,7 +140,7 @@ def test_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     cached = list((tmp_path / "data" / "cache").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".npz"
 
-    def no_decoding(paths):
+    def no_decoding(paths, progress=None):
         raise AssertionError("decoded again although cached")
 
     monkeypatch.setattr(data, "_decode_images", no_decoding)
@@ -414,7 +414,7 @@ def test_folder_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, corrupt):
     assert torch.equal(first.train_x, third.train_x)
 
 
-def _no_decoding(paths):
+def _no_decoding(paths, progress=None):
     raise AssertionError("decoded again although cached")
 
 
