@@ -1,18 +1,12 @@
-"""Evaluate a run's checkpoint on a dataset: ``python experiments/evaluate.py RUN_DIR --data cifar100``."""
+"""Evaluate a run's checkpoint on a dataset: ``python experiments/evaluate.py RUN_DIR --data cifar100``
+(``neurosim evaluate``)."""
 
-import os
-import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
-# Importing torch takes seconds, and a Ctrl-C inside a C extension's import can surface as
-# any error: until the imports are done (nothing is written before), it ends the process.
-signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("interrupted while starting; nothing was written\n"),
-                                          os._exit(130)))
 from neurosim.cli import evaluate, main  # noqa: E402
-signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if __name__ == "__main__":
     main(evaluate)

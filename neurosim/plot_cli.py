@@ -19,16 +19,15 @@ effect). With several runs, also draw them side by side (compare_accuracy_angle.
 """
 
 
-def plot_run(argv: list[str]) -> int:
+def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
     """``plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]``; returns the exit status.
 
     Run it through ``neurosim.cli.main`` (as ``experiments/plot_run.py`` does), which turns user
     and I/O errors into one message and exit status 2."""
-    from neurosim.plots import plot_compare, plot_run as plot_one, read_metrics
-
     if not argv or any(a in ("-h", "--help") for a in argv):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        print(USAGE.replace("plot_run.py", prog), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    from neurosim.plots import plot_compare, plot_run as plot_one, read_metrics
     dirs, out, i = [], None, 0
     while i < len(argv):
         if argv[i] == "--out":

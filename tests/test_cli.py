@@ -177,17 +177,22 @@ def test_bad_input_in_a_process_has_no_traceback(tmp_path):
 
 
 def test_help_lists_every_option(capsys):
+    code, out, _ = in_process("--help", capsys=capsys)  # no preset: every rule's settings
+    assert code == 0
+    for key in rule_settings():  # every registered rule's own settings: --kp-decay, --wm-lr, ...
+        assert f"--{key.replace('_', '-')} " in out
     code, out, _ = in_process("kp_mlp_digits", "--help", capsys=capsys)
     assert code == 0
     for f in attrs.fields(RunConfig):
         if f.name not in ("preset", "rule_params"):
             assert f"--{f.name.replace('_', '-')} " in out
-    for key in rule_settings():  # every registered rule's own settings: --kp-decay, --wm-lr, ...
-        assert f"--{key.replace('_', '-')} " in out
-    for word in ("--out DIR", "--resume RUN_DIR", "--quiet", *RULE_NAMES, *MODEL_FAMILIES, *PRESETS):
+    # the preset's rule's settings; another rule's apply to that rule's presets only
+    assert "--kp-decay " in out and "--wm-sigma " not in out
+    for word in ("--out DIR", "--resume RUN_DIR", "--config FILE", "--quiet", "--verbose", *RULE_NAMES,
+                 *MODEL_FAMILIES, *PRESETS):
         assert word in out
     assert f"--rule {'|'.join(RULE_NAMES)}" in out and "--device auto|cpu|cuda|cuda:N" in out
-    code, _, err = in_process(capsys=capsys)  # no arguments: the help, as an error
+    code, _, err = in_process(capsys=capsys)  # no arguments: the usage, as an error
     assert code == 2 and "usage: run_circuit.py PRESET" in err
 
 
