@@ -1,4 +1,5 @@
-"""Test-session settings: the ``cuda`` marker, skipped where no CUDA GPU is present."""
+"""Test-session settings: the ``cuda`` marker, skipped where no CUDA GPU is present, and the
+``slow`` marker: ``pytest`` runs the quick suite, ``pytest --runslow`` every test."""
 
 import os
 
@@ -11,17 +12,40 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="run the slow tests too (training to convergence, several processes, kills and "
+                          "resumes, torch.compile, real data): the whole suite, as .ci/run does")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores; "
+                                       "run only with --runslow")
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--runslow"):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
+            config.stash[_SLOW_LEFT_OUT] = len(slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+_SLOW_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left_out = config.stash.get(_SLOW_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(f"{left_out} slow tests not run (deselected); pytest --runslow runs every test")
 
 
 @pytest.fixture

@@ -113,6 +113,7 @@ def test_bad_input_gives_one_message_and_exit_2(args, message, tmp_path, monkeyp
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_bad_input_as_a_process_has_no_traceback(tmp_path):
     r = cli("nope", cwd=tmp_path)
     assert r.returncode == 2
@@ -144,6 +145,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_process_has_no_traceback(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

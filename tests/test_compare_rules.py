@@ -71,6 +71,7 @@ def study(tmp_path_factory):
     return out, before
 
 
+@pytest.mark.slow
 def test_every_rule_trained_and_reported_with_its_runs_numbers(study):
     out, _ = study
     state = json.loads((out / "study.json").read_text())
@@ -111,6 +112,7 @@ def test_every_rule_trained_and_reported_with_its_runs_numbers(study):
         assert 400 < width <= 1300 and 300 < height <= 600, (name, width, height)  # about 100 dpi
 
 
+@pytest.mark.slow
 def test_finished_rules_are_not_trained_again(study):
     out, before = study
     state = json.loads((out / "study.json").read_text())
@@ -135,6 +137,7 @@ def test_machine_settings_are_ones_a_run_may_change_on_resume():
     assert set(MACHINE_SETTINGS) == set(CHANGEABLE_ON_RESUME) - {"epochs"}
 
 
+@pytest.mark.slow
 def test_interrupted_study_continues_its_run_and_records_a_failing_rule(tmp_path, monkeypatch, capsys):
     """Ctrl-C inside kp's run (a process of its own, as every run here): kp saves its checkpoint and
     the study stops, saying how to go on. Going on continues kp from that checkpoint; wm, given a
@@ -254,6 +257,7 @@ def test_unusable_study_directories_are_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", "busy"] + (["locked"] if os.geteuid() else []))
 
 
+@pytest.mark.slow
 def test_a_study_of_another_model_or_options_is_refused(study, capsys):
     out, _ = study
     kept = (out / "study.json").read_bytes()

@@ -78,6 +78,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_forward_is_one_graph_without_breaks(rule, kind):
@@ -88,6 +89,7 @@ def test_forward_is_one_graph_without_breaks(rule, kind):
     assert explained.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_compiled_steps_equal_eager_steps(rule, kind):
@@ -106,6 +108,7 @@ def test_compiled_steps_equal_eager_steps(rule, kind):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["kp_decay", "wm"])
 def test_inductor_steps_match_eager(rule):
     """The real compiler (C++ kernels on the CPU) agrees with eager to float32 rounding."""
@@ -243,6 +246,7 @@ def test_resume_on_another_device_continues_with_a_note(tmp_path, capsys):
     assert resumed.epoch == 1
 
 
+@pytest.mark.slow
 def test_deterministic_mode_trains_and_resumes_bit_for_bit(tmp_path):
     cfg = preset("kp_resnet18", device="cpu", deterministic=True, epochs=1, width=0.0625, data="synthetic",
                  synthetic_train=64, synthetic_test=16, batch_size=16, monitor_every=2)
@@ -261,6 +265,7 @@ def test_deterministic_mode_trains_and_resumes_bit_for_bit(tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_a_compiled_run_compiles_one_graph_for_every_batch_size(tmp_path):
     """An epoch ends with a smaller batch, and evaluation has its own: with the batch dimension
     marked dynamic from the first call, training and evaluation compile one graph each."""

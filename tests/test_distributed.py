@@ -76,6 +76,7 @@ def every_rule(tmp_path_factory):
     return one, two
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULE_NAMES))
 def test_ranks_hold_identical_weights(every_rule, rule):
     """After 8 steps W and B are bitwise equal on both ranks, for every rule."""
@@ -83,6 +84,7 @@ def test_ranks_hold_identical_weights(every_rule, rule):
     assert_identical(r0[rule], r1[rule])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", list(RULE_NAMES))
 def test_two_processes_equal_one_on_the_global_batch(every_rule, rule):
     one, (r0, _) = every_rule
@@ -107,6 +109,7 @@ def relative_error(a: dict, b: dict) -> float:
                if not k.endswith("num_batches_tracked") and b[k].norm() > 0)
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_equals_one_process(tmp_path):
     """A ResNet with batch norm: synchronised statistics make 2 × 8 images train as 1 × 16.
 
@@ -131,6 +134,7 @@ def test_sync_batch_norm_equals_one_process(tmp_path):
         assert local > 1e6 * synced, (rule, synced, local)
 
 
+@pytest.mark.slow
 def test_compiled_circuit_with_sync_batch_norm_trains_on_two_processes(tmp_path):
     """``--sync-bn true --compile true`` under torchrun: Dynamo traces the synchronised batch
     norm's forward (it once built a frozen attrs object there and failed), and the compiled
@@ -167,6 +171,7 @@ def test_kolen_pollack_derives_its_feedback_update():
     assert KolenPollack.feedback_follows_forward
 
 
+@pytest.mark.slow
 def test_kp_all_reduces_what_backprop_does(tmp_path):
     """KP's ``ΔB`` is derived on every rank from the all-reduced ``ΔW``, not all-reduced itself:
     per step DDP moves the forward side's updates alone, as for backprop, and ``B`` still ends
@@ -207,6 +212,7 @@ def trained_only(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if not k.rsplit(".", 1)[-1].startswith(("running_", "num_batches"))}
 
 
+@pytest.mark.slow
 def test_a_stop_asked_of_one_rank_stops_all_at_the_same_step(tmp_path):
     r0, r1 = launch("stop", tmp_path, 2)
     # Asked in step 3 on rank 1; heard by all at the epoch's end (8 steps), honoured at the next.
@@ -217,6 +223,7 @@ def test_a_stop_asked_of_one_rank_stops_all_at_the_same_step(tmp_path):
     assert not (tmp_path / "stop" / "metrics.jsonl.tmp").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_as_if_never_stopped(tmp_path):
     r0, r1 = launch("resume", tmp_path, 2)
     assert_identical(r0["resumed"], r1["resumed"])
@@ -226,6 +233,7 @@ def test_resume_continues_as_if_never_stopped(tmp_path):
     assert len(lines) == 3
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused(tmp_path):
     launch("resume", tmp_path, 2)
     (one,) = launch("refuse", tmp_path, 1, str(tmp_path / "straight"))
@@ -240,6 +248,7 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_the_digits_circuit_end_to_end(tmp_path):
     """The README's command: two processes, one run directory written by rank 0."""
     out = tmp_path / "run"
@@ -257,6 +266,7 @@ def test_torchrun_trains_the_digits_circuit_end_to_end(tmp_path):
     assert said == [f"error: {out} already holds a run; use --resume {out} to continue it or choose another --out"]
 
 
+@pytest.mark.slow
 def test_a_streamed_folder_trains_alike_on_two_processes(tmp_path):
     """ImageNet's layout read from disk: each rank decodes its half of every global batch."""
     from tests.test_stream_run import make_imagenet
@@ -269,6 +279,7 @@ def test_a_streamed_folder_trains_alike_on_two_processes(tmp_path):
     assert relative_error(r0["weights"], one["weights"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_torchrun_trains_an_imagenet_resnet_on_a_folder(tmp_path):
     from tests.test_stream_run import make_imagenet
 

@@ -40,6 +40,7 @@ def trained(digits, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_kolen_pollack_aligns_from_near_orthogonal(trained):
     t = trained["kp"]
     assert all(75 < a < 105 for a in t["first"].values()), t["first"]  # independent draws
@@ -64,16 +65,19 @@ def test_weight_mirror_aligns_in_sleep_without_data(digits):
         assert torch.equal(s.weight, weights[n])  # sleep leaves forward weights alone
 
 
+@pytest.mark.slow
 def test_weight_mirror_stays_aligned_through_training(trained):
     assert all(a < 20 for a in trained["wm"]["metrics"]["angles"].values())
 
 
+@pytest.mark.slow
 def test_feedback_alignment_never_changes_b(trained):
     t = trained["fa"]
     assert t["violations"] == []
     assert t["run"].step > 0
 
 
+@pytest.mark.slow
 def test_sign_symmetry_is_sign_of_w_at_every_step(trained):
     t = trained["ss"]
     assert t["violations"] == []
@@ -82,6 +86,7 @@ def test_sign_symmetry_is_sign_of_w_at_every_step(trained):
     assert not torch.equal(s.weight, t["initial"][n][0])
 
 
+@pytest.mark.slow
 def test_every_rule_learns_and_kp_wm_match_bp(trained):
     acc = {r: t["metrics"]["test_acc"] for r, t in trained.items()}
     assert all(a > 80 for a in acc.values()), acc  # chance is 10 %

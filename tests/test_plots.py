@@ -85,6 +85,7 @@ def plot_cli(*args, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_plot_cli_draws_runs_and_comparison(runs, tmp_path):
     r = plot_cli(*runs, "--out", tmp_path / "cmp", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -92,6 +93,7 @@ def test_plot_cli_draws_runs_and_comparison(runs, tmp_path):
     assert f"wrote {runs[0] / 'sleep_effect.png'}" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     ([], "usage: plot_run.py"),
     (["/no/such/run"], "no run directory /no/such/run"),

@@ -129,6 +129,7 @@ def uninterrupted(tmp_path_factory):
 
 
 # Epoch 1 ends at step 45 (1,437 images, batch 32); the first checkpoint is then written.
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [
     "step:10",            # in the first epoch: no checkpoint yet
     "step:60",            # mid-epoch 2
@@ -168,6 +169,7 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_not(tmp_path):
     assert more.epoch == 2
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_directory(tmp_path):
     long = ["kp_mlp_digits", "--epochs", "200", "--device", "cpu", "--monitor-every", "0", "--quiet", "--out", "run"]
     driver = tmp_path / "driver.py"

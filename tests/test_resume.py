@@ -21,8 +21,9 @@ def _stop_at(step):
 
 @pytest.mark.parametrize("name, overrides", [
     ("wm_mlp_digits", dict(epochs=2)),  # sleep noise generator and a pre-training sleep
-    ("kp_resnet18", dict(epochs=2, width=0.0625, data="synthetic", synthetic_train=96, synthetic_test=32,
-                         batch_size=16, milestones=(1,))),  # momentum, BN, augmentation, schedule
+    pytest.param("kp_resnet18", dict(epochs=2, width=0.0625, data="synthetic", synthetic_train=96, synthetic_test=32,
+                                     batch_size=16, milestones=(1,)),  # momentum, BN, augmentation, schedule
+                 marks=pytest.mark.slow),
 ])
 def test_interrupted_run_resumes_bit_for_bit(tmp_path, name, overrides):
     cfg = preset(name, device="cpu", **overrides)

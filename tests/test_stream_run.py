@@ -77,6 +77,7 @@ def test_a_streamed_run_trains_and_records(tmp_path):
     assert (tmp_path / "run" / "monitor.npz").exists()
 
 
+@pytest.mark.slow
 def test_a_streamed_run_resumes_mid_epoch_as_if_never_stopped(tmp_path):
     make_imagenet(tmp_path / "imagenet")
     cfg = imagenet_config(tmp_path)
