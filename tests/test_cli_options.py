@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from neurosim.cli import main, parse_run_args, run_circuit, run_usage
+from neurosim.cli import evaluate, main, parse_run_args, run_circuit, run_usage
 from neurosim.cli.options import GROUPS
 from neurosim.config import RunConfig, preset, rule_settings
 from neurosim.errors import UserError
@@ -201,6 +201,14 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, contents, message):
         path.write_text(contents)
     code, _, err = in_process("--config", path, capsys=capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_evaluate_takes_equals_and_suggests_options(digits_run, tmp_path, capsys):
+    result = tmp_path / "e.json"
+    code, out, err = in_process(digits_run, f"--json={result}", "--split=test", capsys=capsys, entry=evaluate)
+    assert code == 0 and json.loads(result.read_text())["split"] == "test", err
+    code, _, err = in_process(digits_run, "--jsn", "x", capsys=capsys, entry=evaluate)
+    assert code == 2 and err.count("\n") == 1 and "unknown option --jsn; did you mean --json?" in err
 
 
 # -- the neurosim command ----------------------------------------------------------------------------

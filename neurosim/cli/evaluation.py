@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 
@@ -71,10 +72,12 @@ def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
         from neurosim.files import write_atomic
         from neurosim.train import build_circuit, evaluate_stream, loss_function, resolve_device
     if argv[0].startswith("--"):
-        raise UserError(f"the first argument is the run directory, not the option {argv[0]}\n{EVAL_USAGE}")
+        raise UserError(f"the first argument is the run directory, not the option {argv[0]}; {prog} --help lists "
+                        f"the options")
     run_dir, opts = Path(argv[0]), {"--data": None, "--split": None, "--data-dir": None, "--val-per-class": None,
                                     "--device": "auto", "--json": None}
-    which, i, rest = "best", 0, argv[1:]
+    which, i = "best", 0
+    rest = [part for a in argv[1:] for part in (a.split("=", 1) if a.split("=", 1)[0] in opts else (a,))]  # --k=v
     while i < len(rest):
         if rest[i] == "--last":
             which, i = "last", i + 1
@@ -82,8 +85,12 @@ def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
             if i + 1 >= len(rest) or not rest[i + 1]:
                 raise UserError(f"option {rest[i]} needs a value")
             opts[rest[i]], i = rest[i + 1], i + 2
+        elif rest[i].startswith("-"):
+            close = difflib.get_close_matches(rest[i].split("=")[0], [*opts, "--last"], n=1, cutoff=0.6)
+            raise UserError(f"unknown option {rest[i].split('=')[0]}"
+                            + (f"; did you mean {close[0]}?" if close else f"; {prog} --help lists the options"))
         else:
-            raise UserError(f"unexpected argument {rest[i]!r}\n{EVAL_USAGE}")
+            raise UserError(f"unexpected argument {rest[i]!r}; {prog} takes one run directory ({prog} --help)")
     split = opts["--split"]
     if split not in (None, "test", "all"):
         raise UserError(f"--split must be test or all, not {split!r}")
