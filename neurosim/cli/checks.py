@@ -68,5 +68,3 @@ def check_device(spec: str) -> None:
         if spec.startswith("cuda:") and int(spec[5:]) >= count:
             raise UserError(f"device {spec} asked for, but this machine has {count} CUDA GPU"
                             f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
-
-

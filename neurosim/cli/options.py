@@ -129,6 +129,7 @@ def _metavar(f, typ, own: bool) -> str:
 # -- help ------------------------------------------------------------------------------------------
 
 def _shown(value, unit: str | None) -> str:
+    """A default as --help writes it: ``60,120,160 epochs``, ``none``, ``0.9``, ``true``."""
     if isinstance(value, tuple):
         value = ",".join(map(str, value)) or "none"
     elif isinstance(value, bool) or value is None:
@@ -191,12 +192,12 @@ def build_parser(prog: str = "run_circuit.py", name: str | None = None) -> argpa
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
     out = groups["output"]
     exclusive = out.add_mutually_exclusive_group()
-    for name_, metavar, text in COMMAND_OPTIONS:
-        target = exclusive if name_ in ("--quiet", "--verbose") else out
+    for flag, metavar, text in COMMAND_OPTIONS:
+        target = exclusive if flag in ("--quiet", "--verbose") else out
         if metavar is None:
-            target.add_argument(name_, action="store_true", help=text)
+            target.add_argument(flag, action="store_true", help=text)
         else:
-            target.add_argument(name_, metavar=metavar, help=text)
+            target.add_argument(flag, metavar=metavar, help=text)
     out.add_argument("-h", "--help", action="store_true", help="this help")
     for f in fields():
         if f.group not in groups:  # a field declared without a known group
@@ -284,7 +285,7 @@ def _normalised(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``args`` as argparse should read them: ``--batch_size`` as ``--batch-size``, and a value
     that starts with '-' (``--lr -1``, ``--momentum -inf``) joined to its option, which argparse
     would otherwise take for an option itself."""
-    known = parser._option_string_actions
+    known = parser._option_string_actions  # argparse's own table of option strings
     out, i = [], 0
     while i < len(args):
         token = args[i]
