@@ -5,6 +5,8 @@ help and option parsing then run without loading PyTorch, which takes seconds to
 """
 
 import importlib
+import sys
+import types
 
 # public name → the module that defines it
 _HOMES = {
@@ -36,3 +38,17 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted([*globals(), *_HOMES])
+
+
+class _Package(types.ModuleType):
+    """The package itself. Importing the submodule ``neurosim.convert`` binds it to the package
+    under its name, which would hide the function ``neurosim.convert``: the function stays."""
+
+    def __setattr__(self, name, value):
+        if name == "convert" and isinstance(value, types.ModuleType):
+            value = value.convert
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
