@@ -54,6 +54,8 @@ class DirectoryLock:
         import fcntl
         import socket
 
+        # Set before anything can fail: ``__del__`` runs on a lock that was never taken too.
+        self._fd = None
         self.path = Path(directory) / ".lock"
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
