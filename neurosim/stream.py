@@ -499,8 +499,14 @@ class FolderStream:
         extra = {}
         if workers > 0:
             extra = dict(persistent_workers=True, prefetch_factor=_PREFETCH, multiprocessing_context=_mp_context())
+        # A generator of the stream's own: the DataLoader draws its workers' base seed from it each
+        # time an iterator starts (every pass without workers, the first with them). From the
+        # process-wide generator that draw would move the run's saved RNG state by one draw per
+        # pass, and a run resumed mid-epoch (one more start) would save another state than one
+        # never stopped. Nothing reads the workers' seeds: every crop is seeded by its position.
         self._loader = DataLoader(files, batch_sampler=self._sampler, num_workers=int(workers),
-                                  collate_fn=_Collate(stack=in_workers), pin_memory=self.device.type == "cuda", **extra)
+                                  collate_fn=_Collate(stack=in_workers), pin_memory=self.device.type == "cuda",
+                                  generator=torch.Generator().manual_seed(int(seed)), **extra)
         # The pass over the loader that may draw from it now (see `epoch`); None once closed.
         self._owner: object | None = object()
         self._decode_stream = None  # CUDA: the stream JPEGs are decoded on (see _decode_jpegs)

@@ -13,11 +13,14 @@ import shutil
 import sys
 
 import pytest
+import torch
 
+from neurosim.checkpoint import load_checkpoint
 from neurosim.config import preset
 from neurosim.errors import UserError
 from neurosim.files import DirectoryLock
-from neurosim.train import open_run
+from neurosim.train import RunInterrupted, open_run, resume_run
+from tests.test_reliability import assert_same
 
 TIMING = ("time_s", "images_per_s")
 
@@ -42,6 +45,29 @@ def trained(tmp_path_factory):
     run = open_run(root / "run", CFG, quiet=True)
     run.train()
     return root / "run"
+
+
+# -- 4. streamed runs: the RNG state ----------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_streamed_run_resumed_mid_epoch_writes_the_same_checkpoint(tmp_path):
+    from tests.test_stream_run import imagenet_config, make_imagenet
+
+    make_imagenet(tmp_path / "imagenet")
+    cfg = imagenet_config(tmp_path)
+    straight = open_run(tmp_path / "straight", cfg, quiet=True)
+    straight.train()
+    straight.close()
+    stopped = open_run(tmp_path / "stopped", cfg, quiet=True)
+    with pytest.raises(RunInterrupted):
+        stopped.train(lambda r: setattr(r, "stop_requested", r.step == 8))  # epoch 2, batch 2 of 6
+    stopped.close()
+    resumed = resume_run(tmp_path / "stopped", quiet=True)
+    resumed.train()
+    resumed.close()
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("straight", "stopped"))
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert_same(a, b)
 
 
 # -- 11. a lock that was never taken ---------------------------------------------------------------
