@@ -79,7 +79,10 @@ def save_figure(fig, out: Path, dpi: int = 120) -> Path:
         raise UserError(f"cannot write figure {out}: {describe_os_error(e)}") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only place says so even for a file that is not there: none was made
+            pass
     return out
 
 
@@ -153,15 +156,17 @@ def _rule_settings(run_dir: Path) -> str:
         return ""
 
 
-def plot_run(run_dir: Path) -> list[Path]:
-    """Every figure of one run, written into its directory; returns the files written."""
+def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Every figure of one run, written into ``out_dir`` (default: the run's own directory,
+    which is then the only place written to); returns the files written."""
     run_dir = Path(run_dir)
-    written = [plot_accuracy(run_dir)]
+    folder = Path(out_dir) if out_dir is not None else run_dir
+    written = [plot_accuracy(run_dir, folder / "accuracy.png")]
     angles = [a for r in read_metrics(run_dir) for a in r["angles"].values()]
     if any(a == a for a in angles):  # a rule without feedback matrices (DFA) has no W–Bᵀ angle
-        written.insert(0, plot_epoch_angles(run_dir))
+        written.insert(0, plot_epoch_angles(run_dir, folder / "angles_by_epoch.png"))
     if (run_dir / "monitor.npz").exists():
-        written += plot_monitor(run_dir)
+        written += plot_monitor(run_dir, folder)
     return written
 
 
@@ -383,21 +388,25 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
     return save_figure(fig, out or run_dir / "sleep_effect.png")
 
 
-def plot_monitor(run_dir: Path) -> list[Path]:
-    """The figures drawn from a run's monitor files; returns the files written."""
+def plot_monitor(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """The figures drawn from a run's monitor files, written into ``out_dir`` (default: the
+    run's directory); returns the files written."""
+    run_dir = Path(run_dir)
+    folder = Path(out_dir) if out_dir is not None else run_dir
     rec = load_monitor(run_dir)
     # W–Bᵀ figures only where some synapse has a feedback matrix (under DFA none has: the
     # delta angles are its measure).
     feedback = bool(np.isfinite(rec.angle).any())
-    written = [plot_angle_by_step(run_dir, rec), plot_norm_ratio_by_step(run_dir, rec)] if feedback else []
+    written = [plot_angle_by_step(run_dir, rec, folder / "angle_w_bt_by_step.png"),
+               plot_norm_ratio_by_step(run_dir, rec, folder / "norm_ratio_by_step.png")] if feedback else []
     if rec.has_probe:
-        written.append(plot_delta_angle_by_step(run_dir, rec))
+        written.append(plot_delta_angle_by_step(run_dir, rec, folder / "delta_angle_by_step.png"))
     if rec.traces_w.shape[2]:
-        written.append(plot_synapse_traces(run_dir, rec))
+        written.append(plot_synapse_traces(run_dir, rec, folder / "synapse_traces.png"))
     if feedback and len(rec.scatter_steps) and rec.scatter_w.shape[2]:
-        written.append(plot_scatter(run_dir, rec))
+        written.append(plot_scatter(run_dir, rec, folder / "w_vs_bt_scatter.png"))
     if rec.has_sleep:
-        written.append(plot_sleep_effect(run_dir, rec))
+        written.append(plot_sleep_effect(run_dir, rec, folder / "sleep_effect.png"))
     return written
 
 

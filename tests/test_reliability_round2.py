@@ -6,19 +6,23 @@ full disk under the metrics file and figures of a read-only run.
 docs/reliability.md lists what each test stands for.
 """
 
+import errno
 import gc
 import json
 import pathlib
 import shutil
 import sys
 
+import matplotlib.figure
 import pytest
 import torch
 
 from neurosim.checkpoint import load_checkpoint
+from neurosim.cli import main
 from neurosim.config import preset
 from neurosim.errors import UserError
 from neurosim.files import DirectoryLock
+from neurosim.plot_cli import plot_run as plot_cli_entry
 from neurosim.train import RunInterrupted, open_run, resume_run
 from tests.test_reliability import assert_same
 
@@ -79,3 +83,37 @@ def test_a_lock_that_could_not_be_taken_leaves_nothing_for_its_finaliser(tmp_pat
         DirectoryLock(tmp_path / "missing")
     gc.collect()
     assert said == []
+
+
+# -- weaker messages: a full disk names the file, figures of a read-only run -------------------
+
+def plot(*args, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(plot_cli_entry, [str(a) for a in args])
+    return done.value.code, capsys.readouterr().err
+
+
+def test_figures_of_a_read_only_run_name_the_figure_and_go_to_out(trained, tmp_path, monkeypatch, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    real_savefig, real_unlink = matplotlib.figure.Figure.savefig, pathlib.Path.unlink
+
+    def savefig(fig, fname, *a, **kw):
+        if pathlib.Path(fname).parent == run:
+            raise OSError(errno.EROFS, "Read-only file system", str(fname))
+        return real_savefig(fig, fname, *a, **kw)
+
+    def unlink(path, missing_ok=False):
+        if path.parent == run:  # a read-only file system says so even of a file that is not there
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    code, err = plot(run, capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and ".tmp" not in err, err
+    assert f"cannot write figure {run / 'accuracy.png'}: read-only file system" in err and "--out" in err
+    code, err = plot(run, "--out", tmp_path / "figs", capsys=capsys)
+    assert code == 0, err
+    assert (tmp_path / "figs" / "accuracy.png").exists() and (tmp_path / "figs" / "angle_w_bt_by_step.png").exists()
+    assert sorted(p.name for p in run.iterdir()) == before
