@@ -49,9 +49,9 @@ def test_weight_mirror_sleep_events_give_every_synapse_enough_noise(monkeypatch)
     drawn = {}
     real = WeightMirror.draw_noise
 
-    def spy(self, shape, generator, device, dtype):
+    def spy(self, shape, generator, device, dtype, *layout):
         drawn.setdefault(shape[1:], []).append(shape[0])
-        return real(self, shape, generator, device, dtype)
+        return real(self, shape, generator, device, dtype, *layout)
 
     monkeypatch.setattr(WeightMirror, "draw_noise", spy)
     for events in (0, 4096):
