@@ -153,6 +153,15 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of every rank, stacked in rank order (``t[None]`` on a lone process)."""
+    if not world().distributed:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(world().size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
+
+
 def wrap(circuit: nn.Module, device: torch.device) -> nn.Module:
     """``circuit`` under ``DistributedDataParallel``, reducing exactly the engaged updates that
     cannot be derived from others.

@@ -283,7 +283,13 @@ class Run:
         self.stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.seen = 0
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rank_stats: torch.Tensor | None = None) -> dict:
+        """Everything a resume needs (tensors and plain data). ``rank_stats``: the running
+        ``[loss·n, correct, n]`` of every rank (``_rank_stats``), one row each; by default this
+        process's alone, which is the whole under a single process."""
+        if rank_stats is None:
+            rank_stats = torch.cat([self.stats, self.stats.new_tensor([self.seen])])[None]
+        rank_stats = rank_stats.cpu()
         rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state(),
                "device": self.device.type}
         if torch.cuda.is_available():
@@ -293,7 +299,10 @@ class Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
-            "best": self.best, "stats": self.stats.cpu(), "seen": self.seen, "rng": rng,
+            # Each rank's share of the epoch's running statistics: on resume each rank takes its
+            # own back, so the epoch's end sums them exactly as if the run had never stopped.
+            "best": self.best, "stats": rank_stats[:, :2].clone(),
+            "seen": [int(n) for n in rank_stats[:, 2].tolist()], "rng": rng,
             "first_loss": self.first_loss, "world": self.world.size,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
@@ -309,7 +318,13 @@ class Run:
             self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
-        self.stats, self.seen = state["stats"].to(self.device), state["seen"]
+        stats, seen = state["stats"], state["seen"]
+        if stats.dim() == 2:
+            # A row per rank of the run that saved it (world sizes match: ``resume_run``).
+            rank = self.world.rank if stats.shape[0] == self.world.size else 0
+            stats, seen = stats[rank], seen[rank]
+        # (Checkpoints written before kept rank 0's share alone, which every rank then takes.)
+        self.stats, self.seen = stats.to(self.device).clone(), int(seen)
         self.first_loss = state.get("first_loss")
         # Losses of steps taken before the restore (a warm-up, an abandoned attempt) belong to
         # no position of the restored run: the divergence watch starts from the checkpoint.
@@ -344,9 +359,10 @@ class Run:
         commit that fails stops before ``last.pt``, so the previous one is kept.
         """
         self._check_divergence()
+        rank_stats = self._rank_stats()  # under torchrun every rank takes part
         if not self.world.writer:
             return
-        state = self.checkpoint_writer.snapshot(self.state_dict())  # waits for the previous commit
+        state = self.checkpoint_writer.snapshot(self.state_dict(rank_stats))  # waits for the previous commit
         for callback in self.callbacks:
             callback.on_checkpoint(self.run_dir)
         metrics = copy.deepcopy(metrics)  # the caller's dict may change while the line is written
@@ -366,6 +382,11 @@ class Run:
     def flush(self) -> None:
         """Wait until the checkpoint being written is on disk; raise its error if it failed."""
         self.checkpoint_writer.flush()
+
+    def _rank_stats(self) -> torch.Tensor:
+        """``[loss·n, correct, n]`` of the epoch so far on every rank, a row each (a collective
+        under torchrun: every rank calls it at the same point)."""
+        return distributed.gathered(torch.cat([self.stats, self.stats.new_tensor([self.seen])]))
 
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -188,6 +188,27 @@ def resume(out: Path, world: distributed.World) -> dict:
     return {"resumed": weights(resumed), "straight": weights(straight)}
 
 
+def partial_stats(out: Path, world: distributed.World) -> dict:
+    """Two epochs straight, and the same run stopped one batch into its second epoch (asked on
+    rank 1 alone) then resumed: the test compares their metrics files."""
+    cfg = preset("kp_mlp_digits", epochs=2, train_limit=256, batch_size=16, monitor_every=0, device="cpu")
+    open_run(out / "straight", cfg, quiet=True).train()
+    stopped = open_run(out / "stopped", cfg, quiet=True)
+
+    def on_step(r):
+        if r.step == 3 and world.rank == 1:  # heard by all at the epoch's end, honoured one step later
+            r.stop_requested = True
+
+    try:
+        stopped.train(on_step)
+    except RunInterrupted:
+        pass
+    # Rank 0 wrote the checkpoint before its RunInterrupted came; another rank may be ahead of it.
+    at = torch.load(out / "stopped" / "last.pt", weights_only=False)["batch"] if world.writer else None
+    resume_run(out / "stopped", quiet=True).train()
+    return {"stopped_at_batch": at}
+
+
 def refuse(out: Path, world: distributed.World) -> dict:
     """Resume, with this world size, a run another world size trained."""
     try:

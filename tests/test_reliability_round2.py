@@ -51,6 +51,17 @@ def trained(tmp_path_factory):
     return root / "run"
 
 
+# -- 3. torchrun: an interrupted epoch's statistics ----------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_resumed_mid_epoch_writes_the_metrics_of_an_uninterrupted_run(tmp_path):
+    from tests.test_distributed import launch
+
+    r0, _ = launch("partial_stats", tmp_path, 2)
+    assert r0["stopped_at_batch"] == 1  # one batch into the second epoch
+    assert records(tmp_path / "stopped" / "metrics.jsonl") == records(tmp_path / "straight" / "metrics.jsonl")
+
+
 # -- 4. streamed runs: the RNG state ----------------------------------------------------------
 
 @pytest.mark.slow
