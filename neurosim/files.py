@@ -56,7 +56,8 @@ class DirectoryLock:
 
         # Set before anything can fail: ``__del__`` runs on a lock that was never taken too.
         self._fd = None
-        self.path = Path(directory) / ".lock"
+        self.directory = Path(directory)
+        self.path = self.directory / ".lock"
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -75,6 +76,31 @@ class DirectoryLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def whereabouts(self) -> str | None:
+        """None while the locked directory is where it was locked; else what became of it, in
+        words (``was deleted``, ``was moved to DIR``, ``lost its lock file .lock``).
+
+        The lock file is the directory's witness: the descriptor follows it through a rename,
+        and ``DIR/.lock`` is another file (or none) once the directory was moved or deleted,
+        even if something made a new directory of that name."""
+        if self._fd is None:
+            return None
+        mine = os.fstat(self._fd)
+        try:
+            there = os.stat(self.path)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return None
+        except OSError:
+            pass
+        if mine.st_nlink == 0:  # the lock file itself was deleted, with its directory or alone
+            return f"lost its lock file {self.path.name}" if self.directory.is_dir() else "was deleted"
+        try:
+            # Linux names the file an open descriptor refers to, wherever it was moved.
+            moved = Path(os.readlink(f"/proc/self/fd/{self._fd}")).parent
+        except OSError:
+            return "was moved or deleted"
+        return f"was moved to {moved}"
 
     def release(self) -> None:
         if self._fd is not None:

@@ -62,11 +62,12 @@ def monitor_index(arrays: dict[str, np.ndarray], *, synapses, weight_shapes: dic
     }
 
 
-def write_monitor(run_dir, arrays: dict[str, np.ndarray], index: dict) -> None:
+def write_monitor(run_dir, arrays: dict[str, np.ndarray], index: dict, create: bool = True) -> None:
     """Write ``monitor.npz`` (``arrays``) and ``monitor.json`` (``index``) into ``run_dir``, each
-    atomically (temporary file, then rename)."""
+    atomically (temporary file, then rename); ``create``: make ``run_dir`` if it is missing."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_atomic(run_dir / "monitor.npz", buf.getvalue(), what="monitor records")

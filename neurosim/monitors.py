@@ -504,10 +504,13 @@ class Monitor:
             trace_index={n: [int(i) for i in row if i >= 0]
                          for n, row in zip(self.names, self.trace_index.tolist())})
 
-    def flush(self, run_dir) -> None:
-        """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically."""
+    def flush(self, run_dir, create: bool = True) -> None:
+        """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically.
+
+        ``create``: make ``run_dir`` if it is missing. A run passes False: its directory exists,
+        and one that vanished must not come back holding the monitor files alone."""
         arrays = self.arrays()
-        write_monitor(run_dir, arrays, self.index(arrays))
+        write_monitor(run_dir, arrays, self.index(arrays), create=create)
 
     # -- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

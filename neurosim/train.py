@@ -36,6 +36,10 @@ class RunDiverged(UserError):
     """The training loss became non-finite or exploded; nothing after the last checkpoint is saved."""
 
 
+class RunDirectoryGone(UserError):
+    """The run directory was deleted or moved while the run trained; nothing more is written."""
+
+
 # The loss is copied into a ring of this many device slots each step and read once per ring:
 # divergence is caught within that many steps at the cost of one host sync per ring.
 WATCH_STEPS = 32
@@ -134,7 +138,7 @@ class MonitorCallback(Callback):
         self.monitor.after_sleep(step)
 
     def on_checkpoint(self, run_dir: Path) -> None:
-        self.monitor.flush(run_dir)
+        self.monitor.flush(run_dir, create=False)
 
 
 class Run:
@@ -234,6 +238,7 @@ class Run:
         self._recent = torch.zeros(WATCH_STEPS, dtype=torch.float32, device=self.device)
         self._unwatched = 0  # steps whose loss sits in the ring unread
         self.lock = None  # the run directory's DirectoryLock while this run writes into it
+        self._gone_said = False  # the training loop has stopped with RunDirectoryGone
         # Checkpoints are hashed and written in the background (see ``save``).
         self.checkpoint_writer = CheckpointWriter(pinned=cuda)
         self._reset_stats()
@@ -362,20 +367,26 @@ class Run:
         rank_stats = self._rank_stats()  # under torchrun every rank takes part
         if not self.world.writer:
             return
+        self._check_directory()
         state = self.checkpoint_writer.snapshot(self.state_dict(rank_stats))  # waits for the previous commit
         for callback in self.callbacks:
             callback.on_checkpoint(self.run_dir)
         metrics = copy.deepcopy(metrics)  # the caller's dict may change while the line is written
 
         def commit():
-            # Serialised once; best.pt gets its own copy of the bytes rather than a hard link,
-            # so that damage to one file leaves the other to resume from.
-            with self.checkpoint_writer.serialised(state) as data:
-                if best:
-                    write_checkpoint(data, self.run_dir / "best.pt")
-                if metrics is not None:
-                    self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
-                write_checkpoint(data, self.run_dir / "last.pt")
+            self._check_directory(said=False)  # it may have gone since save() looked
+            try:
+                # Serialised once; best.pt gets its own copy of the bytes rather than a hard
+                # link, so that damage to one file leaves the other to resume from.
+                with self.checkpoint_writer.serialised(state) as data:
+                    if best:
+                        write_checkpoint(data, self.run_dir / "best.pt")
+                    if metrics is not None:
+                        self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
+                    write_checkpoint(data, self.run_dir / "last.pt")
+            except UserError:
+                self._check_directory(said=False)  # a directory that went meanwhile is the reason
+                raise
 
         self.checkpoint_writer.start(commit)
 
@@ -387,6 +398,30 @@ class Run:
         """``[loss·n, correct, n]`` of the epoch so far on every rank, a row each (a collective
         under torchrun: every rank calls it at the same point)."""
         return distributed.gathered(torch.cat([self.stats, self.stats.new_tensor([self.seen])]))
+
+    def _check_directory(self, said: bool = True) -> None:
+        """Stop if the run directory was deleted or moved while the run trained.
+
+        Written on regardless, its files would go nowhere, or into a new directory of the old
+        name that holds no configuration, no lock and none of the epochs before. Nothing more is
+        written: a moved directory keeps the run as of its last checkpoint. ``said``: the
+        training loop raises this error (not the checkpoint writer), and the run's end need not
+        repeat the writer's of the same cause."""
+        what = self.lock.whereabouts() if self.lock is not None and self.lock.held else None
+        if what is None:
+            return
+        self._gone_said = self._gone_said or said
+        at = (f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}" if self.batch
+              else f"after epoch {self.epoch}" if self.epoch else "before its first epoch")
+        stopped = f"run directory {self.run_dir} {what} while the run trained; it stopped {at} and wrote nothing more"
+        if what.startswith("was moved to "):
+            moved = what.removeprefix("was moved to ")
+            raise RunDirectoryGone(f"{stopped}. {moved} holds the run as of its last checkpoint: continue it "
+                                   f"there with --resume {moved}")
+        if what.startswith("lost its lock"):
+            raise RunDirectoryGone(f"{stopped}, since another process could now write there too. Its files are "
+                                   f"kept: continue it with --resume {self.run_dir}")
+        raise RunDirectoryGone(f"{stopped}; nothing of it is left there to continue from. Start it again with --out")
 
     # -- steps ----------------------------------------------------------------------------------
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -510,7 +545,8 @@ class Run:
             finally:
                 if self.lock is not None:
                     self.lock.release()
-            if unwritten is not None:  # not hidden by the error that stopped the run
+            # Not hidden by the error that stopped the run, unless that said the same.
+            if unwritten is not None and not (isinstance(unwritten, RunDirectoryGone) and self._gone_said):
                 print(f"error: {unwritten}", file=sys.stderr)
 
     def _train_epoch(self, on_step) -> dict:
@@ -527,6 +563,8 @@ class Run:
                 if due:
                     self.sleep(due)
             self.batch += 1
+            if self.step % WATCH_STEPS == 0 and self.world.writer:
+                self._check_directory()  # a few stat calls: a vanished directory is noticed within as many steps
             if on_step is not None:
                 on_step(self)
             if self.stop_requested if not self.world.distributed else self._stop_agreed:

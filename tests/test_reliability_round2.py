@@ -9,14 +9,19 @@ docs/reliability.md lists what each test stands for.
 import errno
 import gc
 import json
+import os
 import pathlib
 import shutil
 import sys
+import threading
 
 import matplotlib.figure
 import pytest
 import torch
 
+import neurosim.checkpoint
+import neurosim.files
+import neurosim.run_log
 from neurosim.checkpoint import load_checkpoint
 from neurosim.cli import main
 from neurosim.config import preset
@@ -49,6 +54,61 @@ def trained(tmp_path_factory):
     run = open_run(root / "run", CFG, quiet=True)
     run.train()
     return root / "run"
+
+
+# -- 2. the run directory moved or deleted while training ----------------------------------------
+
+
+@pytest.mark.parametrize("when", ["between checkpoints", "while a checkpoint is written"])
+def test_a_run_whose_directory_is_moved_stops_and_says_where_it_went(tmp_path, monkeypatch, capsys, when):
+    held = threading.Event()
+    if when == "while a checkpoint is written":
+        real = neurosim.checkpoint.write_atomic
+        monkeypatch.setattr(neurosim.checkpoint, "write_atomic", lambda *a, **k: (held.wait(10), real(*a, **k)))
+    run = open_run(tmp_path / "run", CFG, quiet=True)
+
+    def move(r):
+        if r.step == 46:  # the first step of epoch 2
+            if when == "between checkpoints":
+                r.flush()
+            os.rename(tmp_path / "run", tmp_path / "moved")
+            held.set()  # epoch 1's commit, if held, now writes into a directory that is gone
+
+    with pytest.raises(UserError) as e:
+        run.train(on_step=move)
+    msg = str(e.value)
+    assert f"run directory {tmp_path / 'run'} was moved to {tmp_path / 'moved'} while the run trained" in msg
+    assert f"--resume {tmp_path / 'moved'}" in msg
+    assert "error:" not in capsys.readouterr().err  # the commit that failed with it is not said twice
+    assert not (tmp_path / "run").exists()  # nothing came back under the old name
+    committed = when == "between checkpoints"
+    assert (tmp_path / "moved" / "last.pt").exists() == committed
+    resumed = resume_run(tmp_path / "moved", quiet=True)
+    assert resumed.epoch == (1 if committed else 0)
+    resumed.train()
+    assert [r["epoch"] for r in records(tmp_path / "moved" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("what", ["directory", "lock"])
+def test_a_run_whose_directory_or_lock_is_deleted_stops_and_recreates_nothing(tmp_path, what):
+    run = open_run(tmp_path / "run", CFG, quiet=True)
+
+    def delete(r):
+        if r.step == 50:
+            r.flush()  # epoch 1's commit is on disk: rmtree does not race its writes
+            if what == "directory":
+                shutil.rmtree(tmp_path / "run")
+            else:
+                (tmp_path / "run" / ".lock").unlink()
+
+    with pytest.raises(UserError) as e:
+        run.train(on_step=delete)
+    if what == "directory":
+        assert "was deleted while the run trained" in str(e.value)
+        assert not (tmp_path / "run").exists()
+    else:
+        assert "lost its lock file .lock while the run trained" in str(e.value)
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
 # -- 3. torchrun: an interrupted epoch's statistics ----------------------------------------------
