@@ -94,6 +94,24 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return state
 
 
+def committed_records(path: Path) -> list[dict] | None:
+    """The metrics records a checkpoint holds (its committed epochs, without timings), or None
+    where the file is missing, cannot be read or predates them.
+
+    For readers of a run's files (figures): the file is mapped, not read (no tensor's bytes are
+    touched), and not verified; resuming verifies it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, damaged or foreign: the figures are drawn from metrics.jsonl alone
+        return None
+    records = state.get("metrics") if isinstance(state, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "epoch" in r for r in records):
+        return None
+    return records
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with the checkpoint file at ``path``, in words, or None if it is sound."""
     return _read(Path(path))[1]

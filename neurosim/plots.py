@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +24,7 @@ from neurosim.config import preset  # noqa: E402
 from neurosim.errors import UserError  # noqa: E402
 from neurosim.files import describe_os_error  # noqa: E402
 from neurosim.monitors import MonitorRecord, load_monitor  # noqa: E402
-from neurosim.run_log import metrics_records, nan_for_null  # noqa: E402
+from neurosim.run_log import epoch_list, merged_records, metrics_records, nan_for_null  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -31,14 +32,31 @@ def read_metrics(run_dir: Path) -> list[dict]:
     values (an angle where a rule has no feedback matrix) as NaN, which the figures leave out.
 
     A last line without its newline is what a run killed while writing leaves: it is ignored
-    when it is not a whole record. Any other bad line is named by its (1-based) number."""
+    when it is not a whole record. Any other bad line is named by its (1-based) number.
+
+    The run's ``last.pt`` keeps a copy of the records of the epochs it committed: those the
+    file lost (or holds changed) are taken from it, with a warning that says so."""
+    from neurosim.checkpoint import committed_records
+
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise UserError(f"no run directory {run_dir}")
-    if not path.exists():
+    # The checkpoint first: a running run writes the file before it, so the file read after
+    # holds at least the epochs the checkpoint committed.
+    committed = committed_records(run_dir / "last.pt")
+    if not path.exists() and not committed:
         raise UserError(f"{run_dir} has no metrics.jsonl; give the directory of a run (made by run_circuit.py)")
-    records = [nan_for_null(r) for r in metrics_records(path)]
+    found = metrics_records(path) if path.exists() else []
+    records = found
+    if committed:
+        records, lost, altered = merged_records(committed, found)
+        records += [r for r in found if r["epoch"] > committed[-1]["epoch"]]  # written, not yet committed
+        if lost or altered:
+            warnings.warn(f"{path} {'lacks' if not altered else 'lacks or holds other values for'} the records "
+                          f"of {epoch_list(sorted(lost + altered))}; they are drawn from the copy in "
+                          f"{run_dir / 'last.pt'} (--resume {run_dir} rewrites the file)", stacklevel=1)
+    records = [nan_for_null(r) for r in records]
     if not records:
         raise UserError(f"{path} holds no epochs yet")
     return records

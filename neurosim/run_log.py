@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from neurosim.console import FILE_FIRST, FILE_PERIOD, TERMINAL_PERIOD, Console, hms
 from neurosim.errors import UserError
+from neurosim.files import write_atomic
 
 
 def metrics_line(m: dict) -> str:
@@ -87,6 +87,47 @@ def _metrics_record(path: Path, number: int, raw: bytes) -> dict | None:
     return record
 
 
+# Fields of a record that measure the machine, not the run: they differ between two runs that
+# are otherwise bit for bit the same, so a checkpoint keeps its records without them.
+TIMING = ("time_s", "images_per_s")
+
+
+def without_timing(record: dict) -> dict:
+    """An epoch record without its ``TIMING`` fields, as a checkpoint keeps it."""
+    return {k: v for k, v in record.items() if k not in TIMING}
+
+
+def merged_records(committed: list[dict], found: list[dict]) -> tuple[list[dict], list[int], list[int]]:
+    """The records of the epochs a checkpoint committed, each taken from ``metrics.jsonl``
+    (``found``) where the file holds it unchanged (with its timings), else from the checkpoint's
+    copy (``committed``, without timings); and the epochs the file had ``lost`` and those it
+    held ``altered``. Records of later epochs in the file (a commit cut short) are left out."""
+    in_file = {r.get("epoch"): r for r in found}
+    records, lost, altered = [], [], []
+    for c in committed:
+        f = in_file.get(c["epoch"])
+        if f is not None and _null_for_non_finite(without_timing(f)) == _null_for_non_finite(without_timing(c)):
+            # The file's line as it is (its order, its timings), with the checkpoint's values,
+            # whose undefined ones are NaN as in a run that never stopped (the file has null).
+            records.append({k: c.get(k, v) for k, v in f.items()})
+            continue
+        (lost if f is None else altered).append(c["epoch"])
+        records.append(c)
+    return records, lost, altered
+
+
+def epoch_list(epochs: list[int]) -> str:
+    """``epoch 3`` or ``epochs 0–2, 5``."""
+    spans = []
+    for e in epochs:
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    text = ", ".join(f"{a}–{b}" if b > a + 1 else f"{a}, {b}" if b > a else f"{a}" for a, b in spans)
+    return f"epoch{'s' if len(epochs) > 1 else ''} {text}"
+
+
 class RunLog:
     """The records of one run directory: its metrics (``metrics.jsonl``, TensorBoard) and what
     it prints (``Console``: the terminal and ``log.txt``). ``quiet`` silences the terminal, not
@@ -137,12 +178,15 @@ class RunLog:
         what = "evaluating the test split" + ("" if self._trained else " before training")
         self.console.report(what, done, total, " batches")
 
-    def metrics(self, path: Path, m: dict) -> None:
-        """Append one epoch's metrics line (synced to disk) and its TensorBoard scalars."""
-        with open(path, "a") as f:
-            f.write(metrics_line(m))
-            f.flush()
-            os.fsync(f.fileno())
+    def metrics(self, path: Path, m: dict, earlier=()) -> None:
+        """Write the metrics file, the ``earlier`` epochs' records and then ``m``'s, and ``m``'s
+        TensorBoard scalars.
+
+        The whole file is replaced (temporary file, fsync, rename), not appended to: lines lost
+        meanwhile (the file truncated, emptied or deleted while the run trained) come back, a
+        half-written line is never left, and a full disk names the file."""
+        text = "".join(metrics_line(r) for r in (*earlier, m))
+        write_atomic(path, text.encode(), what="metrics")
         writer = self.tensorboard()
         if writer is not None:
             for key, value in m.items():

@@ -24,7 +24,7 @@ from neurosim.errors import UserError
 from neurosim.files import DirectoryLock, describe_os_error, write_atomic
 from neurosim.models import build_mlp, build_resnet
 from neurosim.monitors import Monitor, MonitorConfig, probe_batch
-from neurosim.run_log import RunLog, metrics_records
+from neurosim.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
 from neurosim.step import engaged_step, sleep_steps
 
 
@@ -232,6 +232,10 @@ class Run:
         self.step = 0  # engaged steps completed
         self.slept_before = False
         self.best = -math.inf
+        # The metrics record of every epoch so far (epoch 0: before training), kept in the
+        # checkpoint so that a resume can rebuild metrics.jsonl; None: restored from a
+        # checkpoint written before checkpoints kept them.
+        self.records: list[dict] | None = []
         self.stop_requested = False  # set by a signal handler; honoured between steps
         self._stop_agreed = False  # under torchrun: every rank has heard the stop request
         self.first_loss = None  # the first engaged step's loss: divergence is measured against it
@@ -309,6 +313,7 @@ class Run:
             "best": self.best, "stats": rank_stats[:, :2].clone(),
             "seen": [int(n) for n in rank_stats[:, 2].tolist()], "rng": rng,
             "first_loss": self.first_loss, "world": self.world.size,
+            "metrics": None if self.records is None else [without_timing(r) for r in self.records],
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "data": {"name": self.data.name, "classes": list(self.data.classes),
                      "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
@@ -330,6 +335,8 @@ class Run:
             stats, seen = stats[rank], seen[rank]
         # (Checkpoints written before kept rank 0's share alone, which every rank then takes.)
         self.stats, self.seen = stats.to(self.device).clone(), int(seen)
+        records = state.get("metrics")
+        self.records = None if records is None else [dict(r) for r in records]
         self.first_loss = state.get("first_loss")
         # Losses of steps taken before the restore (a warm-up, an abandoned attempt) belong to
         # no position of the restored run: the divergence watch starts from the checkpoint.
@@ -356,6 +363,7 @@ class Run:
         files, the epoch's metrics line) belongs to a position at or after the previous
         ``last.pt``; a resume from that checkpoint truncates and rewrites all of it, so a kill at
         any moment ends, after ``--resume``, in the same run directory as no kill at all.
+        ``metrics`` (the epoch's record) joins ``records``, which the checkpoint keeps too.
 
         Training is not held up by the writing: the state is copied into host buffers here, the
         callbacks write their files, and a background thread (``CheckpointWriter``) hashes and
@@ -368,10 +376,14 @@ class Run:
         if not self.world.writer:
             return
         self._check_directory()
+        records = None
+        if metrics is not None:
+            # A copy: the caller's dict may change while the file is written in the background.
+            self.records = [*(self.records or []), copy.deepcopy(metrics)]
+            records = copy.deepcopy(self.records)
         state = self.checkpoint_writer.snapshot(self.state_dict(rank_stats))  # waits for the previous commit
         for callback in self.callbacks:
             callback.on_checkpoint(self.run_dir)
-        metrics = copy.deepcopy(metrics)  # the caller's dict may change while the line is written
 
         def commit():
             self._check_directory(said=False)  # it may have gone since save() looked
@@ -381,8 +393,8 @@ class Run:
                 with self.checkpoint_writer.serialised(state) as data:
                     if best:
                         write_checkpoint(data, self.run_dir / "best.pt")
-                    if metrics is not None:
-                        self._log_metrics(self.run_dir / "metrics.jsonl", metrics)
+                    if records is not None:
+                        self._log_metrics(self.run_dir / "metrics.jsonl", records[-1], records[:-1])
                     write_checkpoint(data, self.run_dir / "last.pt")
             except UserError:
                 self._check_directory(said=False)  # a directory that went meanwhile is the reason
@@ -516,10 +528,12 @@ class Run:
             metrics_path = self.run_dir / "metrics.jsonl"
             fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before
             if writer:
-                self.flush()  # a checkpoint saved before train() would append to the file rewritten here
-                _truncate_metrics(metrics_path, -1 if fresh else self.epoch)
+                self.flush()  # a checkpoint saved before train() would write the file rewritten here
+                if not fresh:
+                    self._restore_metrics(metrics_path)
             if fresh:
                 m = self._epoch_metrics(0, 0.0, None)
+                self.records = [m]
                 if writer:
                     self._log_metrics(metrics_path, m)
                 if self.schedule is not None:
@@ -599,9 +613,35 @@ class Run:
                  mean_angle=_mean_defined(angles.values()), angles=angles)
         return m
 
-    def _log_metrics(self, path: Path, m: dict) -> None:
-        """One epoch's metrics line, through the run's log (the step of ``save`` that writes it)."""
-        self.log.metrics(path, m)
+    def _log_metrics(self, path: Path, m: dict, earlier=()) -> None:
+        """The metrics file, ``earlier`` records then epoch ``m``'s, through the run's log (the
+        step of ``save`` that writes it)."""
+        self.log.metrics(path, m, earlier)
+
+    def _restore_metrics(self, path: Path) -> None:
+        """Make ``metrics.jsonl`` hold exactly the records of the epochs the checkpoint committed.
+
+        A kill may leave records of an epoch that was not committed, or half a line: both go.
+        Records of committed epochs that the file lost (truncated, emptied, deleted, a line
+        removed) or holds changed are rewritten from the checkpoint's copy, and said. A line
+        that is not a record at all is refused (``metrics_records``), naming it."""
+        found = metrics_records(path) if path.exists() else []
+        if self.records is not None:
+            self.records, lost, altered = merged_records(self.records, found)
+            for epochs, how in ((lost, "had lost"), (altered, "held other values for")):
+                if epochs:
+                    self.log.say(f"note: {path} {how} the records of {epoch_list(epochs)}, which the run had "
+                                 f"committed; they are rewritten from its checkpoint (without their timings)")
+        else:
+            # A checkpoint from before checkpoints kept the records: the file is all there is.
+            self.records = [r for r in found if r["epoch"] <= self.epoch]
+            missing = sorted(set(range(self.epoch + 1)) - {r["epoch"] for r in self.records})
+            if missing:
+                self.log.say(f"note: {path} lacks the records of {epoch_list(missing)}, and the checkpoint, "
+                             f"written by an earlier version, has no copy of them; the run goes on without them")
+        text = "".join(metrics_line(r) for r in self.records)
+        if not path.exists() or path.read_bytes() != text.encode():
+            write_atomic(path, text.encode(), what="metrics")
 
 
 def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None, progress=None) -> dict:
@@ -651,19 +691,6 @@ def _mean_defined(values) -> float:
 
 def _position_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only the records of epochs the checkpoint holds (``-1``: none).
-
-    A kill may leave lines of an epoch that was not committed, or half a line: both go. A line
-    that cannot be read anywhere else means the file was damaged, and is reported."""
-    if not path.exists():
-        return
-    text = path.read_text(errors="replace")
-    new = "".join(json.dumps(m) + "\n" for m in metrics_records(path) if m["epoch"] <= epochs_done)
-    if new != text:
-        write_atomic(path, new.encode(), what="metrics")
 
 
 def _clear_uncommitted(run_dir: Path) -> None:
@@ -770,8 +797,8 @@ def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict |
                   f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
                   file=sys.stderr)
         run.load_state_dict(state)
-        if w.writer and cfg != RunConfig.from_dict(state["config"]):
-            _write_config(run_dir, cfg)  # config.json always describes the run as it goes on
+        if w.writer:
+            _restore_config(run_dir, cfg, RunConfig.from_dict(state["config"]), quiet)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -794,12 +821,46 @@ def _resumed_config(run_dir: Path, saved: RunConfig, expect: RunConfig | None, o
     return attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in CHANGEABLE_ON_RESUME})
 
 
+def _restore_config(run_dir: Path, cfg: RunConfig, saved: RunConfig, quiet: bool) -> None:
+    """Make ``config.json`` describe the run as it goes on: the checkpoint's configuration
+    (``saved``) with the changes a resume may make (``cfg``).
+
+    The checkpoint holds the configuration, so a ``config.json`` that is missing, damaged or
+    edited is rewritten from it, and said; one that cannot be rewritten (a directory of that
+    name, say) stops the resume with the reason."""
+    path = run_dir / "config.json"
+    expected = cfg.to_json() + "\n"
+    problem = None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text, problem = None, "was missing"
+    except (OSError, UnicodeDecodeError) as e:
+        text, problem = None, f"could not be read ({describe_os_error(e) if isinstance(e, OSError) else 'not text'})"
+    if text == expected:
+        return
+    if text is not None:
+        try:
+            found = RunConfig.from_dict(json.loads(text))
+        except Exception:  # not JSON, not an object, unknown or invalid fields: damaged either way
+            problem = "was damaged (not a valid configuration)"
+        else:
+            problem = None if found == saved else "did not match the checkpoint's configuration"
+    _write_config(run_dir, cfg)
+    if problem and not quiet:
+        print(f"note: {path} {problem}; it is rewritten from the checkpoint (a resume changes only "
+              f"{', '.join('--' + k.replace('_', '-') for k in CHANGEABLE_ON_RESUME)})", file=sys.stderr)
+
+
 def _restart_config(run_dir: Path, expect, overrides, quiet) -> RunConfig:
     """The configuration of a run that never committed a checkpoint, to start it again."""
     try:
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError, KeyError, UserError) as e:
         raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); start a new run with --out") from None
+    except OSError as e:
+        raise UserError(f"{run_dir / 'config.json'} cannot be read ({describe_os_error(e)}); start a new run "
+                        f"with --out") from None
     cfg = _resumed_config(run_dir, saved, expect, overrides)
     if not quiet:
         print(f"note: {run_dir} has no checkpoint yet (its first epoch never finished); starting it again "

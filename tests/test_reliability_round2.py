@@ -28,6 +28,8 @@ from neurosim.config import preset
 from neurosim.errors import UserError
 from neurosim.files import DirectoryLock
 from neurosim.plot_cli import plot_run as plot_cli_entry
+from neurosim.plots import read_metrics
+from neurosim.run_log import epoch_list, metrics_records
 from neurosim.train import RunInterrupted, open_run, resume_run
 from tests.test_reliability import assert_same
 
@@ -145,6 +147,96 @@ def test_a_streamed_run_resumed_mid_epoch_writes_the_same_checkpoint(tmp_path):
     assert_same(a, b)
 
 
+# -- 5. metrics.jsonl and config.json damaged ----------------------------------------------------
+
+def _halve(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _drop_line(path):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1] + lines[2:]))
+
+
+@pytest.mark.parametrize("damage", [
+    _halve,
+    lambda p: p.write_text(p.read_text().splitlines(keepends=True)[0]),  # truncated to its first line
+    lambda p: p.write_text(""),
+    lambda p: p.unlink(),
+    _drop_line,
+])
+def test_lost_metrics_records_are_rebuilt_from_the_checkpoint_and_said(trained, tmp_path, capsys, damage):
+    run = copy_run(trained, tmp_path / "run")
+    path = run / "metrics.jsonl"
+    damage(path)
+    left = {r["epoch"] for r in metrics_records(path)} if path.exists() else set()
+    assert left != {0, 1, 2, 3}
+    resume_run(run, quiet=False).train()  # --epochs as trained: nothing to train, the files are put right
+    err = capsys.readouterr().err
+    lost = epoch_list(sorted({0, 1, 2, 3} - left))
+    assert f"metrics.jsonl had lost the records of {lost}" in err and "rewritten from its checkpoint" in err
+    assert records(run / "metrics.jsonl") == records(trained / "metrics.jsonl")
+
+
+def test_an_edited_metrics_record_is_restored_and_said(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    text = (run / "metrics.jsonl").read_text()
+    lines = text.splitlines(keepends=True)
+    edited = json.loads(lines[2])
+    edited["test_acc"] = 99.99
+    (run / "metrics.jsonl").write_text("".join([*lines[:2], json.dumps(edited) + "\n", *lines[3:]]))
+    resume_run(run, quiet=False).train()
+    assert "held other values for the records of epoch 2" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text().splitlines()[2] != json.dumps(edited)
+    assert records(run / "metrics.jsonl") == records(trained / "metrics.jsonl")
+    assert (run / "metrics.jsonl").read_text().splitlines()[1] == text.splitlines()[1]  # kept with its timing
+
+
+def test_metrics_deleted_while_training_come_back_whole(tmp_path):
+    run = open_run(tmp_path / "run", CFG, quiet=True)
+    run.train(on_step=lambda r: (tmp_path / "run" / "metrics.jsonl").unlink() if r.step == 50 else None)
+    assert [r["epoch"] for r in records(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_figures_of_a_run_whose_metrics_lost_lines_are_drawn_from_the_checkpoint(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    _drop_line(run / "metrics.jsonl")
+    with pytest.warns(UserWarning, match=r"lacks the records of epoch 1; they are drawn from the copy in"):
+        drawn = read_metrics(run)
+    assert [r["epoch"] for r in drawn] == [0, 1, 2, 3]
+    (run / "metrics.jsonl").unlink()
+    with pytest.warns(UserWarning, match=r"lacks the records of epochs 0–3"):
+        assert [r["epoch"] for r in read_metrics(run)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.unlink(),
+    lambda p: p.write_text(""),
+    lambda p: p.write_text("{not json"),
+    lambda p: p.write_text("[]"),
+    lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    lambda p: p.write_bytes(b"\xff\xfe\x00junk"),
+    lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "lr": 0.5})),  # edited
+    lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "colour": "red"})),  # unknown field
+    lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "hidden": "wide"})),  # invalid value
+])
+def test_a_damaged_config_json_is_restored_from_the_checkpoint(trained, tmp_path, capsys, damage):
+    run = copy_run(trained, tmp_path / "run")
+    whole = (run / "config.json").read_text()
+    damage(run / "config.json")
+    resume_run(run, quiet=False)
+    assert "config.json" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == whole
+
+
+def test_a_config_json_that_cannot_be_rewritten_is_one_message(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    (run / "config.json").unlink()
+    (run / "config.json").mkdir()
+    with pytest.raises(UserError, match=r"cannot write configuration .*config\.json: is a directory"):
+        resume_run(run, quiet=True)
+
+
 # -- 11. a lock that was never taken ---------------------------------------------------------------
 
 def test_a_lock_that_could_not_be_taken_leaves_nothing_for_its_finaliser(tmp_path, monkeypatch):
@@ -157,6 +249,36 @@ def test_a_lock_that_could_not_be_taken_leaves_nothing_for_its_finaliser(tmp_pat
 
 
 # -- weaker messages: a full disk names the file, figures of a read-only run -------------------
+
+def test_a_full_disk_under_the_metrics_file_names_it(tmp_path, monkeypatch):
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode="r", *a, **kw):
+        f = real_open(path, mode, *a, **kw)
+        return FullDisk(f) if pathlib.Path(path).name.startswith("metrics.jsonl") and "r" not in mode else f
+
+    run = open_run(tmp_path / "run", preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0), quiet=True)
+    for module in (neurosim.files, neurosim.run_log):
+        monkeypatch.setattr(module, "open", opener, raising=False)
+    with pytest.raises(UserError, match=rf"{tmp_path / 'run' / 'metrics.jsonl'}: disk full"):
+        run.train()
+
 
 def plot(*args, capsys):
     with pytest.raises(SystemExit) as done:
