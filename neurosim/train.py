@@ -694,9 +694,56 @@ def _position_seed(seed: int, step: int) -> int:
 
 
 def _clear_uncommitted(run_dir: Path) -> None:
-    """Remove what a run that never committed a checkpoint left behind, before it starts again."""
-    for name in ("best.pt", "metrics.jsonl", "monitor.npz", "monitor.json"):
+    """Remove what a run that never committed a checkpoint left behind, before it starts again
+    (never ``best.pt``: a directory that has one is not started again, see ``_finished_work``)."""
+    for name in ("metrics.jsonl", "monitor.npz", "monitor.json"):
         (run_dir / name).unlink(missing_ok=True)
+
+
+def _recorded_epochs(run_dir: Path) -> int:
+    """The last epoch ``metrics.jsonl`` records as finished (0: none, or no file)."""
+    path = run_dir / "metrics.jsonl"
+    return max((r["epoch"] for r in metrics_records(path) if isinstance(r["epoch"], int)), default=0) \
+        if path.exists() else 0
+
+
+def _finished_work(run_dir: Path) -> bool:
+    """Whether a directory without ``last.pt`` holds epochs its run finished: a ``best.pt``, or
+    records of finished epochs. Such a directory is never started again from the beginning."""
+    if (run_dir / "best.pt").exists():
+        return True
+    try:
+        return _recorded_epochs(run_dir) > 0
+    except UserError:  # a damaged metrics file: what it held cannot be told, so it is kept
+        return True
+
+
+def _in_place_of_last(run_dir: Path, quiet: bool) -> dict:
+    """The checkpoint to continue a run from whose ``last.pt`` is gone but which finished epochs.
+
+    ``best.pt`` when it holds the latest epoch ``metrics.jsonl`` records (as after a kill
+    between the two files of the first commit): nothing finished is trained again. Otherwise a
+    ``UserError`` with the choices; nothing is deleted either way."""
+    best, last = run_dir / "best.pt", run_dir / "last.pt"
+    recorded = _recorded_epochs(run_dir)
+    again = f"start a new run from its configuration (--config {run_dir / 'config.json'} --out NEW_DIR)"
+    if not best.exists():
+        raise UserError(f"{run_dir} has no checkpoint (last.pt and best.pt are gone), but its metrics.jsonl records "
+                        f"{recorded} finished epoch{'s' if recorded != 1 else ''}; nothing was deleted. There is "
+                        f"nothing to continue from: to train it again, {again}")
+    try:
+        state = load_checkpoint(best)
+    except UserError as e:
+        raise UserError(f"{run_dir} has no last.pt, and {e} Nothing was deleted; to train it again, {again}") from None
+    if state["epoch"] >= recorded:
+        if not quiet:
+            print(f"note: {run_dir} has no last.pt; its best.pt holds the latest epoch it finished "
+                  f"({state['epoch']}): continuing from there", file=sys.stderr)
+        return state
+    raise UserError(f"{run_dir} has no last.pt (the checkpoint of its latest position); its best.pt (epoch "
+                    f"{state['epoch']}) is intact, but metrics.jsonl records epochs up to {recorded}, which would be "
+                    f"trained again. Nothing was deleted. To continue from epoch {state['epoch']}: cp {best} {last} "
+                    f"and resume; to keep the later epochs, put their last.pt back")
 
 
 def _write_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -719,7 +766,7 @@ def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
         except OSError as e:
             raise UserError(f"cannot create run directory {run_dir}: {describe_os_error(e)}") from None
         lock = DirectoryLock(run_dir)
-        if (run_dir / "last.pt").exists():
+        if (run_dir / "last.pt").exists() or _finished_work(run_dir):
             lock.release()
             raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
                             f"another --out")
@@ -761,11 +808,15 @@ def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict |
 
     def decide():
         nonlocal lock
-        if not (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
+        lost = not (run_dir / "last.pt").exists() and run_dir.is_dir()
+        if lost and (run_dir / "config.json").exists() and not _finished_work(run_dir):
             return "restart", _restart_config(run_dir, expect, overrides, quiet).to_dict(), None
         lock = DirectoryLock(run_dir) if run_dir.is_dir() else None
         try:
-            state = load_checkpoint(run_dir / "last.pt")
+            if lost and _finished_work(run_dir):
+                state = _in_place_of_last(run_dir, quiet)
+            else:
+                state = load_checkpoint(run_dir / "last.pt")
             cfg = _resumed_config(run_dir, RunConfig.from_dict(state["config"]), expect, overrides)
             if cfg.epochs < state["epoch"]:
                 raise UserError(f"{run_dir} has finished {state['epoch']} epochs; --epochs {cfg.epochs} would "

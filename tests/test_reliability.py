@@ -135,6 +135,7 @@ def uninterrupted(tmp_path_factory):
     "step:60",            # mid-epoch 2
     "writing_last:2",     # while epoch 2's checkpoint is being written
     "after_last_pt:1",    # right after epoch 1's checkpoint replaced the last one
+    "after_best_pt:1",    # epoch 1's best.pt written, its last.pt not yet: the run goes on from best.pt
     "after_best_pt:2",    # epoch 2's best.pt written, its last.pt not yet
     "after_metrics:2",    # epoch 2's metrics line written, its last.pt not yet
     "step_during_commit:50",  # epoch 2 under way while epoch 1's commit is still being written

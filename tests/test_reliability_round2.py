@@ -58,6 +58,50 @@ def trained(tmp_path_factory):
     return root / "run"
 
 
+# -- 1. a lost last.pt ---------------------------------------------------------------------------
+
+def test_a_lost_last_pt_continues_from_best_pt_when_it_holds_the_latest_epoch(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    os.replace(run / "last.pt", run / "best.pt")  # best.pt holds the last epoch; last.pt is gone
+    kept = ("best.pt", "metrics.jsonl", "monitor.npz", "monitor.json")
+    before = {name: (run / name).read_bytes() for name in kept}
+    resumed = resume_run(run, overrides={"epochs": 4})
+    assert "has no last.pt; its best.pt holds the latest epoch it finished (3): continuing" in capsys.readouterr().err
+    assert resumed.epoch == 3
+    assert {name: (run / name).read_bytes() for name in kept} == before  # nothing deleted or rewritten
+    resumed.train()
+    assert [r["epoch"] for r in records(run / "metrics.jsonl")] == [0, 1, 2, 3, 4]
+    assert records(run / "metrics.jsonl")[:4] == records(trained / "metrics.jsonl")
+
+
+def test_a_lost_last_pt_with_an_older_best_pt_is_refused_naming_the_choices(tmp_path):
+    cfg = preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0)
+    open_run(tmp_path / "run", cfg, quiet=True).train()
+    older = (tmp_path / "run" / "best.pt").read_bytes()  # epoch 1
+    resume_run(tmp_path / "run", overrides={"epochs": 3}, quiet=True).train()
+    (tmp_path / "run" / "best.pt").write_bytes(older)
+    (tmp_path / "run" / "last.pt").unlink()
+    with pytest.raises(UserError) as e:
+        resume_run(tmp_path / "run", quiet=True)
+    msg = str(e.value)
+    assert "has no last.pt" in msg and "best.pt (epoch 1) is intact" in msg and "records epochs up to 3" in msg
+    assert f"cp {tmp_path / 'run' / 'best.pt'} {tmp_path / 'run' / 'last.pt'}" in msg
+    with pytest.raises(UserError, match="already holds a run"):
+        open_run(tmp_path / "run", cfg, quiet=True)  # nor is it reused as --out
+    assert (tmp_path / "run" / "best.pt").read_bytes() == older
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_run_that_lost_both_checkpoints_is_not_started_again(trained, tmp_path):
+    run = copy_run(trained, tmp_path / "run")
+    (run / "last.pt").unlink()
+    (run / "best.pt").unlink()
+    with pytest.raises(UserError, match="has no checkpoint .* records 3 finished epochs; nothing was deleted"):
+        resume_run(run, quiet=True)
+    assert (run / "metrics.jsonl").read_text() == (trained / "metrics.jsonl").read_text()
+    assert (run / "monitor.npz").exists()
+
+
 # -- 2. the run directory moved or deleted while training ----------------------------------------
 
 
