@@ -72,7 +72,8 @@ def test_unknown_resnet_names_the_choices():
         build_resnet("resnet101", Backprop())
 
 
-@pytest.mark.parametrize("name", ["kp_resnet18", pytest.param("kp_resnet18_imagenet", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["kp_resnet18", "kp_resnet18_imagenet"])
 def test_kp_resnet18_cli_smoke(tmp_path, name):
     out = tmp_path / "run"
     r = cli(name, "--data", "synthetic", "--epochs", "1", "--width", "0.0625", "--synthetic-train", "64",
