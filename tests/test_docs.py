@@ -152,7 +152,8 @@ def _check_options(words: list[str], monkeypatch) -> None:
 
         request = parse_run_args(args)
         assert not isinstance(request, int), f"{shlex.join(words)} asks for help or gives nothing"
-        configure(request)
+        if not {"--resume", "--config"} & set(args):  # those read a run an earlier command made
+            configure(request)
     elif script.endswith("compare_rules.py"):
         from neurosim.config import RULE_NAMES
 
