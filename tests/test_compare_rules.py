@@ -46,8 +46,8 @@ def table(text: str, heading: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def same_angle(cell: str, value: float) -> bool:
-    if value != value:
+def same_angle(cell: str, value: float | None) -> bool:
+    if value is None or value != value:  # undefined (DFA): null in metrics.jsonl, NaN in older files
         return cell == "n/a"
     return cell != "n/a" and abs(float(cell) - value) <= 0.051
 
