@@ -1,7 +1,6 @@
 """Checkpoints written in the background: training is not held up, and nothing of the commit
 point's promises is lost (order, errors, a consistent state, the file format)."""
 
-import errno
 import hashlib
 import io
 import threading
@@ -13,6 +12,7 @@ import torch
 
 import neurosim.checkpoint
 import neurosim.files
+from tests.full_disk import FullDisk
 from neurosim.checkpoint import CheckpointWriter, load_checkpoint, state_digest
 from neurosim.config import preset
 from neurosim.errors import UserError
@@ -49,23 +49,6 @@ def gate(monkeypatch):
 def full_disk(monkeypatch, name="last.pt.tmp"):
     """Every later write of ``name`` runs out of space a third of the way in."""
     real_open = open
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 3])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, attr):
-            return getattr(self.f, attr)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
 
     def opener(path, mode="r", *a, **kw):
         f = real_open(path, mode, *a, **kw)

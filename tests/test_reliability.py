@@ -6,7 +6,6 @@ commit, while training goes on past a commit still being written), resumes it fr
 uninterrupted run's.
 """
 
-import errno
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import neurosim.files
+from tests.full_disk import FullDisk
 from neurosim.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.config import preset
 from neurosim.errors import UserError
@@ -201,23 +201,6 @@ def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_pa
     whole.train()
 
     real_open, writes = open, []
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 3])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
 
     def full_after_epoch_1(path, mode="r", *a, **kw):
         f = real_open(path, mode, *a, **kw)

@@ -22,6 +22,7 @@ import torch
 import neurosim.checkpoint
 import neurosim.files
 import neurosim.run_log
+from tests.full_disk import FullDisk
 from neurosim.checkpoint import load_checkpoint
 from neurosim.cli import main
 from neurosim.config import preset
@@ -297,25 +298,9 @@ def test_a_lock_that_could_not_be_taken_leaves_nothing_for_its_finaliser(tmp_pat
 def test_a_full_disk_under_the_metrics_file_names_it(tmp_path, monkeypatch):
     real_open = open
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     def opener(path, mode="r", *a, **kw):
         f = real_open(path, mode, *a, **kw)
-        return FullDisk(f) if pathlib.Path(path).name.startswith("metrics.jsonl") and "r" not in mode else f
+        return FullDisk(f, 0) if pathlib.Path(path).name.startswith("metrics.jsonl") and "r" not in mode else f
 
     run = open_run(tmp_path / "run", preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0), quiet=True)
     for module in (neurosim.files, neurosim.run_log):
