@@ -7,7 +7,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -19,24 +19,45 @@ MODELS = ("mlp", *RESNETS, *IMAGENET_RESNETS)
 
 
 def rule_names() -> tuple[str, ...]:
-    """Every registered rule, in registration order (the built-in ones first)."""
+    """Every registered rule, once each under its own name, in registration order (the built-in
+    ones first); aliases (``ss`` for ``usf``) are not among them (see ``rule_aliases``)."""
     return tuple(RULES)
 
 
-class _RuleNames(tuple):
-    """``RULE_NAMES``: the registered rules, read afresh so late-registered rules count."""
+def rule_aliases() -> dict[str, str]:
+    """Every alias and the rule it names, e.g. ``{"ss": "usf"}``."""
+    return RULES.aliases()
 
-    def __iter__(self):
-        return iter(rule_names())
+
+def rules_listed() -> str:
+    """The registered rules for a message: ``bp, fa, usf (alias ss), …``."""
+    return ", ".join(name + (f" (alias {', '.join(RULES.aliases(name))})" if RULES.aliases(name) else "")
+                     for name in rule_names())
+
+
+class _RuleNames(Sequence):
+    """``RULE_NAMES``: a read-only view of ``rule_names()``, read afresh on every use so that a
+    rule registered later counts. It compares equal to the tuple it shows. Membership is by the
+    rules' own names; ``name in RULES`` accepts aliases as well."""
+
+    def __getitem__(self, i):
+        return rule_names()[i]
 
     def __len__(self):
         return len(rule_names())
 
-    def __contains__(self, name):
-        return name in RULES
+    def __iter__(self):
+        return iter(rule_names())
 
-    def __getitem__(self, i):
-        return rule_names()[i]
+    def __contains__(self, name):
+        return name in rule_names()
+
+    def __eq__(self, other):
+        if isinstance(other, (Sequence, tuple, list)) and not isinstance(other, str):
+            return rule_names() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None
 
     def __repr__(self):
         return repr(rule_names())
@@ -329,11 +350,22 @@ def presets() -> dict[str, dict]:
     return out
 
 
+def preset_name(name: str) -> str:
+    """The preset ``name`` stands for: itself, or for a name that starts with a rule's alias
+    (``ss_mlp_digits``) the same preset under the rule's own name (``usf_mlp_digits``)."""
+    rule, sep, family = name.partition("_") if isinstance(name, str) else (None, "", None)
+    if sep and rule in RULES.aliases():
+        return f"{RULES.canonical(rule)}_{family}"
+    return name
+
+
 class _Presets(Mapping):
-    """``PRESETS``: the presets of the rules registered now (see ``presets()``)."""
+    """``PRESETS``: the presets of the rules registered now (see ``presets()``). Looking one up
+    accepts a rule's alias in its name (``PRESETS["ss_mlp_digits"]`` is ``usf_mlp_digits``'s
+    settings); going through them lists each rule's once, under its own name."""
 
     def __getitem__(self, name):
-        return presets()[name]
+        return presets()[preset_name(name)]
 
     def __iter__(self):
         return iter(presets())
@@ -350,7 +382,13 @@ def preset(name: str, **overrides) -> RunConfig:
 
     A preset fixes its rule and model (its name says which), so overriding either is refused, as
     is a setting its kind of circuit does not read (it would change nothing). The command line
-    also refuses settings of other rules (``check_rule_settings``)."""
+    also refuses settings of other rules (``check_rule_settings``).
+
+    A name that starts with a rule's alias is that rule's preset under the name asked for:
+    ``preset("ss_mlp_digits")`` has the settings of ``usf_mlp_digits`` and ``rule`` ``"usf"``, and
+    keeps ``preset`` ``"ss_mlp_digits"``, so the run is named (and its directory, and its resume
+    command) as it was asked for, as runs of that name always were. Configurations saved with
+    ``"rule": "ss"`` load as they are (``RULES`` finds ``ss``)."""
     if name not in PRESETS:
         raise UserError(unknown_preset(name))
     _check_overrides(name, overrides)
@@ -367,7 +405,7 @@ def unknown_preset(name: str) -> str:
     """One line saying that ``name`` is no preset: the closest presets, and how names are made."""
     close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}? " if close else ""
-    return (f"unknown preset {name!r}; {hint}A preset is <rule>_<model> with rule in {', '.join(RULE_NAMES)} and "
+    return (f"unknown preset {name!r}; {hint}A preset is <rule>_<model> with rule in {rules_listed()} and "
             f"model in {', '.join(MODEL_FAMILIES)}, e.g. kp_mlp_digits, wm_resnet18")
 
 # Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
@@ -399,8 +437,8 @@ def _check_overrides(name: str, overrides: dict) -> None:
     if changes("rule") or changes("model"):
         key = "rule" if changes("rule") else "model"
         want_rule, want_model = overrides.get("rule", rule), overrides.get("model", model)
-        if want_rule not in RULE_NAMES or want_model not in MODELS:
-            instead = (f"choose the preset <rule>_<model> (rule in {', '.join(RULE_NAMES)}, model in "
+        if want_rule not in RULES or want_model not in MODELS:
+            instead = (f"choose the preset <rule>_<model> (rule in {rules_listed()}, model in "
                        f"{', '.join(MODEL_FAMILIES)})")
         elif want_model == model:
             instead = f"use the preset {want_rule}_{family} instead"
@@ -554,6 +592,9 @@ def presets_markdown() -> str:
              "`<rule>_<model>`; each row lists the fields it sets away from the defaults below. Any field",
              "can be overridden on the command line as `--field-name value` (tuples as `60,120,160`); a",
              "rule's own settings are `--<rule>-<setting>` and apply to that rule's presets only.", ""]
+    for alias, rule in rule_aliases().items():
+        lines += [f"`{alias}` is another name of the rule `{rule}`: a preset `{alias}_<model>` has the settings",
+                  f"of `{rule}_<model>` below, and a run started as `{alias}_<model>` keeps that name.", ""]
     families = [("mlp_digits", "8×8 digits MLP (64-128-64-10, ReLU)"),
                 ("mlp_original", "the weight-mirror authors' NumPy MLP experiments"),
                 *[(m, f"CIFAR {m}, standard CIFAR-100 recipe") for m in RESNETS],
@@ -572,10 +613,12 @@ def presets_markdown() -> str:
     lines += ["## Rules and their own settings", "", "| rule | class | option | default |", "| --- | --- | --- | --- |"]
     for rule, cls in RULES.items():
         fields = attrs.fields(cls)
+        aliases = RULES.aliases(rule)
+        shown = f"`{rule}`" + (f" (alias {', '.join(f'`{a}`' for a in aliases)})" if aliases else "")
         if not fields:
-            lines.append(f"| `{rule}` | `{cls.__name__}` | — | |")
+            lines.append(f"| {shown} | `{cls.__name__}` | — | |")
         for f in fields:
-            lines.append(f"| `{rule}` | `{cls.__name__}` | `--{rule}-{f.name.replace('_', '-')}` | {_show(f.default)} |")
+            lines.append(f"| {shown} | `{cls.__name__}` | `--{rule}-{f.name.replace('_', '-')}` | {_show(f.default)} |")
     lines += ["", "## Defaults of every other field", "", "| field | default |", "| --- | --- |"]
     lines += [f"| `{k}` | {_show(v)} |" for k, v in defaults.items() if k != "preset" and not k.startswith("bp_")
               and k in {f.name for f in attrs.fields(RunConfig)}]

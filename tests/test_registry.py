@@ -4,6 +4,7 @@ import importlib.util
 import sys
 import textwrap
 
+import attrs
 import pytest
 import torch
 
@@ -111,3 +112,95 @@ def test_configurations_written_before_rule_params_still_load():
     assert cfg.rule_params == {"lr": 0.2, "sleep_before": 20, "sleep_batch_size": 256, "sigma": 1.0}
     assert cfg.make_rule().schedule.before == 20
     torch.testing.assert_close(torch.tensor(cfg.wm_lr), torch.tensor(0.2))
+
+
+# -- aliases: one rule, several names ------------------------------------------------------------
+
+def test_an_alias_finds_its_rule_and_every_listing_shows_the_rule_once():
+    from neurosim.config import rule_aliases, rule_names
+    from neurosim.rules import SignSymmetry, UniformSignConcordant
+
+    assert RULES["ss"] is RULES["usf"] is UniformSignConcordant and SignSymmetry is UniformSignConcordant
+    assert "ss" in RULES and RULES.canonical("ss") == "usf" and RULES.aliases("usf") == ("ss",)
+    assert rule_aliases() == {"ss": "usf"}
+    listed = list(RULES)
+    assert "ss" not in listed and len(set(map(RULES.__getitem__, listed))) == len(listed)  # no class twice
+    # RULE_NAMES is a view of the registry: equal to the tuple it shows, sliced and indexed alike
+    assert RULE_NAMES == rule_names() == tuple(listed) and len(RULE_NAMES) == len(listed)
+    assert RULE_NAMES[1:3] == rule_names()[1:3] and RULE_NAMES[-1] == listed[-1]
+    assert "ss" not in RULE_NAMES and "usf" in RULE_NAMES and RULE_NAMES.index("kp") == listed.index("kp")
+    # presets: each rule's once, and the alias's names still resolve
+    assert len(PRESETS) == 8 * len(RULE_NAMES) and not [p for p in PRESETS if p.startswith("ss_")]
+    for family in ("mlp_digits", "mlp_original", "resnet18", "resnet50_imagenet"):
+        assert f"ss_{family}" in PRESETS and PRESETS[f"ss_{family}"] == PRESETS[f"usf_{family}"]
+        cfg = preset(f"ss_{family}")
+        assert cfg.preset == f"ss_{family}" and cfg.rule == "usf"  # the run keeps the name it was asked by
+        assert attrs.evolve(cfg, preset=f"usf_{family}") == preset(f"usf_{family}")
+        assert isinstance(cfg.make_rule(), UniformSignConcordant)
+    assert preset("ss_mlp_digits", epochs=3).epochs == 3
+    # help and docs/presets.md: one row per rule, the alias named beside it
+    doc = presets_markdown()
+    assert "`ss_mlp_digits`" not in doc and "| `usf` (alias `ss`) | `UniformSignConcordant` |" in doc
+    assert "`ss` is another name of the rule `usf`" in doc
+    assert "ss_mlp_digits" not in run_usage() and "usf_mlp_digits" in run_usage()
+    with pytest.raises(UserError, match=r"usf \(alias ss\)"):
+        preset("sss_mlp_digits")
+
+
+def test_registering_with_aliases_and_refusing_taken_names():
+
+    from neurosim.rules import PlasticityRule
+
+    def rule_class(name, qualname="Aliased"):
+        return attrs.frozen(type(qualname, (PlasticityRule,), {"__annotations__": {}, "name": name,
+                                                                "__module__": __name__}))
+
+    cls = register_rule(aliases=("older", "oldest"))(rule_class("aliased"))
+    try:
+        assert RULES["older"] is RULES["oldest"] is RULES["aliased"] is cls
+        assert RULES.aliases("oldest") == ("older", "oldest") and "older" not in list(RULES)
+        register_rule(cls, aliases=("older",))  # the same class again (a module reloaded): its aliases now
+        assert "oldest" not in RULES and RULES["older"] is cls
+        for name, aliases, why in (("other", ("kp",), "is taken by"), ("other", ("ss",), "alias of the rule 'usf'"),
+                                   ("ss", (), "alias of the rule 'usf'"), ("other", ("Old_Name",), "an alias is"),
+                                   ("other", ("other",), "an alias is")):
+            with pytest.raises(ValueError, match=why):
+                register_rule(rule_class(name, "Other"), aliases=aliases)
+        assert "other" not in RULES and RULES["ss"].__name__ == "UniformSignConcordant"
+        with pytest.raises(KeyError):
+            RULES["older"] = cls  # an alias is not a rule's own name
+    finally:
+        RULES.pop("aliased", None)
+    assert "older" not in RULES and "aliased" not in RULES
+
+
+def test_a_run_saved_under_the_old_rule_name_still_loads_and_resumes(tmp_path):
+    """Runs of ss_* presets written before ss became an alias hold ``"rule": "ss"`` in config.json
+    and in their checkpoint; they resume as they are, under their own preset name."""
+    import json
+
+    from neurosim.checkpoint import load_checkpoint, save_checkpoint
+    from neurosim.cli import run_circuit
+    from neurosim.config import RunConfig, from_saved
+    from neurosim.rules import UniformSignConcordant
+
+    run = tmp_path / "ss_run"
+    small = ["--hidden", "16", "--monitor-every", "0", "--device", "cpu", "--quiet"]
+    assert run_circuit(["ss_mlp_digits", "--epochs", "1", *small, "--out", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["preset"] == "ss_mlp_digits" and saved["rule"] == "usf"
+    # the layout of a run written before: the rule under its old name, in both places
+    saved["rule"] = "ss"
+    (run / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+    state = load_checkpoint(run / "last.pt")
+    state.pop("digest", None)
+    state["config"]["rule"] = "ss"
+    save_checkpoint(state, run / "last.pt")
+
+    old = RunConfig.from_dict(saved)
+    assert old.rule == "ss" and isinstance(old.make_rule(), UniformSignConcordant)
+    assert from_saved(old, {"seed": 1}).rule == "ss"
+    assert run_circuit(["ss_mlp_digits", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    assert run_circuit(["--resume", str(run), "--epochs", "3", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["rule"] == "ss"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3

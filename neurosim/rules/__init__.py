@@ -1,7 +1,9 @@
 """The plasticity rules, one small module each, all written against ``LocalSignals``.
 
 Every module of this package is imported here, and each rule in it registers itself with
-``@register_rule``: adding a rule is adding its file. ``RULES`` maps names to rule classes.
+``@register_rule``: adding a rule is adding its file. ``RULES`` maps names to rule classes; a
+rule may answer to aliases as well (``ss`` is ``usf``), which lookups accept and listings leave
+out (``neurosim.rules.registry``).
 
 A rule module imports torch inside the methods that compute, not at its top: the registry is
 what the command line reads to build its options, presets and ``--help``, and that should answer
@@ -14,12 +16,12 @@ import pkgutil
 from neurosim.rules.base import RULES, LocalSignals, PlasticityRule, register_rule
 from neurosim.rules.backprop import Backprop
 from neurosim.rules.feedback_alignment import FeedbackAlignment
-from neurosim.rules.sign_symmetry import SignSymmetry
+from neurosim.rules.sign_concordant import SignSymmetry, UniformSignConcordant
 from neurosim.rules.weight_mirror import SleepSchedule, WeightMirror
 from neurosim.rules.kolen_pollack import KolenPollack
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Backprop", "FeedbackAlignment", "SignSymmetry", "KolenPollack", "WeightMirror",
+__all__ = ["Backprop", "FeedbackAlignment", "SignSymmetry", "UniformSignConcordant", "KolenPollack", "WeightMirror",
            "SleepSchedule", "LocalSignals", "PlasticityRule", "RULES", "register_rule"]

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
+from neurosim.rules.registry import RULES, register_rule  # noqa: F401  (rule files import them from here)
+
 if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
     import torch
 
@@ -35,38 +37,6 @@ class LocalSignals:
         if self.formed is not None:
             return self.formed
         return self.kind.ref_product(self.post, self.pre)
-
-
-RULES: dict[str, type] = {}
-
-
-def register_rule(cls: type) -> type:
-    """Class decorator that makes a rule known by its ``name`` everywhere: configuration fields
-    and command-line options (``--<name>-<field>`` for each attrs field), presets
-    ``<name>_<model>``, help, docs and the rule-generic tests.
-
-    A rule file declares itself once::
-
-        @register_rule
-        @attrs.frozen
-        class MyRule(PlasticityRule):
-            name: ClassVar[str] = "my"
-            gain: float = attrs.field(default=1.0, validator=attrs.validators.gt(0),
-                                      metadata={"help": "what the gain multiplies", "unit": None})
-
-    A field's ``metadata`` ``help`` is its line in ``--help`` and ``unit`` its unit, if it has one.
-    """
-    name = cls.__dict__.get("name")
-    if not isinstance(name, str) or not name.isidentifier() or "_" in name or not name.islower():
-        raise ValueError(f"rule {cls.__name__} needs a class attribute name: a short lower-case word "
-                         f"without '_' (it starts preset names such as <name>_mlp_digits), not {name!r}")
-    if not attrs.has(cls):
-        raise TypeError(f"rule {cls.__name__} must be an attrs class (decorate it with @attrs.frozen first)")
-    known = RULES.get(name)
-    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"rule name {name!r} is taken by {known.__module__}.{known.__qualname__}")
-    RULES[name] = cls
-    return cls
 
 
 @attrs.frozen

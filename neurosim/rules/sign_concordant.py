@@ -28,15 +28,16 @@ if TYPE_CHECKING:  # rule modules load torch only where they compute (see neuros
 from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
 
-@register_rule
+@register_rule(aliases=("ss",))
 @attrs.frozen
 class UniformSignConcordant(PlasticityRule):
     """uSF: ``B = sign(W)·s``, formed from the current ``W`` whenever an error is sent back.
 
     ``s`` is one constant per synapse fixed at construction: the root-mean-square of the initial
     ``W``, so ``‖B‖ = ‖W₀‖``. The synapse's feedback state is that 0-d scale; it never changes.
-    This is the rule the project has called sign symmetry: ``SignSymmetry`` (name ``ss``) is this
-    rule under its older name, and ``ss`` is an alias of ``usf``.
+    This is the rule the project has called sign symmetry (Liao et al. 2016; Xiao et al. 2018):
+    ``ss`` is an alias of ``usf`` (presets ``ss_*``, ``--rules ss``, configurations saved with
+    ``"rule": "ss"``) and ``SignSymmetry`` another name of this class.
 
     The scale. BioTorch multiplies ``sign(W)`` by its initialiser's standard deviation:
     ``√(2/(fan_in+fan_out))`` for its Xavier init (``1/√(3·fan_in)`` for PyTorch's default), or
@@ -59,6 +60,10 @@ class UniformSignConcordant(PlasticityRule):
 
     def feedback_matrix(self, w, feedback):
         return w.sign().mul_(feedback)
+
+
+# Sign symmetry's older class name: the same rule, not a subclass (``SignSymmetry() == UniformSignConcordant()``).
+SignSymmetry = UniformSignConcordant
 
 
 @attrs.frozen
