@@ -50,9 +50,10 @@ TAIL_LINES = 12  # lines of a run's output kept in study.json
 
 
 def usage() -> str:
-    from neurosim.config import MODEL_FAMILIES, RULE_NAMES
+    from neurosim.config import MODEL_FAMILIES, RULE_NAMES, rule_aliases
 
     rules = ",".join(_in_order(RULE_NAMES))
+    aliases = ", ".join(f"{a} is {r}" for a, r in rule_aliases().items())
     return "\n".join([
         "usage: compare_rules.py MODEL [--rules RULE,RULE,...] [--out STUDY_DIR] [--quiet] [--in-process]",
         "                        [--field-name VALUE ...]",
@@ -68,6 +69,7 @@ def usage() -> str:
         "",
         "  --rules LIST        the rules to train, comma-separated (default: every registered rule,",
         f"                      {rules})",
+        *([f"                      an alias names its rule, which trains once ({aliases})"] if aliases else []),
         "  --out STUDY_DIR     the study directory (default studies/MODEL-YYYYmmdd-HHMMSS); the same command",
         "                      again continues the study there",
         "  --resume STUDY_DIR  continue a study; MODEL and the options are read from its study.json (options",
@@ -160,36 +162,74 @@ def parse_request(argv: list[str]) -> Request:
 
 
 def parse_rules(text: str) -> tuple[str, ...]:
-    """``"bp,fa,kp"`` → the rules named, each once, in the order given (checked to be registered)."""
-    from neurosim.config import RULE_NAMES
+    """``"bp,fa,kp"`` → the rules named, each name once, in the order given (checked to be
+    registered; an alias counts as registered). Two names of one rule (``ss,usf``) both stay here:
+    ``one_name_per_rule`` picks the one a study trains."""
+    from neurosim.config import rules_listed
+    from neurosim.rules import RULES
 
     names = [r.strip() for r in text.split(",") if r.strip()]
     if not names:
-        raise UserError(f"--rules names no rule; e.g. --rules bp,fa,kp (registered: {', '.join(RULE_NAMES)})")
-    unknown = [r for r in names if r not in RULE_NAMES]
+        raise UserError(f"--rules names no rule; e.g. --rules bp,fa,kp (registered: {rules_listed()})")
+    unknown = [r for r in names if r not in RULES]
     if unknown:
         raise UserError(f"unknown rule{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in --rules; "
-                        f"registered rules: {', '.join(RULE_NAMES)}")
+                        f"registered rules: {rules_listed()}")
     return tuple(dict.fromkeys(names))
 
 
+def _rule_of(name: str) -> str:
+    """The registered rule ``name`` means (itself, or the rule it is an alias of)."""
+    from neurosim.rules import RULES
+
+    return RULES.canonical(name) if name in RULES else name
+
+
+def one_name_per_rule(names, held=()) -> tuple[tuple[str, ...], list[str]]:
+    """``names`` with every rule once: two names of one rule (an alias and the rule's own name,
+    ``ss`` and ``usf``) would train the same run twice. The name kept is the one the study already
+    holds that rule under (``held``: its runs are in ``STUDY/<name>/``), else the first given.
+    Returns the names and a note for each one left out."""
+    chosen: dict[str, str] = {}
+    for name in held:
+        chosen.setdefault(_rule_of(name), name)
+    out, notes = [], []
+    for name in names:
+        rule = _rule_of(name)
+        keep = chosen.setdefault(rule, name)
+        if keep in out:
+            if keep != name:
+                notes.append(f"{keep} and {name} name one rule ({rule}): the study trains it once, as {keep}")
+            continue
+        if keep != name:
+            notes.append(f"this study holds the rule {rule} as {keep}: {name} trains there, as {keep}")
+        out.append(keep)
+    return tuple(out), notes
+
+
 def _in_order(rules) -> list[str]:
-    """Rules in registry order, bp first (the reference the others are measured against)."""
+    """Rules in registry order, bp first (the reference the others are measured against); an
+    alias sorts with its rule."""
     from neurosim.config import RULE_NAMES
 
     registered = list(RULE_NAMES)
     rules = list(dict.fromkeys(rules))
-    return sorted(rules, key=lambda r: (r != "bp", registered.index(r) if r in registered else len(registered),
-                                        rules.index(r)))
+
+    def position(r):
+        r = _rule_of(r)
+        return registered.index(r) if r in registered else len(registered)
+
+    return sorted(rules, key=lambda r: (_rule_of(r) != "bp", position(r), rules.index(r)))
 
 
 def check_model(model: str) -> None:
-    from neurosim.config import MODEL_FAMILIES, RULE_NAMES
+    from neurosim.config import MODEL_FAMILIES
+    from neurosim.rules import RULES
 
     if model in MODEL_FAMILIES:
         return
     rule, _, family = model.partition("_")
-    if rule in RULE_NAMES and family in MODEL_FAMILIES:
+    if rule in RULES and family in MODEL_FAMILIES:
         raise UserError(f"{model} is a preset; a study's MODEL is a model family, here {family} (add --rules {rule} "
                         f"to train {rule} alone)")
     raise UserError(f"unknown model {model!r}; MODEL is one of {', '.join(MODEL_FAMILIES)}")
@@ -210,7 +250,7 @@ def _rule_options(rule: str, options: dict) -> dict:
     from neurosim.config import rule_settings
 
     own = rule_settings()
-    return {k: v for k, v in options.items() if k not in own or own[k][0] == rule}
+    return {k: v for k, v in options.items() if k not in own or own[k][0] == _rule_of(rule)}
 
 
 @attrs.frozen
@@ -228,14 +268,15 @@ def plan_study(model: str, rules, options: dict) -> Plan:
     """Check the options for every rule of the study (``preset`` validates each configuration) and
     the device and data they name, before anything is created or trained."""
     from neurosim.cli import check_device
-    from neurosim.config import RULE_NAMES, preset, rule_settings
+    from neurosim.config import preset, rule_settings, rules_listed
+    from neurosim.rules import RULES
 
     check_model(model)
     rules = tuple(_in_order(rules))
-    gone = [r for r in rules if r not in RULE_NAMES]
+    gone = [r for r in rules if r not in RULES]
     if gone:
         raise UserError(f"the study holds runs of {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} not a "
-                        f"registered rule now (registered: {', '.join(RULE_NAMES)})")
+                        f"registered rule now (registered: {rules_listed()})")
     typed = _typed(options)
     for key in ("rule", "model"):
         if key in typed:
@@ -243,7 +284,7 @@ def plan_study(model: str, rules, options: dict) -> Plan:
                             f"--rules (here {','.join(rules)}); choose them with MODEL and --rules")
     own = rule_settings()
     for key in typed:
-        if key in own and own[key][0] not in rules:
+        if key in own and own[key][0] not in {_rule_of(r) for r in rules}:
             owner = own[key][0]
             raise UserError(f"{_flag(key)} applies to the {owner} rule only, which this study does not train "
                             f"(rules {','.join(rules)}); add {owner} to --rules or leave the option out")
@@ -283,7 +324,7 @@ def effective_settings(model: str, rules, options: dict) -> dict:
     for key, value in _typed(options).items():
         if key in MACHINE_SETTINGS:
             continue
-        applies = [r for r in rules if key not in own or own[key][0] == r]
+        applies = [r for r in rules if key not in own or own[key][0] == _rule_of(r)]
         if any(_jsonable(bases[r].get(key)) != _jsonable(value) for r in applies):
             out[key] = _jsonable(value)
     return out
@@ -307,7 +348,8 @@ def _check_same_study(study_dir: Path, stored: dict, plan: Plan) -> None:
     from neurosim.config import rule_settings
 
     own = rule_settings()
-    begun = {r for r in plan.rules if (stored["runs"].get(r) or {}).get("attempts") or (study_dir / r).exists()}
+    begun = {_rule_of(r) for r in plan.rules
+             if (stored["runs"].get(r) or {}).get("attempts") or (study_dir / r).exists()}
 
     def counted(options):
         settings = effective_settings(plan.model, plan.rules, options)
@@ -633,6 +675,9 @@ def compare_rules(argv: list[str]) -> int:
         train = tuple(stored["rules"])
     else:
         train = tuple(_in_order(RULE_NAMES))
+    train, notes = one_name_per_rule(train, held=stored["rules"] if stored else ())
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     plan = plan_study(model, [*(stored["rules"] if stored else []), *train], options)
     if stored is not None:
         _check_same_study(study_dir, stored, plan)

@@ -295,3 +295,25 @@ def test_recent_mean_averages_the_last_three_trained_epochs():
         "test_acc") == pytest.approx(15.0)
     assert RuleResult(rule="kp", state="pending", epochs=4, records=records[:1], wall_s=None).recent_mean(
         "test_acc") is None
+
+
+def test_two_names_of_one_rule_train_one_run(tmp_path, capsys):
+    """``ss`` is an alias of ``usf``: a study given both trains the rule once, under the first name
+    (a study holding it already keeps the name it holds); the default study names it once."""
+    from neurosim.study import one_name_per_rule
+
+    assert one_name_per_rule(RULE_NAMES) == (tuple(RULE_NAMES), []) and "ss" not in every_rule()
+    out = tmp_path / "study"
+    assert compare_rules(["mlp_digits", *TINY, "--rules", "bp,ss,usf", "--out", str(out), "--quiet",
+                          "--in-process"]) == 0
+    assert "note: ss and usf name one rule (usf): the study trains it once, as ss" in capsys.readouterr().err
+    state = json.loads((out / "study.json").read_text())
+    assert state["rules"] == ["bp", "ss"] and set(state["runs"]) == {"bp", "ss"} and not (out / "usf").exists()
+    saved = json.loads((out / "ss" / "config.json").read_text())
+    assert saved["preset"] == "ss_mlp_digits" and saved["rule"] == "usf"
+    kept = files_and_mtimes(out / "ss")
+    assert compare_rules(["mlp_digits", *TINY, "--rules", "usf", "--out", str(out), "--quiet", "--in-process"]) == 0
+    err = capsys.readouterr().err
+    assert "note: this study holds the rule usf as ss: usf trains there, as ss" in err
+    assert not (out / "usf").exists() and files_and_mtimes(out / "ss") == kept  # done earlier: not trained again
+    assert set(table((out / "report.md").read_text(), "Results")) == {"bp", "ss"}
