@@ -1,14 +1,19 @@
 """The monitor's files: ``monitor.npz`` (the arrays) and ``monitor.json`` (their index), written
 atomically through ``neurosim.files.write_atomic``, and read back as a ``MonitorRecord``.
 
-What the arrays hold is described in ``neurosim.monitors`` and docs/monitors.md; this module
-knows only their names, units, shapes and how they fit together.
+Every array is declared once, in ``QUANTITIES``: its name, axes, unit, what it is, which figure
+draws it, and whether every file has it. The monitor's column layout (``SCALARS``, ``SLEEP``),
+``monitor.json``'s description of each array, the loader's checks and the table of
+docs/monitors.md (``python -m neurosim.monitor_files docs/monitors.md`` rewrites it) all come
+from there. An array declared ``required=False`` may be missing from a file (one written before
+it existed, or by a run that does not record it): it then loads as ``None``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import attrs
@@ -19,35 +24,111 @@ from neurosim.files import write_atomic
 
 FORMAT = 1
 
-SCALARS = ("angle", "norm_ratio", "delta_angle", "grad_angle")
-SLEEP = ("sleep_angle_before", "sleep_angle_after", "sleep_norm_ratio_before", "sleep_norm_ratio_after")
 
-# name: (unit, meaning) — written into monitor.json beside each array's shape.
-ARRAYS = {
-    "steps": ("steps", "engaged optimizer steps completed when the row was recorded (0: before training)"),
-    "angle": ("degrees", "angle between W and the feedback matrix Bᵀ (flattened)"),
-    "norm_ratio": ("ratio", "‖Bᵀ‖ / ‖W‖"),
-    "delta_angle": ("degrees", "angle between the error reaching the synapse's output and backprop's error, "
-                               "on the probe batch (NaN: no probe)"),
-    "grad_angle": ("degrees", "angle between the rule's ΔW and the true gradient, on the probe batch "
-                              "(NaN: no probe)"),
-    "sleep_angle_before": ("degrees", "W–Bᵀ angle just before the sleep that follows the step (NaN: no sleep)"),
-    "sleep_angle_after": ("degrees", "W–Bᵀ angle just after that sleep"),
-    "sleep_norm_ratio_before": ("ratio", "‖Bᵀ‖/‖W‖ just before that sleep"),
-    "sleep_norm_ratio_after": ("ratio", "‖Bᵀ‖/‖W‖ just after that sleep"),
-    "traces_w": ("weight", "W.flatten()[trace_index] (NaN where trace_index is -1)"),
-    "traces_b": ("weight", "Bᵀ.flatten()[trace_index]: the feedback weight B_ij paired with W_ji"),
-    "trace_index": ("index", "flat position in W of each traced pair; -1 pads"),
-    "scatter_steps": ("steps", "engaged steps at which scatter snapshots were taken"),
-    "scatter_w": ("weight", "W.flatten()[scatter_index] at each snapshot"),
-    "scatter_b": ("weight", "Bᵀ.flatten()[scatter_index] at each snapshot"),
-    "scatter_index": ("index", "flat position in W of each scatter pair; -1 pads"),
+@attrs.frozen
+class Quantity:
+    """One array of ``monitor.npz``.
+
+    ``axes`` name its dimensions (see ``AXES``); ``unit`` and ``meaning`` are also written into
+    ``monitor.json``; ``plot`` says which figure draws it (None: none, it is in the files only);
+    ``required``: every monitor file has it (False: files may lack it, and it then loads as
+    ``None``); ``group``: arrays written together or not at all (the sleep columns)."""
+
+    name: str
+    axes: tuple[str, ...]
+    unit: str
+    meaning: str
+    plot: str | None = None
+    required: bool = True
+    group: str | None = None
+
+
+# The axes of the arrays, and the array whose shape gives each one's length (synapse: the
+# synapses named in monitor.json).
+AXES = {
+    "record": ("steps", 0, "one row per record: step 0, then every `every`-th engaged step"),
+    "synapse": (None, None, "the monitored synapses, in the order monitor.json names them"),
+    "trace": ("trace_index", 1, "the traced (W, B) pairs of each synapse"),
+    "snapshot": ("scatter_steps", 0, "the scatter snapshots, evenly spaced over the run"),
+    "scatter": ("scatter_index", 1, "the sampled (W, B) pairs of each synapse in a snapshot"),
 }
+
+_NO_PROBE = "NaN without a probe batch (probe 0)"
+_SLEEP = ("written only by circuits whose rule sleeps (WM); NaN in rows without a sleep and for "
+          "synapses that do not sleep")
+
+QUANTITIES = (
+    Quantity("steps", ("record",), "steps",
+             "engaged optimizer steps completed when the row was recorded (0: before training)",
+             "the x axis of every by-step figure"),
+    Quantity("angle", ("record", "synapse"), "degrees",
+             "angle between W and the feedback matrix Bᵀ (in W's layout), both flattened: 0° means the feedback "
+             "path carries exactly the direction backprop would; FA stays near 90°, KP and WM fall. NaN where the "
+             "rule sends nothing back (DFA)",
+             "angle_w_bt_by_step.png"),
+    Quantity("norm_ratio", ("record", "synapse"), "ratio",
+             "‖Bᵀ‖ / ‖W‖: whether feedback keeps the scale of the forward weights (NaN where nothing goes back)",
+             "norm_ratio_by_step.png"),
+    Quantity("delta_angle", ("record", "synapse"), "degrees",
+             "the paper's delta angle: on a fixed probe batch, the angle between the error the circuit delivers "
+             "to the synapse's postsynaptic neurons (the gradient with respect to its output) and the error "
+             "backprop would deliver; always 0° for the synapse into the output population, whose error comes "
+             f"from the loss. {_NO_PROBE}",
+             "delta_angle_by_step.png (top); a study's report.md and figures/delta_angle.png"),
+    Quantity("grad_angle", ("record", "synapse"), "degrees",
+             f"on the same probe batch, the angle between the rule's update ΔW and the true gradient of the loss "
+             f"with respect to W. {_NO_PROBE}",
+             "delta_angle_by_step.png (bottom); a study's report.md"),
+    Quantity("sleep_angle_before", ("record", "synapse"), "degrees",
+             f"W–Bᵀ angle just before the sleep (mirror) batches that follow the recorded step; {_SLEEP}",
+             "sleep_effect.png", required=False, group="sleep"),
+    Quantity("sleep_angle_after", ("record", "synapse"), "degrees",
+             "W–Bᵀ angle just after that sleep", "sleep_effect.png", required=False, group="sleep"),
+    Quantity("sleep_norm_ratio_before", ("record", "synapse"), "ratio",
+             "‖Bᵀ‖/‖W‖ just before that sleep", None, required=False, group="sleep"),
+    Quantity("sleep_norm_ratio_after", ("record", "synapse"), "ratio",
+             "‖Bᵀ‖/‖W‖ just after that sleep", None, required=False, group="sleep"),
+    Quantity("traces_w", ("record", "synapse", "trace"), "weight",
+             "W.flatten()[i] at the traced positions i (trace_index: fixed, seeded, random); NaN where "
+             "trace_index is -1",
+             "synapse_traces.png"),
+    Quantity("traces_b", ("record", "synapse", "trace"), "weight",
+             "Bᵀ.flatten()[i] at the same positions: the feedback weight B_ij paired with W_ji, which KP and WM "
+             "should bring together",
+             "synapse_traces.png"),
+    Quantity("trace_index", ("synapse", "trace"), "index",
+             "flat position in W of each traced pair; -1 pads a synapse with fewer weights",
+             "synapse_traces.png (the labels)"),
+    Quantity("scatter_steps", ("snapshot",), "steps",
+             "engaged steps at which the scatter snapshots were taken (evenly spaced, the first at step 0)",
+             "w_vs_bt_scatter.png"),
+    Quantity("scatter_w", ("snapshot", "synapse", "scatter"), "weight",
+             "W.flatten()[scatter_index] at each snapshot", "w_vs_bt_scatter.png"),
+    Quantity("scatter_b", ("snapshot", "synapse", "scatter"), "weight",
+             "Bᵀ.flatten()[scatter_index] at each snapshot: the pairs (W_ji, Bᵀ_ji) of the scatter plot",
+             "w_vs_bt_scatter.png"),
+    Quantity("scatter_index", ("synapse", "scatter"), "index",
+             "flat position in W of each scatter pair; -1 pads", "w_vs_bt_scatter.png"),
+)
+
+
+def declared() -> dict[str, Quantity]:
+    """``QUANTITIES`` by name (read afresh: the reader and writer follow the table as it is)."""
+    return {q.name: q for q in QUANTITIES}
+
+
+# name: (unit, meaning), as monitor.json writes them beside each array's shape.
+ARRAYS = {q.name: (q.unit, q.meaning) for q in QUANTITIES}
+# The per-record, per-synapse values a monitor row holds, in its column order: SCALARS in every
+# row, SLEEP where the circuit sleeps.
+SCALARS = tuple(q.name for q in QUANTITIES if q.axes == ("record", "synapse") and q.group is None)
+SLEEP = tuple(q.name for q in QUANTITIES if q.group == "sleep")
 
 
 def monitor_index(arrays: dict[str, np.ndarray], *, synapses, weight_shapes: dict, rules: dict,
                   total_steps: int, config: dict, probe_size: int, trace_index: dict) -> dict:
     """The contents of ``monitor.json``: what every array and column is."""
+    known = declared()
     return {
         "format": FORMAT,
         "synapses": list(synapses),
@@ -56,7 +137,7 @@ def monitor_index(arrays: dict[str, np.ndarray], *, synapses, weight_shapes: dic
         "total_steps": total_steps,
         "config": config,
         "probe_size": probe_size,
-        "arrays": {name: {"shape": list(a.shape), "unit": ARRAYS[name][0], "meaning": ARRAYS[name][1]}
+        "arrays": {name: {"shape": list(a.shape), "unit": known[name].unit, "meaning": known[name].meaning}
                    for name, a in arrays.items()},
         "trace_index": trace_index,
     }
@@ -81,32 +162,27 @@ def write_monitor(run_dir, arrays: dict[str, np.ndarray], index: dict, create: b
 class MonitorRecord:
     """A run's monitor files, loaded: arrays indexed ``[record, synapse, …]`` and the names.
 
-    ``synapses[i]`` names column ``i`` of every per-synapse array. Arrays a run did not record
-    (the sleep columns of a rule that does not sleep) are ``None``.
+    ``synapses[i]`` names column ``i`` of every per-synapse array. Each array of ``QUANTITIES``
+    reads as an attribute (``rec.angle``, ``rec.traces_w``); one the file does not hold (the
+    sleep columns of a rule that does not sleep, an optional array newer than the file) is
+    ``None``. ``arrays`` holds them all by name.
     """
 
     synapses: tuple[str, ...]
-    steps: np.ndarray
-    angle: np.ndarray
-    norm_ratio: np.ndarray
-    delta_angle: np.ndarray
-    grad_angle: np.ndarray
-    traces_w: np.ndarray
-    traces_b: np.ndarray
-    trace_index: np.ndarray
-    scatter_steps: np.ndarray
-    scatter_w: np.ndarray
-    scatter_b: np.ndarray
-    scatter_index: np.ndarray
-    sleep_angle_before: np.ndarray | None
-    sleep_angle_after: np.ndarray | None
-    sleep_norm_ratio_before: np.ndarray | None
-    sleep_norm_ratio_after: np.ndarray | None
+    arrays: dict
     weight_shapes: dict
     rules: dict
     total_steps: int
     config: dict
     units: dict
+
+    def __getattr__(self, name):
+        if not name.startswith("__") and name in declared():
+            return self.arrays.get(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __dir__(self):
+        return [*super().__dir__(), *declared()]
 
     def column(self, synapse: str) -> int:
         """Where ``synapse``'s values sit along the synapse axis."""
@@ -182,15 +258,15 @@ def load_monitor(run_dir) -> MonitorRecord:
     if problem:
         raise UserError(f"{npz} and {index} are damaged or incomplete: {problem}; "
                         f"{_MONITOR_FIX.format(run_dir=run_dir)}")
-    fields = {f.name for f in attrs.fields(MonitorRecord)}
-    units = {k: v.get("unit", ARRAYS[k][0]) if isinstance(v, dict) else ARRAYS[k][0]
-             for k, v in meta["arrays"].items() if k in ARRAYS}
+    known = declared()
+    units = {k: v.get("unit", known[k].unit) if isinstance(v, dict) else known[k].unit
+             for k, v in meta["arrays"].items() if k in known}
     return MonitorRecord(
         synapses=tuple(meta["synapses"]),
+        arrays={k: arrays[k] for k in known if k in arrays},
         weight_shapes={k: tuple(v) for k, v in meta["weight_shapes"].items()},
         rules=dict(meta["rules"]), total_steps=int(meta["total_steps"]), config=dict(meta["config"]),
         units=units,
-        **{k: arrays.get(k) for k in fields if k in ARRAYS},
     )
 
 
@@ -219,21 +295,68 @@ def _record_problem(meta: dict, arrays: dict) -> str | None:
     names = meta["synapses"]
     if not names or not all(isinstance(n, str) and n in meta["weight_shapes"] for n in names):
         return "monitor.json's synapses and weight shapes do not match"
-    missing = [k for k in ARRAYS if k not in SLEEP and k not in arrays]
+    missing = [q.name for q in QUANTITIES if q.required and q.name not in arrays]
     if missing:
         return f"monitor.npz lacks the arrays {', '.join(missing)}"
-    sleep = [k for k in SLEEP if k in arrays]
-    if sleep and len(sleep) != len(SLEEP):
-        return f"monitor.npz has only some sleep arrays ({', '.join(sleep)})"
-    r, s = arrays["steps"].shape[0] if arrays["steps"].ndim == 1 else -1, len(names)
-    k = arrays["trace_index"].shape[1] if arrays["trace_index"].ndim == 2 else -1
-    p = arrays["scatter_steps"].shape[0] if arrays["scatter_steps"].ndim == 1 else -1
-    n = arrays["scatter_index"].shape[1] if arrays["scatter_index"].ndim == 2 else -1
-    expected = {"steps": (r,), "trace_index": (s, k), "scatter_steps": (p,), "scatter_index": (s, n),
-                "traces_w": (r, s, k), "traces_b": (r, s, k), "scatter_w": (p, s, n), "scatter_b": (p, s, n),
-                **{name: (r, s) for name in SCALARS + tuple(sleep)}}
-    for name, shape in expected.items():
+    for group in dict.fromkeys(q.group for q in QUANTITIES if q.group):
+        members = [q.name for q in QUANTITIES if q.group == group]
+        present = [k for k in members if k in arrays]
+        if present and len(present) != len(members):
+            return f"monitor.npz has only some {group} arrays ({', '.join(present)})"
+    known = declared()
+    sizes = {"synapse": len(names)}
+    for axis, (source, position, _) in AXES.items():
+        if source is not None:
+            a = arrays[source]
+            sizes[axis] = a.shape[position] if a.ndim == len(known[source].axes) else -1
+    s = sizes["synapse"]
+    # The arrays that give the axes their lengths first, so a mismatch names the array that is off.
+    order = [src for src, _, _ in AXES.values() if src] + [q.name for q in QUANTITIES]
+    for name in dict.fromkeys(order):
+        if name not in arrays:
+            continue
+        shape = tuple(sizes[axis] for axis in known[name].axes)
         if -1 in shape or arrays[name].shape != shape:
             return (f"array {name} has shape {arrays[name].shape} where {shape} fits the other arrays "
                     f"({s} synapses)")
     return None
+
+
+# -- the table of docs/monitors.md -----------------------------------------------------------------
+
+DOC_BEGIN = ("<!-- monitor quantities: generated from neurosim.monitor_files.QUANTITIES; rewrite with "
+             "python -m neurosim.monitor_files docs/monitors.md -->")
+DOC_END = "<!-- end of monitor quantities -->"
+
+
+def quantities_markdown() -> str:
+    """The table of every monitor array (``QUANTITIES``) and its axes, as docs/monitors.md shows it."""
+    def cell(text) -> str:
+        return "—" if text is None else str(text).replace("|", "\\|")
+
+    lines = ["| array | shape | unit | what it is | drawn in | in every file |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for q in QUANTITIES:
+        lines.append(f"| `{q.name}` | `[{', '.join(q.axes)}]` | {q.unit} | {cell(q.meaning)} | {cell(q.plot)} | "
+                     f"{'yes' if q.required else 'no (loads as None)'} |")
+    lines += ["", "Axes: " + "; ".join(f"`{axis}`, {text}" + (f" (its length from `{src}`)" if src else "")
+                                       for axis, (src, _, text) in AXES.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def with_quantities(doc: str) -> str:
+    """``doc`` (docs/monitors.md's text) with the block between ``DOC_BEGIN`` and ``DOC_END``
+    replaced by ``quantities_markdown()``."""
+    if doc.count(DOC_BEGIN) != 1 or doc.count(DOC_END) != 1 or doc.index(DOC_BEGIN) > doc.index(DOC_END):
+        raise ValueError(f"the document needs one line {DOC_BEGIN} and, after it, one line {DOC_END}")
+    head, rest = doc.split(DOC_BEGIN + "\n", 1)
+    _, tail = rest.split(DOC_END, 1)
+    return f"{head}{DOC_BEGIN}\n{quantities_markdown()}{DOC_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m neurosim.monitor_files [docs/monitors.md]
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1])
+        path.write_text(with_quantities(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        print(quantities_markdown(), end="")

@@ -5,27 +5,12 @@ What is recorded
 
 A ``Monitor`` watches the synapses of a ``Circuit`` whose names match ``MonitorConfig.synapses``
 (comma-separated fnmatch patterns, default ``*``: all). Every ``every`` engaged optimizer steps —
-and once before training, at step 0 — it records, for every monitored synapse:
-
-``angle``           angle (degrees) between ``W`` and the feedback matrix ``Bᵀ`` (stored in ``W``'s
-                    layout), both flattened. 0° means the feedback path carries exactly the
-                    direction backprop would; FA stays near 90°; KP and WM should fall.
-``norm_ratio``      ``‖Bᵀ‖ / ‖W‖``: whether feedback keeps the scale of the forward weights.
-``delta_angle``     the paper's *delta angle*: on a fixed probe batch, the angle (degrees) between the
-                    error the circuit delivers to the synapse's postsynaptic neurons (the gradient
-                    with respect to the synapse's output) and the error backprop would deliver.
-                    The synapse feeding the output population always has 0°: its error comes from
-                    the loss, not through any feedback matrix.
-``grad_angle``      on the same probe batch, the angle (degrees) between the rule's update ``ΔW``
-                    and the true gradient of the loss with respect to ``W``.
-``traces_w``        ``traces`` individual weights ``W.flatten()[i]`` at fixed, seeded random
-``traces_b``        positions ``i`` (``trace_index``), and the feedback weights at the same positions
-                    of ``Bᵀ`` — the pairs ``W_ji`` and ``B_ij`` that KP and WM should bring together.
-``sleep_*``         for circuits whose rule sleeps (WM), at recorded steps: angle and norm ratio just
-                    before and just after the sleep (mirror) batches that follow the step. Rows
-                    with no sleep, and synapses that do not sleep, hold NaN.
-``scatter_*``       ``snapshots`` times over the run (evenly spaced, the first at step 0), ``scatter``
-                    sampled pairs ``(W_ji, Bᵀ_ji)`` per synapse for a W-vs-Bᵀ scatter plot.
+and once before training, at step 0 — it records a row of values for every monitored synapse
+(W–Bᵀ angle and norm ratio, delta and update angles on a probe batch, traced weight pairs, and
+for circuits that sleep the same just before and after each sleep), and ``snapshots`` times
+over the run sampled (W, Bᵀ) pairs for a scatter plot. What each array is — its name, axes,
+unit, meaning, the figure that draws it and whether every file has it — is declared once, in
+``neurosim.monitor_files.QUANTITIES``; docs/monitors.md shows that table.
 
 The probe (delta and update angles, ``neurosim.probe.probe_angles``) runs the probe batch forward
 and backward twice on the circuit as it is — once with its rules, once as backprop
@@ -60,9 +45,7 @@ Files
 In the run directory, rewritten atomically (temporary file, then rename) at every flush, by
 ``neurosim.monitor_files``:
 
-``monitor.npz``   the arrays above (``steps[record]``, ``angle[record, synapse]``, …,
-                  ``traces_w[record, synapse, k]``, ``scatter_w[snapshot, synapse, n]``,
-                  ``trace_index[synapse, k]``, ``scatter_index[synapse, n]``). Indices are flat
+``monitor.npz``   the arrays of ``QUANTITIES``, with the axes it declares. Indices are flat
                   positions in ``W``; ``-1`` pads synapses with fewer weights than ``k`` (their
                   values are NaN).
 ``monitor.json``  the index: synapse names in record order (their column in every array), their
@@ -95,12 +78,12 @@ import torch
 
 from neurosim.analysis import angle_deg
 from neurosim.errors import UserError
-from neurosim.monitor_files import (ARRAYS, FORMAT, SCALARS, SLEEP, MonitorRecord, load_monitor, monitor_index,
-                                    write_monitor)
+from neurosim.monitor_files import (ARRAYS, FORMAT, QUANTITIES, SCALARS, SLEEP, MonitorRecord, load_monitor,
+                                    monitor_index, write_monitor)
 from neurosim.probe import probe_angles, probe_batch
 
-__all__ = ["ARRAYS", "FORMAT", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord", "RecordBuffer",
-           "estimate_nbytes", "load_monitor", "probe_angles", "probe_batch", "record_rows", "snapshot_plan"]
+__all__ = ["ARRAYS", "FORMAT", "QUANTITIES", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord",
+           "RecordBuffer", "estimate_nbytes", "load_monitor", "probe_angles", "probe_batch", "record_rows", "snapshot_plan"]
 
 MIB = 2**20
 # A device buffer holds at most this many rows and bytes; a full one moves to the host at once.

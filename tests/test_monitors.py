@@ -5,6 +5,7 @@ import copy
 import io
 import json
 import math
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -296,3 +297,72 @@ def test_resumed_monitor_writes_the_same_files(tmp_path, monkeypatch):
     other = Monitor(c, attrs.evolve(cfg, traces=4), 12)
     with pytest.raises(UserError, match="other synapses or sample sizes"):
         other.load_state_dict(state)
+
+
+# -- the quantities, declared once -----------------------------------------------------------------
+
+OLD_FILES = Path(__file__).parent / "data" / "monitor_written_before_quantities"
+
+
+def test_docs_table_is_generated_from_the_declared_quantities():
+    from neurosim.monitor_files import QUANTITIES, with_quantities
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "monitors.md"
+    doc = path.read_text(encoding="utf-8")
+    assert doc == with_quantities(doc), "regenerate with: python -m neurosim.monitor_files docs/monitors.md"
+    assert all(f"| `{q.name}` | `[{', '.join(q.axes)}]` | {q.unit} |" in doc for q in QUANTITIES)
+    # the module docstring points at the table instead of keeping a list of its own
+    assert "monitor_files.QUANTITIES" in monitors.__doc__ and "``traces_b``" not in monitors.__doc__
+
+
+def test_what_a_monitor_writes_is_what_is_declared(tmp_path):
+    from neurosim.monitor_files import AXES, QUANTITIES, SCALARS, SLEEP
+
+    declared = {q.name: q for q in QUANTITIES}
+    assert SCALARS == ("angle", "norm_ratio", "delta_angle", "grad_angle") and len(SLEEP) == 4
+    for rule, sleeps in ((WeightMirror(), True), (KolenPollack(), False)):
+        c = build_mlp(rule, 8, (16,), 4)
+        x, y = data()
+        m = Monitor(c, MonitorConfig(every=2, probe=8, traces=3, scatter=4, snapshots=2), 4, (x, y), F.cross_entropy)
+        train(c, m, range(1, 5), x, y)
+        arrays = m.arrays()
+        assert set(arrays) == {q.name for q in QUANTITIES if q.required or (sleeps and q.group == "sleep")}
+        for name, a in arrays.items():
+            assert a.ndim == len(declared[name].axes) and set(declared[name].axes) <= set(AXES), name
+        m.flush(tmp_path / rule.name)
+        index = json.loads((tmp_path / rule.name / "monitor.json").read_text())
+        assert {k: (v["unit"], v["meaning"]) for k, v in index["arrays"].items()} == \
+            {k: (declared[k].unit, declared[k].meaning) for k in arrays}
+        rec = load_monitor(tmp_path / rule.name)
+        assert (rec.sleep_angle_before is not None) == sleeps and rec.has_sleep == sleeps
+
+
+def test_files_written_before_an_optional_quantity_still_load(tmp_path, monkeypatch):
+    """A file in the layout of an earlier version (a weight-mirror run's, kept in tests/data) loads;
+    a quantity declared later as optional reads as None from it, and from a file that has it, as
+    written; one declared required would make such files unreadable, which is why new ones are not."""
+    import shutil
+
+    from neurosim import monitor_files
+    from neurosim.monitor_files import QUANTITIES, Quantity
+
+    old = load_monitor(OLD_FILES)
+    assert old.synapses == ("x->h1", "h1->y") and old.angle.shape == (3, 2) and old.has_sleep and old.has_probe
+    assert old.traces_w.shape == (3, 2, 2) and old.rules == {"x->h1": "wm", "h1->y": "wm"}
+
+    added = Quantity("feedback_norm", ("record", "synapse"), "weight", "‖B‖, a quantity declared after the file",
+                     required=False)
+    monkeypatch.setattr(monitor_files, "QUANTITIES", (*QUANTITIES, added))
+    rec = load_monitor(OLD_FILES)
+    assert rec.feedback_norm is None and np.array_equal(rec.angle, old.angle, equal_nan=True)
+    newer = tmp_path / "newer"
+    shutil.copytree(OLD_FILES, newer)
+    arrays = dict(np.load(newer / "monitor.npz"))
+    np.savez(newer / "monitor.npz", **arrays, feedback_norm=np.ones_like(arrays["angle"]))
+    assert np.array_equal(load_monitor(newer).feedback_norm, np.ones((3, 2), np.float32))
+    np.savez(newer / "monitor.npz", **arrays, feedback_norm=np.ones((3, 5), np.float32))
+    with pytest.raises(UserError, match=r"array feedback_norm has shape \(3, 5\) where \(3, 2\) fits"):
+        load_monitor(newer)
+    monkeypatch.setattr(monitor_files, "QUANTITIES", (*QUANTITIES, attrs.evolve(added, required=True)))
+    with pytest.raises(UserError, match="lacks the arrays feedback_norm"):
+        load_monitor(OLD_FILES)
