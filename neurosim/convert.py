@@ -506,8 +506,10 @@ def convert(model: nn.Module, rule: PlasticityRule, example_input: torch.Tensor 
 @torch.no_grad()
 def copy_weights(model: nn.Module, circuit: Circuit) -> Circuit:
     """Copy ``model``'s conv/linear weights and biases and its batch norms' affine parameters and
-    running statistics into the circuit ``convert`` made of it. Feedback weights are left as
-    they are. Raises ``ConversionError`` if the two do not match. Returns ``circuit``."""
+    running statistics into the circuit ``convert`` made of it. Feedback weights drawn
+    independently of ``W`` are left as they are; feedback state a rule derives from ``W`` (uSF's
+    scale) is derived again from the copied weights (``PlasticityRule.weight_replaced``). Raises
+    ``ConversionError`` if the two do not match. Returns ``circuit``."""
     mapping = getattr(circuit, "converted_from", None)
     if mapping is None:
         raise ConversionError("the circuit was not made by neurosim.convert: no module mapping to copy along")
@@ -524,4 +526,6 @@ def copy_weights(model: nn.Module, circuit: Circuit) -> Circuit:
                 raise ConversionError(f"model {path}.{key} does not match circuit {prefix}.{key}; "
                                       f"not the model the circuit was made from")
             dst.copy_(t)
+    for syn in circuit.synapses.values():
+        syn.rule.weight_replaced(syn.weight.detach(), syn.feedback)
     return circuit

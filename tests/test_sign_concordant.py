@@ -394,3 +394,28 @@ def test_digits_mlp_learns(rule, digits, one_thread):
         accuracy = float((c(test_x).argmax(1) == test_y).double().mean())
     print(f"{rule}: test accuracy {100 * accuracy:.2f} % in {time.perf_counter() - t0:.1f} s")
     assert accuracy >= 0.90
+
+
+def test_usf_scale_is_measured_from_weights_copied_in_by_convert():
+    """``convert(..., copy_weights=True)`` puts a trained model's ``W`` in place of the initial
+    draw: uSF's scale is the RMS of the copied ``W``, not of the draw it replaced; a feedback
+    weight drawn independently of ``W`` (frSF's ``|M|``, FA's ``B``) stays as drawn."""
+    import torch.nn as nn
+
+    from neurosim import convert
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(7.0)  # far from any initial draw, as trained weights may be
+    example = torch.zeros(1, 6)
+    c = convert(model, UniformSignConcordant(), example_input=example, copy_weights=True)
+    for syn, layer in zip(c.synapses.values(), (model[0], model[2])):
+        rms = layer.weight.detach().pow(2).mean().sqrt()
+        torch.testing.assert_close(syn.feedback, rms)
+        torch.testing.assert_close(syn.feedback_matrix(), layer.weight.detach().sign() * rms)
+    for rule in (FixedRandomSignConcordant(), FeedbackAlignment()):
+        drawn = convert(model, rule, example_input=example, seed=3)
+        copied = convert(model, rule, example_input=example, copy_weights=True, seed=3)
+        for a, b in zip(drawn.synapses.values(), copied.synapses.values()):
+            assert torch.equal(a.feedback, b.feedback)

@@ -76,6 +76,12 @@ class PlasticityRule:
         """The synapse's feedback state at construction (None when the rule keeps none)."""
         return None
 
+    def weight_replaced(self, w: torch.Tensor, feedback: torch.Tensor | None) -> None:
+        """The synapse's ``W`` was overwritten with ``w`` (``neurosim.convert.copy_weights`` copies a
+        model's trained weights in). A rule whose feedback state was derived from the initial
+        ``W`` derives it again from ``w``, in place; by default nothing changes (a feedback weight
+        drawn independently of ``W`` stays as drawn)."""
+
     def feedback_matrix(self, w: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
         """The matrix (in ``W``'s layout) through which post errors reach presynaptic neurons.
 

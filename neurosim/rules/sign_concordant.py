@@ -4,16 +4,18 @@ The feedback matrix has the signs of the current ``W`` and magnitudes of its own
 ``B = sign(W) ∘ magnitude``. Only signs travel from forward to feedback synapses. The three
 variants differ in where the magnitude comes from; their names are those of BioTorch:
 
-* ``usf`` — uniform: one constant per synapse (``UniformSignConcordant``; sign symmetry, ``ss``);
+* ``usf`` — uniform: one constant per synapse (``UniformSignConcordant``; sign symmetry, alias ``ss``);
 * ``frsf`` — fixed random: ``|M|`` drawn once at construction (``FixedRandomSignConcordant``);
 * ``brsf`` — batchwise random: ``|M|`` drawn anew for every engaged batch
   (``BatchRandomSignConcordant``; see ``new_batch``).
 
-Liao et al. used ``M`` itself; taking ``|M|``, as BioTorch does, keeps ``B`` sign-concordant with
-``W`` everywhere (``sign(B) = sign(W)``; where ``W = 0``, ``B = 0``). ``M`` is drawn from the
-synapse's own initial distribution (as feedback alignment's ``B`` is), so under every rule of the
-family ``‖B‖ ≈ ‖W₀‖``: the error reaching each layer keeps the scale backprop's would have at
-initialisation, whichever init the circuit uses.
+The magnitudes are ``|M|``, as in BioTorch (which draws ``M`` with its initialiser and takes
+``|M|``), so ``B`` is sign-concordant with ``W`` everywhere (``sign(B) = sign(W)``; where
+``W = 0``, ``B = 0``): feedback with random magnitudes and 100 % concordant signs, in the words
+of Liao et al.'s abstract. ``M`` is drawn from the synapse's own initial distribution (as
+feedback alignment's ``B`` is), so under every rule of the family ``‖B‖ ≈ ‖W₀‖``: the error
+reaching each layer keeps the scale backprop's would have at initialisation, whichever init the
+circuit uses.
 """
 
 from __future__ import annotations
@@ -39,16 +41,19 @@ class UniformSignConcordant(PlasticityRule):
     ``ss`` is an alias of ``usf`` (presets ``ss_*``, ``--rules ss``, configurations saved with
     ``"rule": "ss"``) and ``SignSymmetry`` another name of this class.
 
-    The scale. BioTorch multiplies ``sign(W)`` by its initialiser's standard deviation:
-    ``√(2/(fan_in+fan_out))`` for its Xavier init (``1/√(3·fan_in)`` for PyTorch's default), or
-    by nothing (unit magnitudes) without its scaling option. Here ``s`` is the RMS of the weights
-    actually drawn: it equals the init's standard deviation in expectation, for *any* init —
-    ``default`` U(±1/√fan_in), ``xavier_sum`` and ``kaiming_normal`` N(0, 2/fan_out) alike, where
-    ``√(2/(fan_in+fan_out))`` would be off (by √2 for a 3×3 convolution with as many input as
-    output channels). Differences from BioTorch: ``s`` is measured from this synapse's ``W₀``
-    (within sampling noise of the init's std, and exact for the draw the synapse got), not
-    computed from fan-in and fan-out; and it is always applied. A constant scale, not the
-    current ``‖W‖``: a current norm would transport a magnitude every step.
+    The scale. BioTorch multiplies ``sign(W)`` by its initialiser's standard deviation, always:
+    ``√(2/(fan_in+fan_out))`` for its Xavier init, ``1/√(3·fan_in)`` for PyTorch's default (its
+    configuration schema declares a boolean option ``scaling_factor``, but no layer reads it).
+    Here ``s`` is the RMS of the weights actually drawn: it equals the init's standard deviation
+    in expectation, for *any* init — ``default`` U(±1/√fan_in), ``xavier_sum`` and
+    ``kaiming_normal`` N(0, 2/fan_out) alike, where ``√(2/(fan_in+fan_out))`` would be off (by √2
+    for a 3×3 convolution with as many input as output channels). The one difference from
+    BioTorch: ``s`` is measured from this synapse's ``W₀`` (within sampling noise of the init's
+    std, and exact for the draw the synapse got), not computed from fan-in and fan-out. A
+    constant scale, not the current ``‖W‖``: a current norm would transport a magnitude every
+    step. When ``W`` is replaced wholesale (``neurosim.convert(..., copy_weights=True)`` copies a
+    trained model in), ``s`` is measured again from the copied ``W`` (``weight_replaced``), not
+    kept from the draw the copy discarded.
     """
 
     name: ClassVar[str] = "usf"
@@ -57,6 +62,10 @@ class UniformSignConcordant(PlasticityRule):
 
     def init_feedback(self, w, init, generator):
         return w.detach().pow(2).mean().sqrt()
+
+    def weight_replaced(self, w, feedback):
+        # A copied (trained) W replaces the draw the scale was measured from.
+        feedback.copy_(w.detach().pow(2).mean().sqrt())
 
     def feedback_matrix(self, w, feedback):
         return w.sign().mul_(feedback)
@@ -87,8 +96,8 @@ class FixedRandomSignConcordant(_RandomMagnitudeSignConcordant):
     """frSF: ``B = sign(W) ∘ |M|`` with ``M`` drawn once, at construction, and fixed.
 
     ``M`` is the draw feedback alignment would make for the same synapse and seed (from the
-    synapse's init distribution; BioTorch draws it Xavier-uniform). Its magnitudes never change;
-    its signs are ``W``'s at the moment each error is sent back.
+    synapse's init distribution; BioTorch draws it with its own init, Xavier-uniform by default).
+    Its magnitudes never change; its signs are ``W``'s at the moment each error is sent back.
     """
 
     name: ClassVar[str] = "frsf"
@@ -106,7 +115,7 @@ class BatchRandomSignConcordant(_RandomMagnitudeSignConcordant):
     errors; under ``torch.compile`` the buffer is an input like any other and nothing recompiles.
     Redrawing between a forward and its backward is refused by autograd (the buffer was saved for
     the backward). A circuit whose batches never call ``new_batch`` keeps its construction draw and
-    behaves as frSF. BioTorch redraws ``M`` (Xavier-uniform) in every forward call.
+    behaves as frSF. BioTorch redraws ``M`` (Xavier-uniform by default) in every forward call.
     """
 
     name: ClassVar[str] = "brsf"
