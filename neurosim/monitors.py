@@ -32,12 +32,11 @@ known in advance (``estimate_nbytes``)::
     rows  = 1 + total_steps // every
     bytes ≈ rows · S · (4 + 4·[sleeps] + 2·traces) · 4  +  snapshots · S · scatter · 2 · 4
 
-with ``S`` monitored synapses. ResNet-18 on CIFAR (21 synapses), 200 epochs × 391 steps,
-every=200, traces=16, scatter=512, snapshots=5: 392 rows, 1.2 MB of records, 0.4 MB of scatter
-snapshots and 0.1 MB of sample indices: **1.7 MB** (1.8 MB for WM with its sleep columns). The
-device holds one chunk of at most 256 rows (0.9 MB here) plus the snapshots. A configuration
-whose size exceeds ``max_bytes`` (256 MiB) is refused before training starts, with the size and
-the knob to change (e.g. every=1 with every weight traced).
+with ``S`` monitored synapses: a few megabytes for a 200-epoch CIFAR ResNet-18 at the defaults
+(docs/monitors.md gives the figure and the command that computes it). The device holds one
+chunk of at most ``CHUNK_ROWS`` rows plus the snapshots. A configuration whose size exceeds
+``max_bytes`` (256 MiB) is refused before training starts, with the size and the knob to change
+(e.g. every=1 with every weight traced).
 
 Files
 =====

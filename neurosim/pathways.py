@@ -10,11 +10,17 @@ Shapes. The error delivered to the target's *activity* is ``B e``:
 
 * target ``(n,)``: ``B`` is ``(n, K)`` (dense);
 * target ``(C, H, W)``: ``B`` is ``(C, K)``, one row per channel, and ``B e`` is broadcast over
-  space: every position of channel ``c`` receives ``(B e)_c``. BioTorch's DFA convolution tiles
-  the output error over the layer's positions and delivers it through a ``k×k`` feedback
-  kernel, which is uniform over space away from the borders (each position sums the same
-  ``k×k`` kernel entries); a per-channel matrix keeps that and keeps ``B`` at ``C×K`` instead
-  of ``C·H·W×K``.
+  space: every position of channel ``c`` receives ``(B e)_c``, so ``B`` stays ``C×K``.
+
+  This is neurosim's design, not that of the references. Nøkland's own code (``ErrorFeedback``
+  in Torch) gives every unit its own random weight: ``B`` is ``(C·H·W, K)``. BioTorch does so
+  for dense layers; for a convolution it keeps a kernel ``(K, C, k, k)`` and delivers the error
+  by a transposed convolution of the output error tiled over the layer's output positions, so
+  what a unit receives depends on its channel and, through the kernel taps that reach it, on
+  its position: the same everywhere away from the borders only at stride 1 — at stride 2 the
+  taps that reach a position alternate with its parity, giving four different errors per
+  channel in the interior — and different near the borders. Here no position differs from
+  another.
 
 The population's own autograd (nonlinearity, batch norm, pooling) turns the error at its
 activity into the error at its drive, i.e. multiplies it by its own derivative; the synapses

@@ -10,14 +10,20 @@ from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 @register_rule
 @attrs.frozen
 class KolenPollack(PlasticityRule):
-    """``ΔW = −η δ_y xᵀ − λW`` at the forward synapse, ``ΔB = −η x δ_yᵀ − λB`` at the feedback one.
+    """``ΔW = −η (δ_y xᵀ + λW)`` at the forward synapse, ``ΔB = −η (x δ_yᵀ + λB)`` at the feedback one.
+
+    ``η`` is the optimizer's learning rate and ``λ`` is ``decay``: the rule hands the optimizer
+    the gradients ``δ_y xᵀ + λW`` and ``x δ_yᵀ + λB``, so the decay is scaled by the learning rate
+    like the product: written as ``−η δ_y xᵀ − λ′W`` with a decay ``λ′`` of its own, the rule has
+    ``λ′ = ηλ``. With plain SGD those are the steps taken; momentum or Adam transform both
+    gradients alike.
 
     Each synapse multiplies the two signals present at it: the forward synapse its input ``x``
     and its postsynaptic error ``δ_y``; the feedback synapse its input ``δ_y`` and the activity
     ``x`` of the neuron it returns to. Neither reads the other's weight; ``W`` and ``B`` start as
     independent draws. Because both see the same product and the same decay (and the optimizer
-    treats them alike), ``W − Bᵀ`` shrinks by ``(1 − ηλ)`` every step and ``B`` comes to mirror
-    ``W``. An optimizer's own weight decay, applied to both, adds to ``decay``.
+    treats them alike), with plain SGD ``W − Bᵀ`` shrinks by ``(1 − ηλ)`` every step and ``B``
+    comes to mirror ``W``. An optimizer's own weight decay, applied to both, adds to ``decay``.
 
     On several processes only ``ΔW`` is all-reduced: ``ΔB`` is the same (averaged) product with
     ``B``'s own decay, so every process derives it as ``ΔW + λ(B − W)`` (``feedback_from_forward``).

@@ -43,10 +43,14 @@ class WeightMirror(PlasticityRule):
     ``W``, and with the default ``decay = 1`` and a linear response ``B`` converges to ``Wᵀ``
     itself in size as well as direction — so errors keep their scale through deep circuits.
     Dividing by ``σ²`` uses only the known variance of the noise source, not ``W``.
-    ``response = "sigmoid"`` passes ``Wξ`` through a sigmoid, as in the authors' NumPy code,
-    measured from the neuron's resting rate ``σ(0) = ½``: the resting rate carries no
-    information about ``W`` and, multiplied by the noise, would swamp the Hebbian signal (with
-    noise of ±0.05 and 3072 inputs, by a factor of about 300 per batch).
+    ``response = "sigmoid"`` passes the drive through a sigmoid, as the authors' NumPy code does,
+    but not their whole response: theirs is ``σ(Wξ + b)``, with the layer's forward bias ``b``;
+    here the bias is left out (the drive is ``Wξ``, the noise reaching ``W`` alone) and the
+    response is ``σ(Wξ) − ½``, measured from the resting rate ``σ(0) = ½``. The resting rate
+    carries no information about ``W`` and, multiplied by the noise, would swamp the Hebbian
+    signal (by two orders of magnitude in a batch of the authors' CIFAR-10 setting: noise of
+    ±0.05, 3072 inputs, 128 noise images); their update ``ξ σ(Wξ + b)ᵀ`` keeps it, and their
+    bias moves it to ``σ(b)``.
     """
 
     name: ClassVar[str] = "wm"
@@ -93,8 +97,8 @@ class WeightMirror(PlasticityRule):
         # One mirror batch of 32 noise images after every 4th engaged step. A convolution sees every
         # output position as a co-activation, so 32 images give tens of thousands of events per
         # weight in early layers. Sleeping every step with 8 or 16 images (the same events per step)
-        # cost 1.19x / 1.28x native at batch 64 on CPU: small-batch convolutions run slowly and the
-        # mirror optimizer touches every B each time (docs/benchmarks.md). 200 mirror batches first.
+        # cost more: small-batch convolutions run slowly and the mirror optimizer touches every B
+        # each time (docs/benchmarks.md has the timings and their commands). 200 mirror batches first.
         "resnet": {"wm_sleep_before": 200, "wm_sleep_every": 4, "wm_sleep_batches": 1, "wm_sleep_batch_size": 32,
                    "wm_lr": 0.1, "wm_sigma": 1.0},
     }
