@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v not in VARIANTS and v not in _REGISTRY]  # a rule's alias (ss) counts
     if unknown or not names:
         p.error(f"--variants: unknown {unknown or 'empty list'}; choose from {','.join(VARIANTS)}")
     args.variants = list(dict.fromkeys(names))

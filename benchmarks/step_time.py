@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is None and name in DEFAULTS[device.type]:
             setattr(args, name, DEFAULTS[device.type][name])
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    unknown = [r for r in rules if r not in RULES]
+    unknown = [r for r in rules if r not in RULES and r not in _REGISTRY]  # a rule's alias (ss) counts
     if unknown or not rules:
         p.error(f"--rules: unknown {unknown or 'empty list'}; choose from {','.join(RULES)}")
     args.rules = list(dict.fromkeys(rules))
@@ -192,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("memory_child", "compile_check"):
         child = getattr(args, flag)
         base = (child or "").removesuffix(MONITOR_SUFFIX)
-        if child is not None and (base not in RULES or (child.endswith(MONITOR_SUFFIX) and base == "native")):
+        if child is not None and (base not in RULES and base not in _REGISTRY
+                                  or (child.endswith(MONITOR_SUFFIX) and base == "native")):
             p.error(f"--{flag.replace('_', '-')}: unknown variant {child!r}")
     return args
 

@@ -204,3 +204,20 @@ def test_a_run_saved_under_the_old_rule_name_still_loads_and_resumes(tmp_path):
     assert run_circuit(["--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["rule"] == "ss"
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_benchmarks_take_a_rule_by_its_alias():
+    """docs/benchmarks.md's commands name ss: the benchmarks accept an alias as the registry does."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    modules = {}
+    for name in ("step_time", "epoch_time"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", root / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    assert modules["step_time"].parse_args(["--rules", "native,bp,ss,kp", "--device", "cpu"]).rules == \
+        ["native", "bp", "ss", "kp"]
+    assert modules["epoch_time"].parse_args(["--variants", "ss,native", "--device", "cpu"]).variants == ["ss", "native"]
+    with pytest.raises(SystemExit):
+        modules["step_time"].parse_args(["--rules", "native,sss", "--device", "cpu"])
