@@ -26,7 +26,7 @@ def trained(digits, tmp_path_factory):
         violations = []
 
         def check(r, initial=initial, violations=violations):
-            if r.cfg.rule == "ss":
+            if r.cfg.rule == "usf":  # ss_mlp_digits trains usf (ss is its alias)
                 for n, s in r.circuit.synapses.items():
                     if not torch.equal(s.feedback_matrix(), torch.sign(s.weight) * s.feedback):
                         violations.append((r.step, n))
