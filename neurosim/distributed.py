@@ -20,6 +20,18 @@ What keeps every rank's feedback weights identical, rule by rule:
 Only rank 0 writes into the run directory. Batch norm is per rank unless ``--sync-bn``, which
 swaps every population's batch norm for ``SyncBatchNorm`` below (statistics over the global
 batch, on CPU and GPU alike).
+
+A user error is said once, by rank 0 (``who_reports``), whether the ranks meet it before they
+join the process group (an invalid setting: every rank parses the same command line) or after
+(a run directory in use, which rank 0 alone decides in ``decided_by_rank0``). Under torchrun the
+other ranks then exit with status 0 and rank 0, once they are gone, with 2: torchrun lists every
+rank that exits non-zero, or that it has to stop, as a failure of its own. What torchrun prints
+about a child that exits non-zero no child can change: a log line ``failed (exitcode: 2)
+local_rank: 0``, a Python traceback of torchrun's own frames ending in ``ChildFailedError``, and
+a summary whose root cause is rank 0, exit code 2, with our message as its ``traceback`` (rank 0
+writes it into the error file torchrun reads, ``TORCHELASTIC_ERROR_FILE``; torchrun then logs
+that it has no error file of its own to copy it to); torchrun's own status is 1. Only children
+that all exit 0 keep torchrun quiet, and that would report a failed command as a success.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import datetime
 import inspect
 import os
 import sys
+import time
 
 import attrs
 import torch
@@ -97,6 +110,8 @@ def init(device_spec: str, timeout_s: float = 1800) -> tuple[World, str]:
         torch.cuda.set_device(w.local_rank)
         device_spec = f"cuda:{w.local_rank}"
     if not dist.is_initialized():
+        # A rank that failed before joining waits for rank 0's error no longer, nor rank 0 for it.
+        _tell(_agent_store(), f"joined/{w.rank}")
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return world(), device_spec
 
@@ -144,6 +159,117 @@ def decided_by_rank0(decide, share: bool = False):
 
 class Echo(UserError):
     """A ``UserError`` rank 0 has already reported; every rank stops with it silently."""
+
+
+# -- saying a user error once --------------------------------------------------------------------
+
+# How long a rank other than 0 waits to learn whether rank 0 met the same error. Ranks that parse
+# the same command line fail within moments of each other; the wait runs out only when rank 0
+# did not fail (and then the process group holds it until this rank exits).
+RANK0_VERDICT_S = 30.0
+# How long rank 0, having said its error, waits for the other ranks to stop before it exits
+# (torchrun then stops those still running, and lists them as failed too): before joining the
+# process group the others may still be loading PyTorch; after, they meet a shared error together.
+OTHERS_STOP_S = {"before joining": 60.0, "after joining": 10.0}
+
+
+def who_reports(e: UserError, together: bool = False) -> tuple[bool, bool]:
+    """For a rank other than 0 that ``e`` ends: whether this rank says ``e`` itself, and whether
+    rank 0 fails too (and says its own error).
+
+    ``together``: every rank is known to meet ``e`` at once (an ``Echo``, a divergence found by
+    an all-reduce), so rank 0 says it. Otherwise this rank waits in torchrun's store for rank 0's
+    error (``after_saying`` puts it there) and stays silent if it is the same. It says its own
+    when rank 0 failed with another, when rank 0 joined the process group instead (this rank
+    failing before joining), after ``RANK0_VERDICT_S``, and without torchrun's store (a launcher
+    that only exports RANK and WORLD_SIZE)."""
+    if together or isinstance(e, Echo):
+        return False, True
+    store = _agent_store()
+    if store is None:
+        return True, False
+    rank0 = _rank0_error(store, pre_join=not dist.is_initialized())
+    if rank0 is None:
+        _tell(store, f"says/{launched().rank}")  # rank 0, should it fail after all, need not wait for it
+        return True, False
+    return rank0 != str(e), True
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun's agent started this process and serves its store (``torchrun``, not a
+    launcher that only exports RANK and WORLD_SIZE)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and bool(os.environ.get("MASTER_ADDR"))
+
+
+def stop_quietly() -> None:
+    """End this rank (not 0) with status 0 while rank 0 reports the job's failure with status 2:
+    torchrun lists every rank that exits otherwise, or that it has to stop, as failed too. Rank 0
+    waits for the word this leaves in the store before it exits."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _tell(_agent_store(), f"stops/{launched().rank}")
+    # At once: rank 0 exits as soon as it reads this, and torchrun stops (and lists) whatever
+    # is still running then. Nothing is left to save on this rank, which writes no files.
+    os._exit(0)
+
+
+def after_saying(message: str) -> None:
+    """Rank 0, its error said: put ``message`` in torchrun's store for the other ranks, then wait
+    until each has stopped (``stop_quietly``), or gone on to say an error of its own with status
+    2, or (rank 0 failing before the process group was formed) joined it without failing, for at
+    most ``OTHERS_STOP_S``."""
+    store = _agent_store()
+    if store is None:
+        return
+    _tell(store, "error", message)
+    stage = "after joining" if dist.is_initialized() else "before joining"
+    others = set(range(1, launched().size))
+    deadline = time.monotonic() + OTHERS_STOP_S[stage]
+    with contextlib.suppress(Exception):  # a store gone away: torchrun is stopping the job anyway
+        while others and time.monotonic() < deadline:
+            for r in sorted(others):
+                if store.check([f"stops/{r}"]) or store.check([f"says/{r}"]) or \
+                        (stage == "before joining" and store.check([f"joined/{r}"])):
+                    others.discard(r)
+            time.sleep(0.05)
+        time.sleep(0.2)  # for the processes that just said they stop to be gone
+
+
+def _agent_store():
+    """A client of the store torchrun's agent serves to this job's processes, under a prefix of
+    this attempt (a restarted job starts clean); None outside torchrun or when it is unreachable."""
+    if not under_torchrun():
+        return None
+    env = os.environ
+    try:
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+    except Exception:  # noqa: BLE001 - no store (a bad port, the agent gone): each rank speaks for itself
+        return None
+    prefix = f"neurosim/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return dist.PrefixStore(prefix, store)
+
+
+def _tell(store, key: str, value: str = "") -> None:
+    if store is not None:
+        with contextlib.suppress(Exception):  # the others then say their errors themselves
+            store.set(key, value)
+
+
+def _rank0_error(store, pre_join: bool) -> str | None:
+    """The error rank 0 stopped with, if it did within ``RANK0_VERDICT_S``; None when it joined
+    the process group first (this rank failing before joining), or in silence."""
+    deadline = time.monotonic() + RANK0_VERDICT_S
+    try:
+        while True:
+            if store.check(["error"]):
+                return store.get("error").decode()
+            if (pre_join and store.check(["joined/0"])) or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store went away (the agent stopping the job): speak
+        return None
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:

@@ -82,19 +82,86 @@ def main(entry=None, argv=None) -> None:
 
 
 def _echo(e: UserError) -> bool:
-    """Whether ``e`` is reported already: rank 0 of a torchrun job said it (``Echo``), or it is
-    an error every rank meets together and rank 0 says (this being another rank)."""
-    if "neurosim.distributed" not in sys.modules:
-        return False  # no torchrun job was joined: this process is the only one to say it
-    from neurosim.distributed import Echo, launched
+    """Whether ``e`` is reported already, or by another process: rank 0 of a torchrun job said it
+    (``Echo``), or rank 0 says the same error (this being another rank). False: this process
+    says it.
 
-    if isinstance(e, Echo):
-        return True
-    if launched().rank == 0:
+    Under torchrun a rank other than 0 ends here with status 0 once it knows rank 0 fails too
+    (having said its own error if rank 0's is another), and rank 0, once it has said ``e``,
+    waits for them before it exits with status 2: torchrun's summary then names rank 0 alone
+    (``neurosim.distributed``)."""
+    rank = os.environ.get("RANK", "0")
+    if not _several_processes():
+        _torchrun_error_file(f"error: {e}")
         return False
-    from neurosim.train import RunDiverged, RunInterrupted
+    if rank == "0":
+        loaded = sys.modules.get("neurosim.distributed")
+        said = loaded is not None and isinstance(e, loaded.Echo)
+        if not said:
+            # Said before the others are told (telling them may load PyTorch first: seconds).
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        _torchrun_error_file(f"error: {e}")
+        _tell_the_other_ranks(str(e))
+        return True
+    train = sys.modules.get("neurosim.train")  # not loaded: e cannot be one of its errors
+    together = train is not None and isinstance(e, (train.RunDiverged, train.RunInterrupted))
+    try:
+        from neurosim import distributed
 
-    return isinstance(e, (RunDiverged, RunInterrupted))
+        says, rank0_fails = distributed.who_reports(e, together=together)
+    except KeyboardInterrupt:  # while waiting for rank 0: torchrun is stopping every rank
+        sys.exit(130)
+    quietly = rank0_fails and distributed.under_torchrun()
+    if says:
+        _torchrun_error_file(f"error: (rank {rank}) {e}")
+        if not quietly:
+            return False
+        print(f"error: (rank {rank}) {e}", file=sys.stderr, flush=True)
+    if quietly:
+        distributed.stop_quietly()  # status 0: rank 0's status 2 fails the job
+    return True
+
+
+def _tell_the_other_ranks(message: str) -> None:
+    """Rank 0, its error said: hands it to the other ranks and waits for them to stop, under
+    torchrun (see ``_echo``)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    try:
+        from neurosim import distributed
+
+        distributed.after_saying(message)
+    except BaseException:  # noqa: BLE001 - the message is out; a Ctrl-C or a failure here ends the wait only
+        pass
+
+
+def _several_processes() -> bool:
+    """Whether this process is one of several a launcher (torchrun) started, by its environment
+    (without loading PyTorch)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) >= 0
+    except ValueError:
+        return False
+
+
+def _torchrun_error_file(message: str) -> None:
+    """Under torchrun: ``message`` into the error file it gives this process
+    (``TORCHELASTIC_ERROR_FILE``), which its summary of a failed job shows as the failure's
+    ``traceback`` instead of a pointer to how to record one."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    # The layout torchrun's ErrorHandler writes, with the message in place of a call stack.
+    when = str(int(time.time()))
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": when}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(record, f)
+    except OSError:
+        pass  # torchrun then says only that the process failed; the message is on stderr
 
 
 @contextlib.contextmanager

@@ -1,0 +1,159 @@
+"""User errors under torchrun: said once, by rank 0, and torchrun's summary names rank 0 alone.
+
+torchrun reports every child that exits non-zero with a traceback of its own frames and exits 1;
+no child can prevent that (``neurosim.distributed``'s docstring). What the children control, and
+these tests check: one ``error:`` line, no traceback from neurosim's code, rank 0 the only failed
+rank in the summary (exit code 2, the message as its ``traceback``), the other ranks stopping
+with status 0 once rank 0 reports the error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def said(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def failed_ranks(stderr: str) -> dict[int, str]:
+    """Rank → exit code of each failure in torchrun's summary."""
+    found = re.findall(r"rank\s+: (\d+) \(local_rank: \d+\)\n\s+exitcode\s+: (-?\d+)", stderr)
+    return {int(rank): code for rank, code in found}
+
+
+def assert_no_traceback_of_ours(stderr: str):
+    frames = [line for line in stderr.splitlines() if line.lstrip().startswith('File "')]
+    ours = [f for f in frames if "neurosim" in f or "experiments" in f or "dist_worker" in f]
+    assert not ours, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_an_invalid_setting_is_said_once_by_rank_0(tmp_path):
+    """Every rank parses the same command line and meets the error before joining the process group."""
+    done = torchrun(ROOT / "experiments" / "run_circuit.py", "kp_mlp_digits", "--epochs", "1", "--lr", "-1",
+                    "--out", str(tmp_path / "run"))
+    assert done.returncode != 0
+    assert said(done.stderr) == ["error: invalid setting: lr must be positive, got -1.0"], done.stderr[-3000:]
+    assert "(rank 1)" not in done.stderr
+    assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
+    assert "traceback : error: invalid setting: lr must be positive" in done.stderr
+    assert_no_traceback_of_ours(done.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
+    """The directory lock refuses it: rank 0 decides, says it, and the other rank stops with 0."""
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "kp_mlp_digits", "--epochs", "1",
+                    "--train-limit", "64", "--device", "cpu", "--quiet", "--out", str(run)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
+    # Another process holds the run's lock, as a run still training does.
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from neurosim.files import DirectoryLock
+        lock = DirectoryLock(Path({str(run)!r}))
+        print("held", flush=True)
+        sys.stdin.read()
+        """)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = torchrun(ROOT / "experiments" / "run_circuit.py", "--resume", str(run))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert done.returncode != 0
+    assert said(done.stderr) == [f"error: run directory {run} is in use by process {holder.pid} on "
+                                 f"{os.uname().nodename}; wait for it to finish or stop it (its checkpoint is "
+                                 f"kept), or choose another --out"], done.stderr[-3000:]
+    assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
+    assert_no_traceback_of_ours(done.stderr)
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before  # untouched
+
+
+ENTRY = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from neurosim.cli.entry import main
+from neurosim.errors import UserError
+
+def entry(argv):
+    rank = int(os.environ["RANK"])
+    if argv[0] == "rank 1 alone" and rank == 1:
+        raise UserError("only rank 1 has this problem")
+    if argv[0] == "each its own":
+        raise UserError(f"rank {{rank}} has a problem of its own")
+    from neurosim import distributed
+    # Blocked in joining the process group, this rank runs no Python signal handler: let
+    # torchrun's SIGTERM end it at once rather than its SIGKILL 30 s later.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    distributed.init("cpu")
+    distributed.barrier()
+    return 0
+
+main(entry)
+"""
+
+
+@pytest.mark.slow
+def test_an_error_rank_0_does_not_share_is_said_by_the_rank_that_meets_it(tmp_path):
+    """Rank 1 waits to hear from rank 0: rank 0 joining the process group, or failing with
+    another message, makes rank 1 say its own error rather than leave it unsaid. When rank 0
+    fails too, rank 1 still stops with status 0 and the summary names rank 0 alone."""
+    script = tmp_path / "entry.py"
+    script.write_text(ENTRY.format(root=str(ROOT)))
+    alone = torchrun(script, "rank 1 alone")
+    assert alone.returncode != 0
+    assert said(alone.stderr) == ["error: (rank 1) only rank 1 has this problem"], alone.stderr[-3000:]
+    assert failed_ranks(alone.stderr)[1] == "2"
+    assert_no_traceback_of_ours(alone.stderr)
+
+    each = torchrun(script, "each its own")
+    assert sorted(said(each.stderr)) == ["error: (rank 1) rank 1 has a problem of its own",
+                                         "error: rank 0 has a problem of its own"], each.stderr[-3000:]
+    assert failed_ranks(each.stderr) == {0: "2"}, each.stderr[-3000:]
+    assert_no_traceback_of_ours(each.stderr)
+
+
+def test_the_error_file_torchrun_reads_holds_the_message(tmp_path, monkeypatch, capsys):
+    """A lone process under torchrun (or rank 0 of several): torchrun's summary shows the message
+    where it would point to how to record a traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from neurosim.cli.entry import main
+    from neurosim.errors import UserError
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def entry(argv):
+        raise UserError("the data folder is missing; give --data-dir")
+
+    with pytest.raises(SystemExit) as stop:
+        main(entry, [])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: the data folder is missing; give --data-dir\n"
+    json.loads(error_file.read_text())  # torchrun's agent parses it
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError("run_circuit.py", {0: failure}).format_msg()
+    assert "traceback : error: the data folder is missing; give --data-dir" in summary
