@@ -18,9 +18,11 @@ import os
 import pickle
 import re
 import secrets
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -670,18 +672,86 @@ def _failure(exc: Exception, path: str) -> str:
     return text or type(exc).__name__
 
 
-def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray | str]:
-    """Decode images with `_pixels`; an image that cannot be read gives the reason (a str) instead.
+# --- how big one image may be ------------------------------------------------------------------
 
-    Failures are returned rather than raised so that every bad file of a folder can be reported
-    at once, from worker processes as from this one.
-    """
+def max_image_pixels() -> int | None:
+    """The most pixels (width × height) one image of a folder may have, whether the folder is
+    decoded up front or streamed: Pillow's decompression-bomb limit, above which Pillow refuses
+    to open an image: 2 × ``PIL.Image.MAX_IMAGE_PIXELS``, 178,956,970 by default (13,377 pixels
+    square). None where a program switched it off (``PIL.Image.MAX_IMAGE_PIXELS = None``).
+
+    An image that big is almost always a mistake (a scan, a panorama, a crafted file that
+    decompresses to gigabytes): decoded it takes over 500 MB, and every epoch would decode it
+    again to crop a few hundred pixels. torchvision's decoders, which decode a streamed folder's
+    JPEGs and PNGs, have no limit of their own: the limit is applied to the header first."""
     from PIL import Image
 
-    out: list[np.ndarray | str] = []
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+@attrs.frozen
+class TooLarge:
+    """An image over `max_image_pixels` (``limit``), in place of its pixels."""
+
+    path: str
+    width: int
+    height: int
+    limit: int
+
+
+def too_large_error(found: Sequence[TooLarge]) -> DataError:
+    """The one message for images over the limit, the same for a folder decoded up front and
+    one streamed: the first image, its size, the limit and where it comes from, and the others."""
+    first = found[0]
+    others = ""
+    if len(found) > 1:
+        named = ", ".join(f"{t.path} ({t.width}x{t.height})" for t in found[1:3])
+        others = f"; so are {named}" + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    them = "them" if len(found) > 1 else "it"
+    return DataError(
+        f"image {first.path} is {first.width}x{first.height} pixels ({first.width * first.height:,}), more than "
+        f"the {first.limit:,} an image may have (Pillow's decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS)"
+        f"{others}; shrink or remove {them}"
+    )
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _opened(source):
+    """``PIL.Image.open(source)`` with Pillow's own decompression-bomb check off: the callers
+    compare the size with `max_image_pixels` themselves, so that an image over it is refused with
+    one message, and one between half of it and it decodes without Pillow's warning, however the
+    folder is read (torchvision's decoders give neither)."""
+    from PIL import Image
+
+    with _PILLOW_LIMIT:  # the switch is Pillow's global setting
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    with im:
+        yield im
+
+
+def _decode_chunk(paths: Sequence[str]) -> list[np.ndarray | str | TooLarge]:
+    """Decode images with `_pixels`; an image that cannot be read gives the reason (a str)
+    instead, one over `max_image_pixels` a `TooLarge` (before it is decoded).
+
+    Failures are returned rather than raised so that every bad file of a folder can be reported
+    at once, from worker processes (forked: they hold this process's limit) as from this one.
+    """
+    max_pixels = max_image_pixels()
+    out: list[np.ndarray | str | TooLarge] = []
     for path in paths:
         try:
-            with Image.open(path) as im:
+            with _opened(path) as im:
+                w, h = im.size
+                if max_pixels is not None and w * h > max_pixels:
+                    out.append(TooLarge(path, w, h, max_pixels))
+                    continue
                 out.append(_pixels(im))
         except MemoryError:
             raise
@@ -739,6 +809,9 @@ def _decode_images(paths: Sequence[str], progress=None) -> np.ndarray:
     if arrays is None:
         arrays = decoded(_decode_chunk(paths[i:i + 256]) for i in range(0, len(paths), 256))
 
+    large = [a for a in arrays if isinstance(a, TooLarge)]
+    if large:
+        raise too_large_error(large)
     bad = [(path, a) for path, a in zip(paths, arrays) if isinstance(a, str)]
     if bad:
         raise _unreadable_error(paths, bad)

@@ -37,7 +37,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from neurosim.data import _derive_seed, _failure, _pixels, _scan_folder, _UnsupportedMode, held_out
+from neurosim.data import (TooLarge, _derive_seed, _failure, _opened, _pixels, _scan_folder,
+                           _UnsupportedMode, held_out, max_image_pixels, too_large_error)
 from neurosim.errors import DataError
 
 __all__ = ["folder_splits", "FolderStream", "crop_box"]
@@ -199,6 +200,61 @@ def _is_jpeg(data: torch.Tensor) -> bool:
     return bytes(data[:3].tolist()) == _JPEG_MAGIC
 
 
+# JPEG frame headers (SOF0..SOF15, less DHT, JPG and DAC, which share the range): they hold the size.
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def header_size(read) -> tuple[int, int] | None:
+    """(width, height) of a JPEG, PNG or GIF from its header, ``read(offset, n)`` giving its
+    bytes; None for other formats, or a header it cannot follow (the decoder then decides).
+
+    A JPEG's size is in its frame header, after any metadata segments (EXIF, ICC profiles):
+    the walk reads four bytes per segment, not the segments."""
+    head = read(0, 26)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    if not head.startswith(_JPEG_MAGIC):
+        return None
+    pos = 2
+    while True:
+        m = read(pos, 2)
+        if len(m) < 2 or m[0] != 0xFF:
+            return None
+        if m[1] == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        marker, pos = m[1], pos + 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a segment
+            continue
+        if marker in (0xD9, 0xDA):  # the end, or the scan, before any frame header
+            return None
+        seg = read(pos, 7)  # length, then (in a frame header) precision, height, width
+        if len(seg) < 2:
+            return None
+        if marker in _JPEG_FRAMES:
+            if len(seg) < 7:
+                return None
+            return int.from_bytes(seg[5:7], "big"), int.from_bytes(seg[3:5], "big")
+        length = int.from_bytes(seg[:2], "big")
+        if length < 2:
+            return None
+        pos += length
+
+
+def _over_limit(data: torch.Tensor, path: str, max_pixels: int | None) -> TooLarge | None:
+    """A `TooLarge` if the image whose file bytes are ``data`` has more than ``max_pixels``, read
+    from its header (JPEG, PNG, GIF: the formats torchvision decodes, with no limit of its own)."""
+    if max_pixels is None:
+        return None
+    buf = memoryview(data.numpy())
+    size = header_size(lambda offset, n: bytes(buf[offset:offset + n]))
+    if size is None or size[0] * size[1] <= max_pixels:
+        return None
+    return TooLarge(path, size[0], size[1], max_pixels)
+
+
 def _to_uint8_rgb(img: torch.Tensor) -> torch.Tensor:
     """A decoded C×H×W image as uint8 with 3 channels.
 
@@ -215,13 +271,17 @@ def _to_uint8_rgb(img: torch.Tensor) -> torch.Tensor:
     return img.contiguous()
 
 
-def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor | str:
-    """An image file's bytes as uint8 3×H×W RGB, or why they cannot be decoded (a str).
+def _decode_cpu(data: torch.Tensor, path: str, max_pixels: int | None = None) -> torch.Tensor | str | TooLarge:
+    """An image file's bytes as uint8 3×H×W RGB, or why they cannot be decoded (a str), or a
+    `TooLarge` for an image over ``max_pixels`` (`neurosim.data.max_image_pixels`).
 
     JPEG, PNG and GIF go through torchvision's decoders (libjpeg-turbo, libpng); other formats
     (BMP, PPM/PGM, TIFF, WebP, ...) and files torchvision rejects through Pillow, converted to
     RGB by `neurosim.data`'s rules (palette, alpha, CMYK, 16-bit greyscale).
     """
+    too_large = _over_limit(data, path, max_pixels)
+    if too_large is not None:
+        return too_large
     head = bytes(data[:8].tolist())
     if head.startswith(_TORCHVISION_MAGIC):
         try:
@@ -229,10 +289,11 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor | str:
                 return _to_uint8_rgb(decode_image(data, mode=ImageReadMode.RGB))
         except RuntimeError:
             pass  # e.g. a damaged file: Pillow tries it too, and gives a readable reason if it fails
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+        with _opened(io.BytesIO(data.numpy().tobytes())) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                return TooLarge(path, w, h, max_pixels)
             a = _pixels(im)
     except MemoryError:
         raise
@@ -242,8 +303,19 @@ def _decode_cpu(data: torch.Tensor, path: str) -> torch.Tensor | str:
         # Pillow names the in-memory file it was given ("cannot identify image file <_io.BytesIO
         # object at 0x...>"); the caller names the path.
         return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", _failure(exc, path)) or type(exc).__name__
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    # Pillow's arrays can be read-only, which torch.from_numpy warns about: copied only then.
+    t = torch.from_numpy(np.require(a, requirements=["C", "W"]))
     return _to_uint8_rgb(t[None] if t.ndim == 2 else t.permute(2, 0, 1))
+
+
+def _batch_problem(paths: Sequence[str], items: Sequence) -> DataError:
+    """The error for a batch some of whose images could not be decoded: those over the size
+    limit first (`neurosim.data.too_large_error`, as for a folder decoded up front), else the
+    unreadable ones."""
+    large = [d for d in items if isinstance(d, TooLarge)]
+    if large:
+        return too_large_error(large)
+    return _unreadable([(p, d) for p, d in zip(paths, items) if isinstance(d, str)])
 
 
 def _unreadable(bad: Sequence[tuple[str, str]], show: int = 3) -> DataError:
@@ -285,13 +357,15 @@ class _ImageFiles(Dataset):
     in one batched call on the device, and any other format is decoded here (uint8 3×H×W, not
     yet transformed): only JPEGs have a device decoder, and the workers' CPUs decode the rest
     better than the main process could. An image that cannot be read gives the reason (a str) in
-    place of the tensor, so that the main process raises one `DataError` naming it rather than
-    passing on a worker's traceback.
+    place of the tensor, and one over `max_pixels` a `TooLarge`, so that the main process raises
+    one `DataError` naming it rather than passing on a worker's traceback.
     """
 
-    def __init__(self, paths: _PathTable, labels: np.ndarray, train: bool, size: int, seed: int, transform: bool):
+    def __init__(self, paths: _PathTable, labels: np.ndarray, train: bool, size: int, seed: int, transform: bool,
+                 max_pixels: int | None = None):
         self.paths, self.labels = paths, labels
         self.train, self.size, self.seed, self.transform = train, size, seed, transform
+        self.max_pixels = max_pixels  # taken here, in the main process: workers may be spawned
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -300,10 +374,13 @@ class _ImageFiles(Dataset):
         index, epoch, position = key
         path = self.paths[index]
         data = _read_bytes(path)
-        if not isinstance(data, str) and (self.transform or not _is_jpeg(data)):
-            data = _decode_cpu(data, path)
-            if self.transform and not isinstance(data, str):
-                data = _transform(data, self.train, self.size, self.seed, epoch, position)
+        if isinstance(data, torch.Tensor):
+            if self.transform or not _is_jpeg(data):
+                data = _decode_cpu(data, path, self.max_pixels)
+                if self.transform and isinstance(data, torch.Tensor):
+                    data = _transform(data, self.train, self.size, self.seed, epoch, position)
+            else:  # the device's decoder, which has no size limit of its own, gets the bytes
+                data = _over_limit(data, path, self.max_pixels) or data
         return data, int(self.labels[index]), path, epoch, position
 
 
@@ -454,7 +531,9 @@ class FolderStream:
     the batch's JPEGs in one `decode_jpeg` call on `device` (the GPU's nvJPEG on CUDA) and crops
     and resizes every image there; ``"auto"``: ``"device"`` on CUDA, ``"cpu"`` otherwise. Both
     give the same crops and flips for an image. An unreadable image raises a `DataError` naming
-    it (and any other of its batch) when its batch is reached.
+    it (and any other of its batch) when its batch is reached; so does an image over
+    `neurosim.data.max_image_pixels` (Pillow's decompression-bomb limit), with the message a folder
+    decoded up front gives, before any decoder sees it.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int], batch_size: int, *,
@@ -493,8 +572,9 @@ class FolderStream:
         self._shift = -mean_t / std_t
 
         in_workers = self.decode == "cpu"
+        self._max_pixels = max_image_pixels()
         files = _ImageFiles(_PathTable(paths), np.asarray(labels, dtype=np.int64), self.train,
-                            self.image_size, int(seed), transform=in_workers)
+                            self.image_size, int(seed), transform=in_workers, max_pixels=self._max_pixels)
         self._sampler = _BatchKeys(self._layout)
         extra = {}
         if workers > 0:
@@ -564,7 +644,7 @@ class FolderStream:
         if self.decode == "cpu":
             x = batch["x"]
             if isinstance(x, list):  # some files could not be read or decoded
-                raise _unreadable([(p, d) for p, d in zip(batch["paths"], x) if isinstance(d, str)])
+                raise _batch_problem(batch["paths"], x)
             x = x.to(self.device, non_blocking=True)
         else:
             x = self._decode_on_device(batch["x"], batch["paths"], batch["keys"])
@@ -578,10 +658,10 @@ class FolderStream:
         """Decode a batch's JPEGs in one `decode_jpeg` call on the device, then transform every image there.
 
         `data` holds, per image, the JPEG file's bytes (1-D), the image the worker decoded
-        (3×H×W, other formats), or why it could not be read (a str).
+        (3×H×W, other formats), why it could not be read (a str), or a `TooLarge`.
         """
-        images: list[torch.Tensor | str | None] = [
-            d if isinstance(d, str) or d.ndim == 3 else None for d in data
+        images: list[torch.Tensor | str | TooLarge | None] = [
+            d if not isinstance(d, torch.Tensor) or d.ndim == 3 else None for d in data
         ]
         jpegs = [i for i, img in enumerate(images) if img is None]
         if jpegs:
@@ -598,10 +678,9 @@ class FolderStream:
                 except RuntimeError:
                     # A damaged file, or a JPEG flavour the device decoder lacks (e.g. CMYK):
                     # the CPU decoders, with Pillow behind them, decide and give the reason.
-                    images[i] = _decode_cpu(data[i], paths[i])
-        bad = [(path, img) for path, img in zip(paths, images) if isinstance(img, str)]
-        if bad:
-            raise _unreadable(bad)
+                    images[i] = _decode_cpu(data[i], paths[i], self._max_pixels)
+        if not all(isinstance(img, torch.Tensor) for img in images):
+            raise _batch_problem(paths, images)
         return torch.stack([
             _transform(_to_uint8_rgb(img.to(self.device, non_blocking=True)), self.train, self.image_size,
                        self._layout.seed, epoch, position)

@@ -1,0 +1,122 @@
+"""The size of a folder's images: the one limit on pixels per image, the same whether a folder
+is decoded up front (``neurosim.data``) or streamed (``neurosim.stream``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurosim import data
+from neurosim.data import load_dataset, max_image_pixels
+from neurosim.errors import DataError
+from neurosim.stream import FolderStream, folder_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+def write_tree(root: Path, per_class: int = 24, size=(8, 8), fmt: str = "png") -> list[str]:
+    """root/a/*.FMT and root/b/*.FMT, random RGB images of one size; their paths in folder order."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / name / f"{i:03d}.{fmt}")
+    return data._scan_folder(root)[1]
+
+
+def replace(path: str, size, fmt: str | None = None) -> str:
+    """Put an image of ``size`` in place of ``path`` (as ``fmt``, under that extension); its path."""
+    os.remove(path)
+    if fmt is not None:
+        path = str(Path(path).with_suffix(f".{fmt}"))
+    Image.new("RGB", size, (200, 30, 90)).save(path)
+    return path
+
+
+# --- one limit on pixels per image ---------------------------------------------------------------
+
+def test_the_limit_is_pillows_decompression_bomb_limit(monkeypatch):
+    assert max_image_pixels() == 2 * Image.MAX_IMAGE_PIXELS == 178_956_970  # Pillow's default
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert max_image_pixels() is None
+
+
+def streamed_error(paths: list[str], decode: str, workers: int = 0) -> str:
+    s = FolderStream(paths, [0] * len(paths), len(paths), train=False, mean=(0.5,) * 3, std=(0.2,) * 3,
+                     seed=0, image_size=8, workers=workers, decode=decode)
+    try:
+        with pytest.raises(DataError) as err:
+            next(iter(s.epoch(0)))
+        return str(err.value)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "bmp"])
+def test_an_image_over_the_limit_is_refused_alike_decoded_up_front_and_streamed(tmp_path, monkeypatch, fmt):
+    """A 400-Mpixel PNG was refused up front (by Pillow, as unreadable) but trained when streamed
+    (by torchvision, which has no limit). The limit is lowered here to 1000 pixels (Pillow's
+    setting 500): a 40x30 image is over it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    tree = tmp_path / "tree"
+    paths = write_tree(tree, per_class=3, size=(20, 20), fmt=fmt)  # 400 pixels: not even Pillow's warning
+    big = replace(paths[2], (40, 30), fmt)
+    expected = (f"image {big} is 40x30 pixels (1,200), more than the 1,000 an image may have (Pillow's "
+                f"decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS); shrink or remove it")
+    with pytest.raises(DataError) as up_front:
+        load_dataset(str(tree), data_dir=tmp_path)
+    assert str(up_front.value) == expected
+    _, (train, _), _ = folder_splits(tree, val_per_class=0)
+    assert streamed_error(train, "cpu") == expected
+    assert streamed_error(train, "device") == expected  # JPEG bytes go to the device's decoder
+    if fmt == "png":
+        assert streamed_error(train, "cpu", workers=1) == expected
+
+
+def test_several_images_over_the_limit_are_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    tree = tmp_path / "tree"
+    paths = write_tree(tree, per_class=3, size=(12, 12))
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"image {paths[0]} is 12x12 pixels (144), more than the 100 ")
+    assert f"; so are {paths[1]} (12x12), {paths[2]} (12x12) and 3 more; shrink or remove them" in msg
+
+
+def test_images_under_the_limit_decode_without_pillows_warning(tmp_path, monkeypatch):
+    """Pillow warns from half its limit up; torchvision never does: neither path warns now."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    tree = tmp_path / "tree"
+    write_tree(tree, per_class=3, size=(30, 30), fmt="bmp")  # 900 pixels: between 500 and 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        d = load_dataset(str(tree), data_dir=tmp_path)
+        _, (train, labels), _ = folder_splits(tree, val_per_class=0)
+        s = FolderStream(train, labels, 6, train=False, mean=(0.5,) * 3, std=(0.2,) * 3, seed=0, image_size=8,
+                         workers=0)
+        x, _ = next(iter(s.epoch(0)))
+        s.close()
+    assert d.image_shape == (3, 30, 30) and x.shape == (6, 3, 8, 8)
+    assert Image.MAX_IMAGE_PIXELS == 500  # Pillow's setting is put back
+
+
+def test_an_image_pillow_decodes_is_streamed_without_a_warning(tmp_path):
+    """Pillow's pixels can be a read-only array, which torch.from_numpy warns about (once per
+    process, so in a process of its own)."""
+    path = tmp_path / "x.bmp"
+    Image.new("RGB", (5, 4), (9, 8, 7)).save(path)
+    probe = ("from neurosim import stream; p = {path!r}; "
+             "img = stream._decode_cpu(stream._read_bytes(p), p); assert img.shape == (3, 4, 5)")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", probe.format(path=str(path))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
