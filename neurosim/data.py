@@ -819,8 +819,9 @@ def _decode_images(paths: Sequence[str], progress=None) -> np.ndarray:
     for path, a in zip(paths, arrays):
         if a.shape[:2] != (h, w):
             raise DataError(
-                f"image {path} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {w}x{h}; "
-                "all images of a folder dataset must have the same size"
+                f"image {path} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {w}x{h}: a folder held in memory "
+                "needs images of one size. Stream it from disk instead with --stream on, which resizes every "
+                "image to --image-size, or give every image the same size"
             )
     channels = 1 if all(a.ndim == 2 for a in arrays) else 3
     out = np.empty((len(arrays), channels, h, w), dtype=np.uint8)

@@ -20,6 +20,7 @@ a distributed run together see exactly the batches one process with their summed
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -37,7 +38,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from neurosim.data import (TooLarge, _derive_seed, _failure, _opened, _pixels, _scan_folder,
+from neurosim.data import (TooLarge, _cache_path, _derive_seed, _failure, _opened, _pixels, _scan_folder,
                            _UnsupportedMode, held_out, max_image_pixels, too_large_error)
 from neurosim.errors import DataError
 
@@ -241,6 +242,26 @@ def header_size(read) -> tuple[int, int] | None:
         if length < 2:
             return None
         pos += length
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header (Pillow's for formats `header_size` does
+    not read); None if it cannot be read (the loader then names it)."""
+    try:
+        with open(path, "rb") as f:
+            def read(offset: int, n: int) -> bytes:
+                f.seek(offset)
+                return f.read(n)
+
+            size = header_size(read)
+            if size is not None:
+                return size
+        with _opened(path) as im:
+            return im.size
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - OSError, PIL's errors: the loader reports unreadable images
+        return None
 
 
 def _over_limit(data: torch.Tensor, path: str, max_pixels: int | None) -> TooLarge | None:
@@ -779,8 +800,9 @@ def wants_stream(spec: str, data_dir: str | os.PathLike, mode: str) -> bool:
 
     The named datasets (digits, CIFAR, synthetic) are small and always held on the device.
     ``auto`` streams a folder in ImageNet's train/ + val/ layout, one whose images differ in size
-    (a sample of them is measured) and one whose decoded images would exceed
-    ``AUTO_STREAM_BYTES``."""
+    and one whose decoded images would exceed ``AUTO_STREAM_BYTES``, by the images' headers
+    (`_mixed_or_large`). A folder decoded before, as it is now, has a cache of its decoded images
+    (one size, or it would not have been decoded): its size decides without reading any header."""
     from neurosim.data import DATASET_NAMES
 
     if spec in DATASET_NAMES:
@@ -793,21 +815,33 @@ def wants_stream(spec: str, data_dir: str | os.PathLike, mode: str) -> bool:
     root = folder_root(spec, data_dir)
     if (root / "train").is_dir() and (root / "val").is_dir():
         return True
-    _, paths, _ = _scan_folder(root)
-    step = max(1, len(paths) // _SIZE_SAMPLE)
-    sizes = set()
-    for path in paths[::step][:_SIZE_SAMPLE]:
-        try:
-            from PIL import Image
+    _, paths, labels = _scan_folder(root)
+    try:
+        decoded = _cache_path(root, Path(data_dir), paths, labels).stat().st_size
+    except OSError:
+        return _mixed_or_large(paths)
+    return decoded > AUTO_STREAM_BYTES
 
-            with Image.open(path) as im:  # reads the header only
-                sizes.add(im.size)
-        except Exception:  # noqa: BLE001 - the loader names unreadable images itself
+
+def _mixed_or_large(paths: Sequence[str]) -> bool:
+    """Whether the images differ in size, or would take more than ``AUTO_STREAM_BYTES`` decoded
+    (3 bytes a pixel), by their headers: a sample first, where a folder of many sizes shows it,
+    then, unless the sample's size alone decides, every image, where one odd image shows (a
+    9000×9000 scan among thumbnails). Images that cannot be read are passed over: the loader
+    names them."""
+    step = max(1, len(paths) // _SIZE_SAMPLE)
+    first = None
+    for path in itertools.chain(paths[::step][:_SIZE_SAMPLE], paths):
+        size = _image_size(path)
+        if size is None:
             continue
-    if len(sizes) > 1:
-        return True
-    w, h = next(iter(sizes), (0, 0))
-    return len(paths) * 3 * w * h > AUTO_STREAM_BYTES
+        if first is None:
+            first = size
+            if len(paths) * 3 * size[0] * size[1] > AUTO_STREAM_BYTES:
+                return True
+        elif size != first:
+            return True
+    return False
 
 
 def open_folder(spec: str, data_dir: str | os.PathLike, val_per_class: int | None, image_size: int,

@@ -1,5 +1,6 @@
-"""The size of a folder's images: the one limit on pixels per image, the same whether a folder
-is decoded up front (``neurosim.data``) or streamed (``neurosim.stream``)."""
+"""The size of a folder's images: which folders ``--stream auto`` streams, what a refusal about
+image sizes says, and the one limit on pixels per image, the same whether a folder is decoded up
+front (``neurosim.data``) or streamed (``neurosim.stream``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurosim import data
+from neurosim import data, stream
 from neurosim.data import load_dataset, max_image_pixels
 from neurosim.errors import DataError
-from neurosim.stream import FolderStream, folder_splits
+from neurosim.stream import FolderStream, folder_splits, header_size, wants_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -40,6 +41,86 @@ def replace(path: str, size, fmt: str | None = None) -> str:
         path = str(Path(path).with_suffix(f".{fmt}"))
     Image.new("RGB", size, (200, 30, 90)).save(path)
     return path
+
+
+# --- which folders --stream auto streams ---------------------------------------------------------
+
+def test_auto_streams_a_folder_with_one_large_image_the_sample_misses(tmp_path):
+    """README: a folder of mixed sizes streams. The sizes were sampled (16 images): one odd
+    image elsewhere left the folder to be decoded up front, which then refused it."""
+    tree = tmp_path / "tree"
+    paths = write_tree(tree)
+    assert not wants_stream(str(tree), tmp_path, "auto")
+    sampled = set(paths[::max(1, len(paths) // stream._SIZE_SAMPLE)][:stream._SIZE_SAMPLE])
+    odd = next(p for p in reversed(paths) if p not in sampled)
+    replace(odd, (300, 200))
+    assert wants_stream(str(tree), tmp_path, "auto")
+    assert not wants_stream(str(tree), tmp_path, "off")
+
+
+def test_auto_decides_on_the_decoded_size(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    write_tree(tree, per_class=4, size=(8, 8))  # 8 images of 8x8x3 bytes: 1536 bytes decoded
+    monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", 1536)
+    assert not wants_stream(str(tree), tmp_path, "auto")
+    monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", 1535)
+    assert wants_stream(str(tree), tmp_path, "auto")
+
+
+def test_a_folder_decoded_before_is_decided_by_its_cache_without_reading_headers(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    write_tree(tree, per_class=4)
+    load_dataset(str(tree), data_dir=tmp_path)  # decodes it once, and caches it
+
+    def no_headers(path):
+        raise AssertionError(f"read the header of {path}")
+
+    monkeypatch.setattr(stream, "_image_size", no_headers)
+    assert not wants_stream(str(tree), tmp_path, "auto")
+    monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", 100)
+    assert wants_stream(str(tree), tmp_path, "auto")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "gif", "bmp"])
+def test_image_sizes_come_from_the_headers(tmp_path, fmt):
+    path = tmp_path / f"x.{fmt}"
+    im = Image.new("RGB", (37, 23), (1, 2, 3))
+    if fmt == "jpg":  # metadata segments before the frame header, and a progressive frame
+        im.save(path, quality=80, progressive=True, exif=b"Exif\x00\x00" + bytes(3000), icc_profile=bytes(5000))
+    else:
+        im.save(path)
+    assert stream._image_size(str(path)) == (37, 23)
+    raw = path.read_bytes()
+    expected = None if fmt == "bmp" else (37, 23)  # BMP: Pillow reads it (above), not header_size
+    assert header_size(lambda offset, n: raw[offset:offset + n]) == expected
+
+
+# --- what a refusal about image sizes says -------------------------------------------------------
+
+def test_the_refusal_of_mixed_sizes_names_stream_on(tmp_path):
+    tree = tmp_path / "tree"
+    paths = write_tree(tree, per_class=3)
+    odd = replace(paths[-1], (12, 9))
+    with pytest.raises(DataError) as err:
+        load_dataset(str(tree), data_dir=tmp_path)
+    msg = str(err.value)
+    assert f"image {odd} is 12x9 but {paths[0]} is 8x8" in msg
+    assert "--stream on" in msg
+
+
+@pytest.mark.slow
+def test_a_run_held_in_memory_refuses_mixed_sizes_naming_stream_on(tmp_path):
+    tree = tmp_path / "tree"
+    paths = write_tree(tree, per_class=3)
+    replace(paths[-1], (12, 9))
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "kp_resnet18",
+                           "--data", str(tree), "--stream", "off", "--width", "0.0625", "--epochs", "1",
+                           "--device", "cpu", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: image ") and "--stream on" in lines[0], done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # --- one limit on pixels per image ---------------------------------------------------------------
