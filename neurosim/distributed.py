@@ -124,7 +124,8 @@ def finish() -> None:
 
 def barrier() -> None:
     if world().distributed:
-        dist.barrier()
+        with rank0_stops_said():
+            dist.barrier()
 
 
 def decided_by_rank0(decide, share: bool = False):
@@ -150,7 +151,8 @@ def decided_by_rank0(decide, share: bool = False):
         box[0] = ("ok", result if share else None)
         dist.broadcast_object_list(box, src=0)
         return result
-    dist.broadcast_object_list(box, src=0)
+    with rank0_stops_said():
+        dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
         raise Echo(value)
@@ -193,6 +195,22 @@ def who_reports(e: UserError, together: bool = False) -> tuple[bool, bool]:
         _tell(store, f"says/{launched().rank}")  # rank 0, should it fail after all, need not wait for it
         return True, False
     return rank0 != str(e), True
+
+
+@contextlib.contextmanager
+def rank0_stops_said():
+    """Around a collective on a rank other than 0: if it fails because rank 0 stopped with a
+    user error that it says (leaving the process group closes its connections: gloo's
+    "Connection closed by peer"), that error as an ``Echo``, so this rank stops in silence
+    rather than with a traceback of the collective. Any other failure is raised as it is."""
+    try:
+        yield
+    except RuntimeError:
+        store = _agent_store() if launched().rank != 0 else None
+        said = _rank0_error(store, pre_join=False) if store is not None else None
+        if said is not None:
+            raise Echo(said) from None
+        raise
 
 
 def under_torchrun() -> bool:
@@ -275,7 +293,8 @@ def _rank0_error(store, pre_join: bool) -> str | None:
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over every rank (in place; ``t`` itself on a lone process)."""
     if world().distributed:
-        dist.all_reduce(t)
+        with rank0_stops_said():
+            dist.all_reduce(t)
     return t
 
 
@@ -284,7 +303,8 @@ def gathered(t: torch.Tensor) -> torch.Tensor:
     if not world().distributed:
         return t[None]
     parts = [torch.empty_like(t) for _ in range(world().size)]
-    dist.all_gather(parts, t.contiguous())
+    with rank0_stops_said():
+        dist.all_gather(parts, t.contiguous())
     return torch.stack(parts)
 
 

@@ -90,6 +90,29 @@ def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before  # untouched
 
 
+@pytest.mark.slow
+def test_an_error_rank_0_meets_while_the_others_wait_for_it_is_said_once(tmp_path):
+    """Rank 0 decodes a folder while the other ranks wait at a barrier; an unreadable image stops
+    it, and its leaving the process group fails their barrier, which once ended in a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tree" / name / f"{i}.png")
+    (tmp_path / "tree" / "a" / "bad.png").write_bytes(b"junk")
+    done = torchrun(ROOT / "experiments" / "run_circuit.py", "kp_resnet18", "--data", str(tmp_path / "tree"),
+                    "--stream", "off", "--width", "0.0625", "--epochs", "1", "--device", "cpu",
+                    "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert said(done.stderr) == [f"error: 1 image in {tmp_path / 'tree'} cannot be read: "
+                                 f"{os.path.join('a', 'bad.png')} (cannot identify image file); remove or "
+                                 f"replace it"], done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and "Connection closed" not in done.stderr
+    assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
+    assert_no_traceback_of_ours(done.stderr)
+
+
 ENTRY = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
