@@ -137,11 +137,11 @@ def _check_options(words: list[str], monkeypatch) -> None:
     """A training command's options, checked as its program checks them before it loads data
     (the device and the data it names need not be present here)."""
     import neurosim.cli
-    import neurosim.study
+    import neurosim.study.plan
     from neurosim.study import parse_request, plan_study
 
     monkeypatch.setattr(neurosim.cli, "check_device", lambda spec: None)
-    monkeypatch.setattr(neurosim.study, "_check_data", lambda spec, data_dir: None)
+    monkeypatch.setattr(neurosim.study.plan, "_check_data", lambda spec, data_dir: None)
 
     words = [OPTION_PLACEHOLDERS.get(w, w).replace("<rule>", SUBSTITUTIONS["<rule>"]) for w in words]
     script = next((w for w in words if w.startswith(SCRIPTS)), "")
