@@ -222,6 +222,8 @@ def test_neurosim_command_names_its_subcommands(capsys):
     assert code == 0 and out.startswith("usage: neurosim run PRESET") and "those of kp_mlp_digits" in out
     code, out, _ = in_process("evaluate", "--help", capsys=capsys, entry=None)
     assert code == 0 and out.startswith("usage: neurosim evaluate RUN_DIR")
+    code, out, _ = in_process("compare", "--help", capsys=capsys, entry=None)
+    assert code == 0 and out.startswith("usage: neurosim compare MODEL") and "compare_rules.py --resume" not in out
 
 
 def test_python_m_neurosim_and_the_console_script(tmp_path):

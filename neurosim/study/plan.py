@@ -25,15 +25,17 @@ MACHINE_SETTINGS = ("device", "data_dir", "log_every", "compile", "deterministic
 STUDY_OPTIONS = ("--rules", "--out", "--resume", "--quiet", "--in-process")
 
 
-def usage() -> str:
+def usage(prog: str = "compare_rules.py") -> str:
+    """The help of ``prog`` (``neurosim compare`` when run through the ``neurosim`` command)."""
     from neurosim.config import MODEL_FAMILIES, RULE_NAMES, rule_aliases
 
     rules = ",".join(_in_order(RULE_NAMES))
     aliases = ", ".join(f"{a} is {r}" for a, r in rule_aliases().items())
+    pad = " " * len(f"usage: {prog} ")
     return "\n".join([
-        "usage: compare_rules.py MODEL [--rules RULE,RULE,...] [--out STUDY_DIR] [--quiet] [--in-process]",
-        "                        [--field-name VALUE ...]",
-        "       compare_rules.py --resume STUDY_DIR [--rules RULE,...] [--quiet] [--in-process] [--field-name VALUE ...]",
+        f"usage: {prog} MODEL [--rules RULE,RULE,...] [--out STUDY_DIR] [--quiet] [--in-process]",
+        f"{pad}[--field-name VALUE ...]",
+        f"       {prog} --resume STUDY_DIR [--rules RULE,...] [--quiet] [--in-process] [--field-name VALUE ...]",
         "",
         *textwrap.wrap(
             "Train every registered rule (or those of --rules) on the same model, seed, data and budget, "
@@ -92,7 +94,7 @@ class Request:
     options: dict = attrs.field(factory=dict)  # setting -> value as given on the command line
 
 
-def parse_request(argv: list[str]) -> Request:
+def parse_request(argv: list[str], prog: str = "compare_rules.py") -> Request:
     from neurosim.config import parse_overrides
 
     rest = list(argv)
@@ -110,8 +112,8 @@ def parse_request(argv: list[str]) -> Request:
             i += 1
             continue
         if not token.startswith("--"):
-            raise UserError(f"unexpected argument {token!r}: MODEL comes first (e.g. compare_rules.py mlp_digits "
-                            f"--epochs 5), then options as --name value; compare_rules.py --help lists them")
+            raise UserError(f"unexpected argument {token!r}: MODEL comes first (e.g. {prog} mlp_digits "
+                            f"--epochs 5), then options as --name value; {prog} --help lists them")
         if i + 1 >= len(rest):
             raise UserError(f"option {token} needs a value")
         value = rest[i + 1]

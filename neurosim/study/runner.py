@@ -233,14 +233,15 @@ class _Lines:
             self.pending = ""
 
 
-def compare_rules(argv: list[str]) -> int:
-    """``compare_rules.py MODEL [...]``; returns the exit status (run it through ``neurosim.cli.main``)."""
+def compare_rules(argv: list[str], prog: str = "compare_rules.py") -> int:
+    """``compare_rules.py MODEL [...]``; returns the exit status (run it through ``neurosim.cli.main``).
+    ``prog`` is the name its help and its option errors give it (``neurosim compare`` there)."""
     from neurosim.cli import unique_run_dir, wants_help
 
     if not argv or wants_help(argv):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
+        print(usage(prog), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    req = parse_request(argv)
+    req = parse_request(argv, prog)
     from neurosim.distributed import launched
 
     if launched().distributed:
