@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import neurosim.data as data
 from neurosim.data import BatchStream, ImageData, crop_and_flip, load_dataset
+from neurosim.data import folders, images
 from neurosim.errors import DataError
 
 SHARED_CIFAR_JPG = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg/train"
@@ -86,7 +86,7 @@ def test_folder_rgb_decoding_order_and_split(tmp_path):
     d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
     assert d.classes == ("ant", "mole", "zebra")
     assert d.image_shape == (3, 5, 6)
-    order = data.folder_training_order(9).numpy()
+    order = folders.folder_training_order(9).numpy()
     assert d.train_y.tolist() == np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])[order].tolist()
     assert d.test_y.tolist() == [0, 1, 2]
     expect_train = [a for c in d.classes for a in arrays[c][:-1]]
@@ -103,7 +103,7 @@ def test_folder_order_matches_torchvision_imagefolder(tmp_path):
     (tree / "a" / "sub").mkdir()
     Image.new("RGB", (6, 5)).save(tree / "a" / "sub" / "000.PNG")
     (tree / "a" / "notes.txt").write_text("not an image")
-    classes, paths, labels = data._scan_folder(tree)
+    classes, paths, labels = folders.scan_folder(tree)
     ref = ImageFolder(str(tree))
     assert classes == ref.classes
     assert list(zip(paths, labels)) == ref.samples
@@ -143,9 +143,9 @@ def test_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     def no_decoding(paths, progress=None):
         raise AssertionError("decoded again although cached")
 
-    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    monkeypatch.setattr(folders, "_decode_images", no_decoding)
     second = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=2)
-    unsorted = lambda d, n: d.train_x[torch.argsort(data.folder_training_order(n))]
+    unsorted = lambda d, n: d.train_x[torch.argsort(folders.folder_training_order(n))]
     assert torch.equal(unsorted(first, 4)[[0, 2]], unsorted(second, 2))
     assert not list(tree.rglob("*.npz"))
 
@@ -220,13 +220,13 @@ def test_folder_pool_reports_every_unreadable_image(tmp_path, monkeypatch):
     tree = tmp_path / "tree"
     _write_tree(tree, {"a": 2, "b": 2})
     _bad_files(tree)
-    paths = data._scan_folder(tree)[1]
+    paths = folders.scan_folder(tree)[1]
     with pytest.raises(DataError) as serial:
-        data._decode_images(paths)
-    monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
-    monkeypatch.setattr(data, "_decode_chunk", _decode_chunk_in_worker_only)
+        folders._decode_images(paths)
+    monkeypatch.setattr(folders, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(folders, "_decode_chunk", _decode_chunk_in_worker_only)
     with pytest.raises(DataError) as pooled:
-        data._decode_images(paths)
+        folders._decode_images(paths)
     assert str(pooled.value) == str(serial.value)
     assert str(pooled.value).startswith(f"7 images in {tree} cannot be read")
 
@@ -240,7 +240,7 @@ def _decode_chunk_in_worker_only(paths):
     return _ORIGINAL_DECODE_CHUNK(paths)
 
 
-_ORIGINAL_DECODE_CHUNK = data._decode_chunk
+_ORIGINAL_DECODE_CHUNK = folders._decode_chunk
 
 
 def test_folder_needs_two_classes(tmp_path):
@@ -306,7 +306,7 @@ def test_folder_16bit_greyscale_is_scaled_not_clipped(tmp_path):
             assert im.mode in (mode, "I"), (f, im.mode)
     d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=0)
     assert d.image_shape == (1, 5, 6)
-    got = d.train_x[torch.argsort(data.folder_training_order(4))][:, 0].numpy()
+    got = d.train_x[torch.argsort(folders.folder_training_order(4))][:, 0].numpy()
     assert np.array_equal(got[0], expect)
     assert np.array_equal(got[1], expect[::-1])
     assert np.array_equal(got[2], _to8(ramp.T.copy().reshape(5, 6)))
@@ -314,7 +314,7 @@ def test_folder_16bit_greyscale_is_scaled_not_clipped(tmp_path):
     # The exact rounding over the whole 16-bit range.
     every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     with Image.fromarray(every) as im:
-        assert np.array_equal(data._pixels(im), _to8(every))
+        assert np.array_equal(images.pixels(im), _to8(every))
 
 
 def test_folder_48_and_64_bit_rgb_pngs_are_not_clipped(tmp_path):
@@ -328,7 +328,7 @@ def test_folder_48_and_64_bit_rgb_pngs_are_not_clipped(tmp_path):
     _png16(tree / "b" / "rgba64.png", rgba)
     d = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=0)
     assert d.image_shape == (3, 5, 6)
-    got = d.train_x[torch.argsort(data.folder_training_order(2))].numpy().astype(int)
+    got = d.train_x[torch.argsort(folders.folder_training_order(2))].numpy().astype(int)
     # Pillow reduces these itself, to each sample's high byte: within one level of round(v / 257).
     for img, samples in zip(got, (rgb, rgba[..., :3])):
         assert np.abs(img.transpose(1, 2, 0) - _to8(samples).astype(int)).max() <= 1
@@ -355,8 +355,8 @@ def test_folder_other_8bit_modes_become_rgb(tmp_path):
     Image.fromarray(rgb).quantize(16).save(tree / "a" / "p.png", transparency=0)
     Image.fromarray(rgb).convert("CMYK").save(tree / "b" / "cmyk.tif")
     Image.fromarray(rgb[..., 0]).convert("1").save(tree / "b" / "one.png")
-    paths = data._scan_folder(tree)[1]
-    x = data._decode_images(paths)
+    paths = folders.scan_folder(tree)[1]
+    x = folders._decode_images(paths)
     assert x.shape == (5, 3, 5, 6)
     for path, img in zip(paths, x):
         with Image.open(path) as im:
@@ -407,7 +407,7 @@ def test_folder_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, corrupt):
         assert np.array_equal(z["images"], g["images"])
 
     # The rebuilt cache is used as it is: no warning, no decoding.
-    monkeypatch.setattr(data, "_decode_images", _no_decoding)
+    monkeypatch.setattr(folders, "_decode_images", _no_decoding)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         third = load_dataset(str(tree), data_dir=tmp_path / "data", val_per_class=1)
@@ -422,13 +422,13 @@ def _no_decoding(paths, progress=None):
 def test_folder_pool_decoding_matches_serial(tmp_path, monkeypatch):
     tree = tmp_path / "tree"
     _write_tree(tree, {"a": 6, "b": 5})
-    paths = data._scan_folder(tree)[1]
-    serial = data._decode_images(paths)
-    monkeypatch.setattr(data, "_POOL_MIN_FILES", 1)
-    assert np.array_equal(data._decode_images(paths), serial)
+    paths = folders.scan_folder(tree)[1]
+    serial = folders._decode_images(paths)
+    monkeypatch.setattr(folders, "_POOL_MIN_FILES", 1)
+    assert np.array_equal(folders._decode_images(paths), serial)
     (tree / "b" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="bad.png"):
-        data._decode_images(data._scan_folder(tree)[1])
+        folders._decode_images(folders.scan_folder(tree)[1])
 
 
 def test_folder_val_per_class_too_large(tmp_path):
@@ -453,7 +453,7 @@ def test_real_cifar10_jpegs(tmp_path):
     assert d.train_x.shape[0] == 20 and d.test_x.shape[0] == 10
     first = sorted((SHARED_CIFAR_JPG / classes[0]).iterdir())[0]
     with Image.open(first) as im:
-        held_at = int(torch.argsort(data.folder_training_order(20))[0])
+        held_at = int(torch.argsort(folders.folder_training_order(20))[0])
         assert np.array_equal(d.train_x[held_at].numpy(), np.asarray(im.convert("RGB")).transpose(2, 0, 1))
     assert all(0.2 < m < 0.8 for m in d.mean)
 

@@ -1,6 +1,6 @@
 """The size of a folder's images: which folders ``--stream auto`` streams, what a refusal about
 image sizes says, and the one limit on pixels per image, the same whether a folder is decoded up
-front (``neurosim.data``) or streamed (``neurosim.stream``)."""
+front (``neurosim.data.folders``) or streamed (``neurosim.data.stream``)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurosim import data, stream
+from neurosim.data import folders, images, stream
 from neurosim.data import load_dataset, max_image_pixels
 from neurosim.errors import DataError
-from neurosim.stream import FolderStream, folder_splits, header_size, wants_stream
+from neurosim.data.stream import FolderStream, folder_splits, header_size, wants_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -31,7 +31,7 @@ def write_tree(root: Path, per_class: int = 24, size=(8, 8), fmt: str = "png") -
         for i in range(per_class):
             a = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
             Image.fromarray(a).save(root / name / f"{i:03d}.{fmt}")
-    return data._scan_folder(root)[1]
+    return folders.scan_folder(root)[1]
 
 
 def replace(path: str, size, fmt: str | None = None) -> str:
@@ -75,7 +75,7 @@ def test_a_folder_decoded_before_is_decided_by_its_cache_without_reading_headers
     def no_headers(path):
         raise AssertionError(f"read the header of {path}")
 
-    monkeypatch.setattr(stream, "_image_size", no_headers)
+    monkeypatch.setattr(images, "image_size", no_headers)
     assert not wants_stream(str(tree), tmp_path, "auto")
     monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", 100)
     assert wants_stream(str(tree), tmp_path, "auto")
@@ -89,7 +89,7 @@ def test_image_sizes_come_from_the_headers(tmp_path, fmt):
         im.save(path, quality=80, progressive=True, exif=b"Exif\x00\x00" + bytes(3000), icc_profile=bytes(5000))
     else:
         im.save(path)
-    assert stream._image_size(str(path)) == (37, 23)
+    assert images.image_size(str(path)) == (37, 23)
     raw = path.read_bytes()
     expected = None if fmt == "bmp" else (37, 23)  # BMP: Pillow reads it (above), not header_size
     assert header_size(lambda offset, n: raw[offset:offset + n]) == expected
@@ -196,8 +196,8 @@ def test_an_image_pillow_decodes_is_streamed_without_a_warning(tmp_path):
     process, so in a process of its own)."""
     path = tmp_path / "x.bmp"
     Image.new("RGB", (5, 4), (9, 8, 7)).save(path)
-    probe = ("from neurosim import stream; p = {path!r}; "
-             "img = stream._decode_cpu(stream._read_bytes(p), p); assert img.shape == (3, 4, 5)")
+    probe = ("from neurosim.data import folder_stream as s; p = {path!r}; "
+             "img = s._decode_cpu(s._read_bytes(p), p); assert img.shape == (3, 4, 5)")
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", probe.format(path=str(path))],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
