@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from neurosim.applies import (Applies, folder_holds_out, milestones_within_epochs, padding_within_image,
+                              representable_problem, width_has_channels, within_training_images)
 from neurosim.errors import UserError
 from neurosim.models import IMAGENET_RESNETS, RESNETS
 from neurosim.rules import RULES
@@ -82,17 +84,23 @@ def _positive(inst, att, value):
         raise ValueError(f"{att.name} must be positive, got {value}")
 
 
-def _finite(inst, att, value):
-    if isinstance(value, (int, float)) and not math.isfinite(value):
-        raise ValueError(f"{att.name} must be a finite number, got {value}")
+def _representable(inst, att, value):
+    problem = representable_problem(att.name, value)
+    if problem:
+        raise ValueError(problem)
 
 
 def _finite_floats(cls, fields):
-    """Every float field is checked to be finite (NaN and infinity are never a setting)."""
+    """Every number field is checked to be representable (``representable_problem``): NaN and
+    infinity are never a setting, nor is a number the run's float32 or int64 arithmetic cannot hold."""
     out = []
     for f in fields:
-        if f.type in ("float", float):
-            f = f.evolve(validator=_finite if f.validator is None else _v.and_(_finite, f.validator))
+        if "float" in str(f.type) or "int" in str(f.type):  # float, int, int | None, tuple[int, ...]
+            # A real number is checked first (NaN passes most comparisons); a whole number after
+            # its own validator, whose message says more (the range of a seed).
+            own = [f.validator] if f.validator is not None else []
+            checks = [_representable, *own] if "float" in str(f.type) else [*own, _representable]
+            f = f.evolve(validator=_v.and_(*checks))
         out.append(f)
     return out
 
@@ -135,17 +143,27 @@ def _seed(inst, att, value):
         raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {value}")
 
 
-def _about(group: str, text: str, unit: str | None = None) -> dict:
-    """A field's metadata, which the command line shows: its ``group`` in ``--help``, one line
-    saying what it is for, and its unit (None for a name, a switch or a plain ratio)."""
-    return {"group": group, "help": text, "unit": unit}
+def _image_size(inst, att, value):
+    if value < 2:
+        raise ValueError(f"image_size must be at least 2: a streamed image is resized to image_size × image_size "
+                         f"pixels, which PyTorch's antialiased resize cannot do below 2, got {value}")
+
+
+def _about(group: str, text: str, unit: str | None = None, applies: Applies | None = None, check=None) -> dict:
+    """A field's metadata: its ``group`` in ``--help``, one line saying what it is for, its unit
+    (None for a name, a switch or a plain ratio), where it ``applies`` (None: everywhere), and a
+    ``check`` of its value against the rest of the configuration (why it cannot be meant, or None;
+    ``neurosim.applies``). ``check_given`` refuses a setting given where it does not apply or with a
+    value that fails its check."""
+    return {"group": group, "help": text, "unit": unit, "applies": applies, "check": check}
 
 
 @attrs.frozen(kw_only=True, field_transformer=_finite_floats)
 class RunConfig:
     """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON).
 
-    Each field's metadata (``_about``) gives its group, description and unit for ``--help``."""
+    Each field's metadata (``_about``) gives its group, description and unit for ``--help``, and
+    where it applies and what its value must be (``check_given``)."""
 
     preset: str = "custom"
     rule: str = attrs.field(default="bp", validator=_registered, metadata=_about(
@@ -159,39 +177,57 @@ class RunConfig:
     data: str = attrs.field(default="digits", metadata=_about(
         "data", "dataset: digits, cifar10, cifar100, synthetic, or a folder of class subfolders of images"))
     data_dir: str = attrs.field(default="data", metadata=_about(
-        "data", "where named datasets are kept (and downloaded) and decoded folders cached"))
+        "data", "where named datasets are kept (and downloaded) and decoded folders cached",
+        applies=Applies(data_dir=True, why="where they are kept or downloaded, and decoded folders cached")))
     val_per_class: int | None = attrs.field(default=None, validator=_v.optional(_v.ge(0)), metadata=_about(
-        "data", "images per class held out of a folder for testing; none: 10 %", "images"))
+        "data", "images per class held out of a folder for testing; none: 10 %", "images",
+        applies=Applies(data=("folder",), why="a folder's test images; the named datasets have a test split of "
+                                              "their own"), check=folder_holds_out))
     train_limit: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
-        "data", "train on the first N training images only; 0: all", "images"))
+        "data", "train on the first N training images only; 0: all", "images", check=within_training_images))
     synthetic_train: int = attrs.field(default=1024, validator=_positive, metadata=_about(
-        "data", "training images of the synthetic dataset", "images"))
+        "data", "training images of the synthetic dataset", "images",
+        applies=Applies(data=("synthetic",), why="the size of the synthetic dataset")))
     synthetic_test: int = attrs.field(default=256, validator=_positive, metadata=_about(
-        "data", "test images of the synthetic dataset", "images"))
+        "data", "test images of the synthetic dataset", "images",
+        applies=Applies(data=("synthetic",), why="the size of the synthetic dataset")))
     normalize: str = attrs.field(default="standard", validator=_v.in_(("standard", "unit")), metadata=_about(
         "data", "pixel scaling: standard (zero mean, unit std per channel) or unit (0 to 1)"))
     crop_padding: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
-        "data", "random crops from images padded by this much; 0: no crops", "pixels"))
-    flip: bool = attrs.field(default=False, metadata=_about("data", "random horizontal flips of training images"))
+        "data", "random crops from images padded by this much; 0: no crops", "pixels",
+        applies=Applies(held=True, why="random crops of the images in memory"), check=padding_within_image))
+    flip: bool = attrs.field(default=False, metadata=_about(
+        "data", "random horizontal flips of training images",
+        applies=Applies(held=True, why="random flips of the images in memory")))
     shuffle: bool = attrs.field(default=True, metadata=_about(
-        "data", "shuffle the training images every epoch"))
+        "data", "shuffle the training images every epoch",
+        applies=Applies(held=True, why="the order of the images in memory")))
     # Folders: "auto" streams one whose decoded images would not fit comfortably in memory
     # (neurosim.stream), "on" always streams, "off" always decodes once and holds it on the device.
     stream: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")), metadata=_about(
-        "data", "read a folder from disk as it trains (on), decode it once into memory (off), or by size"))
-    image_size: int = attrs.field(default=224, validator=_positive, metadata=_about(
-        "data", "crop size of a streamed folder's images", "pixels"))
+        "data", "read a folder from disk as it trains (on), decode it once into memory (off), or by size",
+        applies=Applies(data=("folder",), why="the named datasets are always held in memory")))
+    image_size: int = attrs.field(default=224, validator=_image_size, metadata=_about(
+        "data", "crop size of a streamed folder's images", "pixels",
+        applies=Applies(data=("folder",), held=False, why="the size a streamed image is cropped to; other data "
+                                                          "keeps its own")))
     workers: int = attrs.field(default=4, validator=_v.ge(0), metadata=_about(
-        "data", "loader processes per training process when streaming", "processes"))
+        "data", "loader processes per training process when streaming", "processes",
+        applies=Applies(data=("folder",), held=False, why="the processes that read a streamed folder")))
     # circuit
     hidden: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_positive_ints, metadata=_about(
-        "model", "sizes of an MLP's hidden populations", "neurons"))
+        "model", "sizes of an MLP's hidden populations", "neurons",
+        applies=Applies(model="mlp", instead="scale a ResNet with --width")))
     activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")), metadata=_about(
-        "model", "nonlinearity of an MLP's hidden neurons"))
+        "model", "nonlinearity of an MLP's hidden neurons",
+        applies=Applies(model="mlp", instead="ResNet circuits use ReLU")))
     init: str = attrs.field(default="default", validator=_v.in_(("default", "kaiming_normal", "xavier_sum")),
-                            metadata=_about("model", "initial weight distribution of an MLP"))
+                            metadata=_about("model", "initial weight distribution of an MLP", applies=Applies(
+                                model="mlp", instead="ResNet circuits use Kaiming-normal initialisation")))
     width: float = attrs.field(default=1.0, validator=_positive, metadata=_about(
-        "model", "channels of a ResNet relative to the standard 64-128-256-512", "× standard"))
+        "model", "channels of a ResNet relative to the standard 64-128-256-512", "× standard",
+        applies=Applies(model="resnet", instead="set its layer sizes with --hidden (now {hidden})"),
+        check=width_has_channels))
     loss: str = attrs.field(default="cross_entropy", validator=_v.in_(("cross_entropy", "sigmoid_bce")),
                             metadata=_about("optimisation", "loss at the output population"))
     # optimisation
@@ -212,9 +248,11 @@ class RunConfig:
         "optimisation", "SGD weight decay, on forward and learned feedback weights alike"))
     milestones: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=[_positive_ints, _increasing],
                                               metadata=_about("optimisation", "epochs after which the learning rate "
-                                                              "is multiplied by --lr-gamma", "epochs"))
+                                                              "is multiplied by --lr-gamma", "epochs",
+                                                              check=milestones_within_epochs))
     lr_gamma: float = attrs.field(default=0.2, validator=_positive, metadata=_about(
-        "optimisation", "factor of the learning rate at each milestone"))
+        "optimisation", "factor of the learning rate at each milestone",
+        applies=Applies(needs="milestones", why="the factor of the learning rate at each milestone")))
     # execution
     seed: int = attrs.field(default=0, validator=_seed, metadata=_about(
         "execution", "seed of every random draw of the run (weights, data order, augmentation, noise)"))
@@ -223,11 +261,14 @@ class RunConfig:
     amp: str = attrs.field(default="auto", validator=_v.in_(("auto", "off", "bf16")), metadata=_about(
         "execution", "mixed precision; auto: bf16 on a GPU, off on the CPU"))
     channels_last: str = attrs.field(default="auto", validator=_v.in_(("auto", "on", "off")), metadata=_about(
-        "execution", "channels-last memory layout; auto: for ResNets on a GPU"))
+        "execution", "channels-last memory layout; auto: for ResNets on a GPU",
+        applies=Applies(model="resnet", instead="its populations have no channels to lay out")))
     compile: bool = attrs.field(default=False, metadata=_about("execution", "compile the circuit with torch.compile"))
     # Under torchrun: batch statistics over every process's batch (synchronised batch norm).
     sync_bn: bool = attrs.field(default=False, metadata=_about(
-        "execution", "under torchrun, batch norm statistics over every process's batch"))
+        "execution", "under torchrun, batch norm statistics over every process's batch",
+        applies=Applies(model="resnet", several=True, why="batch norm statistics over every process's batch",
+                        instead="it has no batch norm")))
     # Deterministic kernels (cuDNN without autotuning, torch.use_deterministic_algorithms): what
     # makes a CUDA run repeat, and resume, bit for bit. CPU runs are deterministic either way.
     deterministic: bool = attrs.field(default=False, metadata=_about(
@@ -238,12 +279,14 @@ class RunConfig:
     monitor_every: int = attrs.field(default=200, validator=_v.ge(0), metadata=_about(
         "monitors", "engaged steps between monitor records; 0: no monitor", "steps"))
     monitor_synapses: str = attrs.field(default="*", metadata=_about(
-        "monitors", "synapses to monitor, as patterns such as 'x->h1,h2->*'; *: all"))
+        "monitors", "synapses to monitor, as patterns such as 'x->h1,h2->*'; *: all",
+        applies=Applies(needs="monitor_every", why="which synapses the monitor records")))
     monitor_traces: int = attrs.field(default=16, validator=_v.ge(0), metadata=_about(
-        "monitors", "weights per synapse whose values are traced", "weights"))
+        "monitors", "weights per synapse whose values are traced", "weights",
+        applies=Applies(needs="monitor_every", why="weights the monitor traces")))
     monitor_probe: int = attrs.field(default=128, validator=_v.ge(0), metadata=_about(
         "monitors", "fixed training images on which the feedback signal is compared with the gradient",
-        "images"))
+        "images", applies=Applies(needs="monitor_every", why="the monitor's probe images")))
     log_every: int = attrs.field(default=0, validator=_v.ge(0), metadata=_about(
         "output", "steps between progress lines; 0: by time (twice a second on a terminal, else every 30 s)",
         "steps"))
@@ -261,6 +304,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, Mapping):
+            raise UserError(f"a configuration is a JSON object of settings, not {type(d).__name__} {d!r:.40}")
         d = _migrate(dict(d))
         known = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -395,7 +440,9 @@ def preset(name: str, **overrides) -> RunConfig:
     check_rule_settings(name, overrides)
     fields = dict(PRESETS[name], preset=name)
     fields.update(overrides)
-    return build(fields)
+    cfg = build(fields)
+    check_given(cfg, _changed(fields_of(name), overrides))
+    return cfg
 
 
 MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS, *IMAGENET_RESNETS)
@@ -408,9 +455,7 @@ def unknown_preset(name: str) -> str:
     return (f"unknown preset {name!r}; {hint}A preset is <rule>_<model> with rule in {rules_listed()} and "
             f"model in {', '.join(MODEL_FAMILIES)}, e.g. kp_mlp_digits, wm_resnet18")
 
-# Settings that only one kind of circuit or one rule reads; elsewhere they would change nothing.
-_MLP_ONLY = {"hidden": "scale a ResNet with --width", "activation": "ResNet circuits use ReLU",
-             "init": "ResNet circuits use Kaiming-normal initialisation"}
+
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -448,14 +493,6 @@ def _check_overrides(name: str, overrides: dict) -> None:
             instead = f"use the preset {want_rule}_{want_model} instead"
         raise UserError(f"the preset {name} fixes {key} {base[key]!r}, so {_option(key)} {overrides[key]} "
                         f"cannot change it (the run would be named {name}); {instead}")
-    if model == "mlp" and changes("width"):
-        raise UserError(f"--width applies to ResNets only; {name} is an MLP: set its layer sizes with --hidden "
-                        f"(now {','.join(map(str, base['hidden']))})")
-    if model != "mlp":
-        for key, why in _MLP_ONLY.items():
-            if changes(key):
-                raise UserError(f"{_option(key)} applies to MLPs only and {name} is a {model} ({why}); "
-                                f"for an MLP use a preset such as {rule}_mlp_digits")
 
 
 def check_rule_settings(name: str, overrides: dict) -> None:
@@ -481,7 +518,41 @@ def from_saved(saved: RunConfig, overrides: dict) -> RunConfig:
             if key in overrides and owner != overrides.get("rule", saved.rule):
                 raise UserError(f"{_option(key)} applies to the {owner} rule only and this configuration trains "
                                 f"{saved.rule}")
-    return build({**flat_settings(saved), **overrides})
+    base = flat_settings(saved)
+    cfg = build({**base, **overrides})
+    check_given(cfg, _changed(base, overrides))
+    return cfg
+
+
+def fields_of(name: str) -> dict:
+    """Every command-line field of preset ``name`` (its own settings over the defaults), unvalidated."""
+    defaults = {f.name: f.default for f in attrs.fields(RunConfig)}
+    defaults.update({k: f.default for k, (_, f) in rule_settings().items()})
+    return {**defaults, **PRESETS[name]}
+
+
+def _changed(base: dict, overrides: dict) -> list[str]:
+    """The keys of ``overrides`` whose value differs from ``base``'s: the settings given that
+    change something (a setting given at the value it has anyway is harmless wherever it is)."""
+    def same(a, b):
+        return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
+
+    return [k for k, v in overrides.items() if k not in base or not same(v, base[k])]
+
+
+def check_given(cfg: RunConfig, given, streamed: bool | None = None) -> None:
+    """Refuse a setting of ``given`` (those the user set, to values that change ``cfg``) that
+    ``cfg``'s run would not read, or whose value cannot be meant: each field's metadata says where
+    it applies (``Applies``) and what its value must be (``check``). ``streamed``: whether a
+    folder is read from disk, once that is known (None: as far as ``cfg`` says)."""
+    given, name = set(given), cfg.preset if cfg.preset in PRESETS else "this configuration"
+    for f in attrs.fields(RunConfig):
+        if f.name not in given:
+            continue
+        applies, check = f.metadata.get("applies"), f.metadata.get("check")
+        problem = (applies.problem(cfg, f.name, name, streamed) if applies else None) or (check(cfg) if check else None)
+        if problem:
+            raise UserError(problem)
 
 
 def build(fields: dict) -> RunConfig:
@@ -499,8 +570,9 @@ def build(fields: dict) -> RunConfig:
             params[f.name] = value
     try:
         for key, value in params.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{rule}_{key} must be a finite number, got {value}")
+            problem = representable_problem(f"{rule}_{key}", value)
+            if problem:
+                raise ValueError(problem)
         cfg = RunConfig(**fields, rule_params=params)
         cfg.make_rule()
         return cfg
@@ -547,6 +619,9 @@ def convert_option(key: str, text: str, typ):
     says what was expected instead."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
+    if not text.strip():  # an empty value is a shell variable left unset more often than a meant "none"
+        none = " (or none)" if origin is tuple or type(None) in args else ""
+        raise UserError(f"option {key} has an empty value; give {_expected(typ)}{none}")
     if typ is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -554,7 +629,7 @@ def convert_option(key: str, text: str, typ):
             return False
         raise UserError(f"bad value {text!r} for {key}: expected true or false")
     if origin is tuple:
-        if text.strip().lower() in ("", "none"):
+        if text.strip().lower() == "none":
             return ()
         parts = [v.strip() for v in text.split(",")]
         if not all(_is_int(v) for v in parts):
@@ -562,7 +637,7 @@ def convert_option(key: str, text: str, typ):
                             f"e.g. 60,120,160 (or none)")
         return tuple(int(v) for v in parts)
     if type(None) in args:  # Optional[int]
-        if text.strip().lower() in ("none", ""):
+        if text.strip().lower() == "none":
             return None
         typ = int
     if typ is int:
@@ -578,6 +653,19 @@ def convert_option(key: str, text: str, typ):
             raise UserError(f"bad value {text!r} for {key}: expected a finite number")
         return value
     return typ(text)
+
+
+def _expected(typ) -> str:
+    """What a value of type ``typ`` is, for a message: ``a number``, ``a whole number``, …"""
+    if typ is bool:
+        return "true or false"
+    if typing.get_origin(typ) is tuple:
+        return "whole numbers separated by commas"
+    if typ is float:
+        return "a number"
+    if typ is int or type(None) in typing.get_args(typ):
+        return "a whole number"
+    return "a value"
 
 
 def _is_int(text: str) -> bool:

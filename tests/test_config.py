@@ -116,8 +116,11 @@ def test_bad_override_text(args, message):
 
 
 def test_empty_tuples_and_none():
-    assert parse_overrides(["--milestones", "none", "--hidden", "", "--val-per-class", "none"]) == dict(
+    assert parse_overrides(["--milestones", "none", "--hidden", "none", "--val-per-class", "none"]) == dict(
         milestones=(), hidden=(), val_per_class=None)
+    for option in ("--hidden", "--val-per-class", "--lr", "--data"):  # empty is not none: an unset variable
+        with pytest.raises(UserError, match=f"option {option} has an empty value"):
+            parse_overrides([option, ""])
 
 
 @pytest.mark.parametrize("name, overrides, message", [

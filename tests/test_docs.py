@@ -144,6 +144,8 @@ def _check_options(words: list[str], monkeypatch) -> None:
     monkeypatch.setattr(neurosim.study.plan, "_check_data", lambda spec, data_dir: None)
 
     words = [OPTION_PLACEHOLDERS.get(w, w).replace("<rule>", SUBSTITUTIONS["<rule>"]) for w in words]
+    if "torchrun" in words:  # its processes see WORLD_SIZE (settings such as --sync-bn need several)
+        monkeypatch.setenv("WORLD_SIZE", str(_torchrun_processes(words)))
     script = next((w for w in words if w.startswith(SCRIPTS)), "")
     args = words[words.index(script) + 1:] if script else []
     if script.endswith("run_circuit.py"):
@@ -159,6 +161,21 @@ def _check_options(words: list[str], monkeypatch) -> None:
 
         request = parse_request(args)
         plan_study(request.model, request.rules or RULE_NAMES, request.options)
+
+
+def _torchrun_processes(words: list[str]) -> int:
+    """The processes a torchrun command starts: --nproc_per_node × --nnodes (the largest of a range;
+    a shell variable counts as 1)."""
+    def value(name):
+        for i, w in enumerate(words):
+            text = words[i + 1] if w == name and i + 1 < len(words) else w[len(name) + 1:] if w.startswith(
+                name + "=") else None
+            if text is not None:
+                text = text.split(":")[-1]
+                return int(text) if text.isdigit() else 1
+        return 1
+
+    return value("--nproc_per_node") * value("--nnodes")
 
 
 @pytest.mark.parametrize("block", [b for b in ALL if b.info != "python"], ids=lambda b: b.name)

@@ -34,6 +34,8 @@ def imagenet_config(data_dir: Path, **overrides):
     fields = dict(data_dir=str(data_dir), width=0.0625, image_size=32, batch_size=4, epochs=2, workers=0,
                   device="cpu", monitor_every=2, monitor_probe=8)
     fields.update(overrides)
+    if not fields["monitor_every"]:
+        del fields["monitor_probe"]  # without a monitor there is no probe to size
     return preset("kp_resnet18_imagenet", **fields)
 
 

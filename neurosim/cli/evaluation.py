@@ -54,6 +54,26 @@ def _check_json_target(out: Path) -> None:
                         f"existing folder")
 
 
+def _check_applicable(opts: dict, spec: str, is_folder: bool, split: str) -> None:
+    """Refuse an option the evaluation would not read, or a held-out split that would be empty."""
+    from neurosim.applies import reads_data_dir
+
+    val = opts["--val-per-class"]
+    if val is not None:
+        if not is_folder:
+            raise UserError(f"--val-per-class applies to image folders only (the images of each class held out for "
+                            f"testing); {spec} has a test split of its own: leave --val-per-class out")
+        if split == "all":
+            raise UserError("--val-per-class applies with --split test only: --split all evaluates every image of "
+                            "the folder, held out or not; give --split test with it, or leave it out")
+        if int(val) == 0:
+            raise UserError("--val-per-class 0 holds no image out, so --split test would evaluate none: give at "
+                            "least 1, or --split all to evaluate every image")
+    if opts["--data-dir"] is not None and not reads_data_dir(spec):
+        raise UserError(f"--data-dir applies to data kept in a directory only (where it is kept or downloaded, and "
+                        f"decoded folders cached); {spec} needs none: leave --data-dir out")
+
+
 def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
     """``evaluate.py RUN_DIR [...]``; returns the exit status."""
     import json
@@ -112,6 +132,7 @@ def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
     spec = opts["--data"] or cfg.data
     is_folder = spec not in DATASET_NAMES
     split = split or ("all" if is_folder and opts["--data"] else "test")
+    _check_applicable(opts, spec, is_folder, split)
     val = int(opts["--val-per-class"]) if opts["--val-per-class"] is not None else (
         0 if split == "all" and is_folder else cfg.val_per_class)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", Path(spec).name if is_folder else spec).strip("_")
