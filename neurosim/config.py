@@ -602,6 +602,8 @@ def parse_overrides(args: list[str]) -> dict:
             raise UserError(f"unknown option {key}. Options: {' '.join('--' + n for n in names)}")
         if i + 1 >= len(args):
             raise UserError(f"option {key} needs a value")
+        if name in out:
+            raise UserError(f"option {_option(name)} is given twice; give it once")
         out[name] = convert_option(key, args[i + 1], types[name])
         i += 2
     return out

@@ -45,7 +45,7 @@ PROGRAMS = {"python": [sys.executable], "python3": [sys.executable],
             "torchrun": [sys.executable, "-m", "torch.distributed.run"]}
 SCRIPTS = ("experiments/",)  # benchmarks time minutes of work; their own tests run them small
 
-# The short budget appended to training commands (the last value of an option counts).
+# The short budget appended to training commands (in place of the command's own value of an option).
 BUDGET = {
     "run_circuit.py": ["--epochs", "1", "--train-limit", "64", "--quiet"],
     "compare_rules.py": ["--epochs", "1", "--train-limit", "64", "--quiet", "--in-process"],
@@ -237,7 +237,21 @@ def _with_budget(words: list[str], folder_cache: Path) -> list[str]:
     data = words[words.index("--data") + 1] if "--data" in words else ""
     if "/" in data:  # an image folder: decoded once per session into one cache
         extra += ["--data-dir", str(folder_cache)]
-    return words + extra
+    return _without(words, extra) + extra
+
+
+def _without(words: list[str], extra: list[str]) -> list[str]:
+    """``words`` less the options ``extra`` sets (each with its value): an option is given once."""
+    names = {w for w in extra if w.startswith("--")}
+    out, i = [], 0
+    while i < len(words):
+        head = words[i].split("=", 1)[0]
+        if head in names:
+            i += 1 if "=" in words[i] or head in ("--quiet", "--in-process") else 2
+            continue
+        out.append(words[i])
+        i += 1
+    return out
 
 
 def _study_rules(words: list[str]) -> list[str]:

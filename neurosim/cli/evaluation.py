@@ -96,14 +96,18 @@ def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
                         f"the options")
     run_dir, opts = Path(argv[0]), {"--data": None, "--split": None, "--data-dir": None, "--val-per-class": None,
                                     "--device": "auto", "--json": None}
-    which, i = "best", 0
+    which, i, seen = "best", 0, set()
     rest = [part for a in argv[1:] for part in (a.split("=", 1) if a.split("=", 1)[0] in opts else (a,))]  # --k=v
     while i < len(rest):
+        if rest[i] in seen:
+            raise UserError(f"option {rest[i]} is given twice; give it once")
         if rest[i] == "--last":
             which, i = "last", i + 1
+            seen.add("--last")
         elif rest[i] in opts:
-            if i + 1 >= len(rest) or not rest[i + 1]:
+            if i + 1 >= len(rest) or not rest[i + 1].strip():
                 raise UserError(f"option {rest[i]} needs a value")
+            seen.add(rest[i])
             opts[rest[i]], i = rest[i + 1], i + 2
         elif rest[i].startswith("-"):
             close = difflib.get_close_matches(rest[i].split("=")[0], [*opts, "--last"], n=1, cutoff=0.6)

@@ -236,8 +236,9 @@ def parse_run_args(argv: list[str], prog: str = "run_circuit.py") -> RunRequest 
               f"FILE; {prog} --help lists the presets and options", file=sys.stderr)
         return 2
     parser = build_parser(prog)
-    rest = argv[1:] if name is not None else argv
-    args, extras = parser.parse_known_args(_normalised(rest, parser))
+    rest = _normalised(argv[1:] if name is not None else argv, parser)
+    _refuse_repeats(rest, parser)
+    args, extras = parser.parse_known_args(rest)
     given = vars(args)
     if name is None and given.get("resume") is None and given.get("config") is None:
         raise UserError(f"the first argument is the preset (e.g. kp_mlp_digits), not the option {argv[0]}; "
@@ -304,6 +305,22 @@ def _normalised(args: list[str], parser: argparse.ArgumentParser) -> list[str]:
         out.append(token)
         i += 1
     return out
+
+
+def _refuse_repeats(args: list[str], parser: argparse.ArgumentParser) -> None:
+    """Refuse an option given twice (``--lr 1 --lr 2``, ``--lr=1 --lr 2``): argparse would keep
+    the last and drop the other without a word."""
+    known, seen, i = parser._option_string_actions, set(), 0
+    while i < len(args):
+        head, eq, _ = args[i].partition("=")
+        action = known.get(head) if head.startswith("--") else None
+        if action is not None:
+            if action.dest in seen:
+                raise UserError(f"option {head} is given twice; give it once")
+            seen.add(action.dest)
+            if action.nargs != 0 and not eq and action.nargs != "?":
+                i += 1  # its value
+        i += 1
 
 
 def _unexpected(token: str, parser: argparse.ArgumentParser) -> str:
