@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from neurosim import distributed, stream
 from neurosim.checkpoint import CheckpointWriter, load_checkpoint, write_checkpoint
 from neurosim.circuit import Circuit
-from neurosim.config import RunConfig
+from neurosim.config import PRESETS, RunConfig
 from neurosim.data import BatchStream, ImageData, load_dataset
 from neurosim.errors import UserError
 from neurosim.files import DirectoryLock, describe_os_error, write_atomic
@@ -863,8 +863,11 @@ CHANGEABLE_ON_RESUME = ("epochs", "log_every", "device", "data_dir", "compile", 
 
 def _resumed_config(run_dir: Path, saved: RunConfig, expect: RunConfig | None, overrides: dict | None) -> RunConfig:
     if expect is not None and expect.preset != saved.preset:
-        raise UserError(f"{run_dir} holds a {saved.preset} run, not {expect.preset}; resume it with its own "
-                        f"preset: {saved.preset} --resume {run_dir}")
+        if saved.preset in PRESETS:
+            raise UserError(f"{run_dir} holds a {saved.preset} run, not {expect.preset}; resume it with its own "
+                            f"preset: {saved.preset} --resume {run_dir}")
+        raise UserError(f"{run_dir} holds a run of a configuration of its own ({saved.preset!r} is no preset), not "
+                        f"{expect.preset}; resume it without naming a preset: --resume {run_dir}")
     for key, value in (overrides or {}).items():
         if key not in CHANGEABLE_ON_RESUME and getattr(saved, key) != value:
             raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
