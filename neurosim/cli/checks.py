@@ -1,5 +1,5 @@
 """Checks of what a command is asked, made before it loads data or writes anything: where a
-run or a study goes, and the device it names."""
+run or a study goes, the device it names, and whether the run fits in that device's memory."""
 
 from __future__ import annotations
 
@@ -68,3 +68,14 @@ def check_device(spec: str) -> None:
         if spec.startswith("cuda:") and int(spec[5:]) >= count:
             raise UserError(f"device {spec} asked for, but this machine has {count} CUDA GPU"
                             f"{'s' if count > 1 else ''} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+
+
+def check_budget(cfg, given=()) -> None:
+    """Refuse a run that cannot fit in the memory of its device, naming the setting that makes it
+    too large (``neurosim.cli.budget``); ``given``: the settings the user gave. None (a run to
+    continue whose configuration is missing) passes: resuming it says what is missing."""
+    if cfg is None:
+        return
+    from neurosim.cli import budget
+
+    budget.check_budget(cfg, given)

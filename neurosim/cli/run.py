@@ -17,7 +17,7 @@ from pathlib import Path
 
 import attrs
 
-from neurosim.cli.checks import check_device, check_out_dir, unique_run_dir
+from neurosim.cli.checks import check_budget, check_device, check_out_dir, unique_run_dir
 from neurosim.cli.entry import loading
 from neurosim.cli.options import RunRequest, parse_run_args
 from neurosim.errors import UserError
@@ -84,6 +84,7 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
 
     spec = cfg.device if cfg is not None else "auto"
     check_device(spec)
+    check_budget(cfg, request.overrides)
     world, device = distributed.init(spec)  # torchrun's processes join here
     if cfg is not None and device != cfg.device:
         cfg = attrs.evolve(cfg, device="cuda")  # each rank its local GPU; the run records "cuda"
