@@ -49,9 +49,18 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 
 def sleep_steps(circuit, sleep_optimizer: torch.optim.Optimizer, batches: int, batch_size: int,
-                generator: torch.Generator | None, literal: bool = False) -> None:
-    """``batches`` mirror batches for every sleeping synapse: noise in, feedback updates out."""
-    for _ in range(batches):
+                generator: torch.Generator | None, literal: bool = False, stop=None) -> int:
+    """``batches`` mirror batches for every sleeping synapse: noise in, feedback updates out.
+
+    ``stop(done)``, if given, is asked after each mirror batch but the last (``done`` of them so
+    far); True ends the stretch there. Returns the mirror batches done: ``batches`` unless
+    stopped. Each mirror batch depends only on the weights, the noise stream and the sleep
+    optimizer, so a stretch stopped after ``done`` and continued with ``batches - done`` more
+    draws and updates exactly what one unbroken stretch would."""
+    for done in range(1, batches + 1):
         sleep_optimizer.zero_grad(set_to_none=True)
         circuit.sleep(batch_size, generator, literal=literal)
         sleep_optimizer.step()
+        if stop is not None and done < batches and stop(done):
+            return done
+    return batches

@@ -230,7 +230,10 @@ class Run:
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
-        self.slept_before = False
+        self.slept_before = False  # the sleep before training is done
+        # Mirror batches of the current sleep still to do: a stop request is honoured between
+        # mirror batches, and the checkpoint keeps how many are left for a resume to do first.
+        self.sleep_left = 0
         self.best = -math.inf
         # The metrics record of every epoch so far (epoch 0: before training), kept in the
         # checkpoint so that a resume can rebuild metrics.jsonl; None: restored from a
@@ -308,6 +311,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
+            "sleep_left": self.sleep_left,
             # Each rank's share of the epoch's running statistics: on resume each rank takes its
             # own back, so the epoch's end sums them exactly as if the run had never stopped.
             "best": self.best, "stats": rank_stats[:, :2].clone(),
@@ -328,6 +332,7 @@ class Run:
             self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
+        self.sleep_left = state.get("sleep_left", 0)  # (earlier checkpoints were never taken inside a sleep)
         stats, seen = state["stats"], state["seen"]
         if stats.dim() == 2:
             # A row per rank of the run that saved it (world sizes match: ``resume_run``).
@@ -495,14 +500,59 @@ class Run:
                 f"Lower --lr (now {self.cfg.lr:g}) and start again.")
 
     def sleep(self, batches: int) -> None:
-        """Mirror batches for every sleeping synapse: noise in, feedback updates out, no data."""
-        bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
+        """A sleep of ``batches`` mirror batches for every sleeping synapse: noise in, feedback
+        updates out, no data.
+
+        A stop request is honoured between mirror batches, not only between engaged steps: a
+        sleep can be long (the one before training is an epoch's worth in wm_mlp_original, or
+        whatever --wm-sleep-before asks). ``RunInterrupted`` is raised with the mirror batches
+        still to do in ``sleep_left``, which the checkpoint keeps, and a resumed run does them
+        before anything else (``_finish_sleep``): every mirror batch draws from the checkpointed
+        noise stream and updates through the checkpointed sleep optimizer, so the run goes on
+        bit for bit as if the sleep had never been broken."""
         for callback in self.callbacks:
             callback.before_sleep(self.step)
-        sleep_steps(self.circuit, self.sleep_optimizer, batches, bs, self.sleep_generator,
-                    literal=self.cfg.execution == "reference")
+        self.sleep_left = batches
+        self._finish_sleep()
+
+    def _finish_sleep(self) -> None:
+        """The mirror batches of the current sleep still to do (``sleep_left``), then its end
+        (the callbacks' ``after_sleep``); ``RunInterrupted`` if a stop is asked on the way."""
+        bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
+        todo = self.sleep_left
+        # The sleep before training can take minutes: its progress is shown like an evaluation's.
+        what = "sleeping before training" if not self.slept_before and todo > 1 else None
+
+        def stop(done: int) -> bool:
+            if what is not None:
+                self.log.report(what, done, todo, " mirror batches")
+            return self._stop_asked_in_sleep(done)
+
+        done = sleep_steps(self.circuit, self.sleep_optimizer, todo, bs, self.sleep_generator,
+                           literal=self.cfg.execution == "reference", stop=stop)
+        self.sleep_left = todo - done
+        if self.sleep_left:
+            left = f"{self.sleep_left:,} of its mirror batches still to do"
+            where = (f"in the sleep before training ({left})" if not self.slept_before else
+                     f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}, in the sleep "
+                     f"after it ({left})")
+            raise RunInterrupted(f"interrupted {where}; checkpoint saved. Continue with --resume {self.run_dir}")
+        if what is not None:
+            self.log.report(what, todo, todo, " mirror batches")
         for callback in self.callbacks:
             callback.after_sleep(self.step)
+
+    def _stop_asked_in_sleep(self, done: int) -> bool:
+        """Whether to stop after mirror batch ``done`` of a sleep. Under torchrun the ranks agree
+        first, every ``WATCH_STEPS`` mirror batches (one all-reduce of a flag): sleep needs no
+        traffic of its own and every rank sleeps alike, so all ask at the same mirror batch and
+        stop at the same one, as the engaged loop's ``_stop_agreed`` does between steps."""
+        if not self.world.distributed:
+            return self.stop_requested
+        if done % WATCH_STEPS:
+            return False
+        asked = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(distributed.all_sum(asked).item() > 0)
 
     def evaluate(self, stream: BatchStream | None = None) -> dict:
         """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default).
@@ -526,7 +576,8 @@ class Run:
             self.lock = DirectoryLock(self.run_dir)
         try:
             metrics_path = self.run_dir / "metrics.jsonl"
-            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before
+            # Not fresh either: a run stopped inside the sleep before training (its epoch-0 record is kept).
+            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before and not self.sleep_left
             if writer:
                 self.flush()  # a checkpoint saved before train() would write the file rewritten here
                 if not fresh:
@@ -536,13 +587,16 @@ class Run:
                 self.records = [m]
                 if writer:
                     self._log_metrics(metrics_path, m)
-                if self.schedule is not None:
-                    before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
-                    self.sleep(before)
-                self.slept_before = True
-            self.circuit.set_mode("engaged")
             last = None
             try:
+                if not self.slept_before:
+                    if self.schedule is not None and fresh:
+                        before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
+                        self.sleep(before)
+                    elif self.schedule is not None:
+                        self._finish_sleep()  # the rest of a sleep before training that was stopped
+                    self.slept_before = True
+                self.circuit.set_mode("engaged")
                 while self.epoch < cfg.epochs:
                     last = self._train_epoch(on_step)
             except RunInterrupted:
@@ -568,15 +622,17 @@ class Run:
         total = len(stream)
         t0 = time.perf_counter()
         self.log.start_epoch(self.batch, t0)
+        if self.sleep_left:
+            self._finish_sleep()  # the rest of the sleep after the last step before a stop
         for x, y in stream.epoch(self.epoch, start=self.batch):
             self.engaged_step(x, y)
             for callback in self.callbacks:
                 callback.after_step(self.step)
+            self.batch += 1  # before the sleep: a stop inside it saves the position after this step
             if self.schedule is not None:
                 due = self.schedule.due(self.step)
                 if due:
                     self.sleep(due)
-            self.batch += 1
             if self.step % WATCH_STEPS == 0 and self.world.writer:
                 self._check_directory()  # a few stat calls: a vanished directory is noticed within as many steps
             if on_step is not None:

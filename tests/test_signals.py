@@ -1,0 +1,192 @@
+"""Nothing lost, nothing silent, whatever signal comes and whenever.
+
+- A stop request (Ctrl-C, SIGTERM, SIGHUP) is honoured between mirror batches of a sleep, not
+  only between engaged steps; the checkpoint records the mirror batches still to do, and the
+  resumed run does them first, ending bit for bit where an unbroken run ends. Under torchrun
+  the ranks agree on the mirror batch to stop at.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurosim.checkpoint import load_checkpoint
+from neurosim.config import preset
+from neurosim.step import sleep_steps
+from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
+from tests.test_reliability import assert_same, directory_contents
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small WM run whose records include the monitor's sleep columns at every step.
+SMALL = dict(epochs=2, train_limit=64, batch_size=16, hidden=(24, 16), monitor_every=1, wm_sleep_batch_size=32,
+             device="cpu")
+
+
+def _stop_after_mirror_batch(run, n: int) -> None:
+    """Ask ``run`` to stop once its circuit has made ``n`` mirror batches (counted from now)."""
+    real, made = run.circuit.sleep, 0
+
+    def sleep(*args, **kwargs):
+        nonlocal made
+        real(*args, **kwargs)
+        made += 1
+        if made == n:
+            run.stop_requested = True
+
+    run.circuit.sleep = sleep
+
+
+def _train_whole_and_broken(tmp_path, cfg, stop_at: int):
+    """An unbroken run and one stopped after mirror batch ``stop_at``; the stopped run's error."""
+    open_run(tmp_path / "whole", cfg, quiet=True).train()
+    part = open_run(tmp_path / "part", cfg, quiet=True)
+    _stop_after_mirror_batch(part, stop_at)
+    with pytest.raises(RunInterrupted) as stopped:
+        part.train()
+    return str(stopped.value)
+
+
+def _resume_and_compare(tmp_path):
+    resume_run(tmp_path / "part", quiet=True).train()
+    assert_same(directory_contents(tmp_path / "part"), directory_contents(tmp_path / "whole"))
+
+
+# -- stops inside a sleep --------------------------------------------------------------------------
+
+def test_sleep_steps_stop_between_mirror_batches_and_go_on_exactly():
+    def make():
+        circuit = build_circuit(preset("wm_mlp_digits", **SMALL), (1, 8, 8), 10)
+        opt = torch.optim.SGD(circuit.sleep_parameters(), lr=0.1)
+        return circuit, opt, torch.Generator().manual_seed(3)
+
+    a, opt_a, gen_a = make()
+    assert sleep_steps(a, opt_a, 7, 4, gen_a) == 7
+    b, opt_b, gen_b = make()
+    asked = []
+    assert sleep_steps(b, opt_b, 7, 4, gen_b, stop=lambda done: asked.append(done) or done == 3) == 3
+    assert asked == [1, 2, 3]
+    assert sleep_steps(b, opt_b, 4, 4, gen_b, stop=lambda done: False) == 4  # never asked after the last
+    for sa, sb in zip(a.sleep_parameters(), b.sleep_parameters()):
+        assert torch.equal(sa, sb)
+
+
+def test_a_stop_inside_the_sleep_before_training_resumes_bit_for_bit(tmp_path):
+    cfg = preset("wm_mlp_digits", wm_sleep_before=40, **{**SMALL, "epochs": 1})
+    said = _train_whole_and_broken(tmp_path, cfg, stop_at=17)
+    assert said == (f"interrupted in the sleep before training (23 of its mirror batches still to do); "
+                    f"checkpoint saved. Continue with --resume {tmp_path / 'part'}")
+    saved = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert (saved["step"], saved["slept_before"], saved["sleep_left"]) == (0, False, 23)
+    _resume_and_compare(tmp_path)
+
+
+@pytest.mark.parametrize("stop_at, position", [
+    (6 * 2 + 3, (1, 2, 6)),  # the third sleep (after step 6, mid-epoch 2), 3 mirror batches in
+    (6 * 1 + 3, (0, 4, 4)),  # the sleep after the last step of epoch 1, before its end is committed
+])
+def test_a_stop_inside_a_sleep_between_steps_resumes_bit_for_bit(tmp_path, stop_at, position):
+    cfg = preset("wm_mlp_digits", wm_sleep_before=0, wm_sleep_every=2, wm_sleep_batches=6, **SMALL)
+    said = _train_whole_and_broken(tmp_path, cfg, stop_at)
+    epoch, batch, step = position
+    assert said.startswith(f"interrupted at epoch {epoch + 1}, batch {batch}/4, in the sleep after it "
+                           f"(3 of its mirror batches still to do); checkpoint saved")
+    saved = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert (saved["epoch"], saved["batch"], saved["step"], saved["sleep_left"]) == (epoch, batch, step, 3)
+    _resume_and_compare(tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sleep_stop_worker(out: Path) -> None:
+    """One rank of ``test_ranks_agree_on_the_mirror_batch_to_stop_at``."""
+    from neurosim import distributed
+
+    torch.set_num_threads(1)
+    world, _ = distributed.init("cpu")
+    cfg = preset("wm_mlp_digits", epochs=1, train_limit=64, batch_size=8, wm_sleep_before=100, monitor_every=0,
+                 device="cpu")
+    run = open_run(out / "stopped", cfg, quiet=True)
+    if world.rank == 1:
+        _stop_after_mirror_batch(run, 5)  # asked of rank 1 alone
+    try:
+        run.train()
+        left = None
+    except RunInterrupted:
+        left = run.sleep_left
+    resumed = resume_run(out / "stopped", quiet=True)
+    resumed.train()
+    straight = open_run(out / "straight", cfg, quiet=True)
+    straight.train()
+    torch.save({"left": left, "resumed": resumed.circuit.state_dict(), "straight": straight.circuit.state_dict()},
+               out / f"rank{world.rank}.pt")
+    distributed.finish()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_the_mirror_batch_to_stop_at(tmp_path):
+    """Rank 1 alone is asked to stop, 5 mirror batches into a sleep of 100: every rank stops at
+    the same mirror batch (32, where they next agree), and the resumed run is the unbroken one."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_signals", "sleep_stop", str(tmp_path)], cwd=ROOT,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                                       PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["left"] == r1["left"] == 100 - 32
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
+    for k in r0["straight"]:
+        assert torch.equal(r0["resumed"][k], r0["straight"][k]), k
+        assert torch.equal(r1["resumed"][k], r0["straight"][k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_long_sleep_before_training(tmp_path, sig):
+    """``--wm-sleep-before 100000000`` would sleep for days: a stop comes within a mirror batch."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "wm_mlp_digits",
+                             "--wm-sleep-before", "100000000", "--epochs", "1", "--train-limit", "64", "--device",
+                             "cpu", "--quiet", "--out", "run"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # written just before the sleep starts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (saved["step"], saved["slept_before"]) == (0, False)
+    left = saved["sleep_left"]
+    assert 0 < left < 100_000_000
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [f"interrupted in the sleep before training ({left:,} of its mirror batches "
+                                        f"still to do); checkpoint saved. Continue with --resume run"], err
+
+
+if __name__ == "__main__":  # one rank of a distributed test: python -m tests.test_signals MODE OUT_DIR
+    if sys.argv[1] == "sleep_stop":
+        _sleep_stop_worker(Path(sys.argv[2]))
