@@ -4,6 +4,7 @@
   only between engaged steps; the checkpoint records the mirror batches still to do, and the
   resumed run does them first, ending bit for bit where an unbroken run ends. Under torchrun
   the ranks agree on the mirror batch to stop at.
+- Sleep counts no run could get through are refused, naming the option.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from neurosim.checkpoint import load_checkpoint
 from neurosim.config import preset
+from neurosim.errors import UserError
 from neurosim.step import sleep_steps
 from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
 from tests.test_reliability import assert_same, directory_contents
@@ -185,6 +187,35 @@ def test_a_signal_stops_a_long_sleep_before_training(tmp_path, sig):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"interrupted in the sleep before training ({left:,} of its mirror batches "
                                         f"still to do); checkpoint saved. Continue with --resume run"], err
+
+
+# -- sleep counts ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("wm_sleep_before", 10**23), ("wm_sleep_before", 2**31), ("wm_sleep_batches", 10**12),
+    ("wm_sleep_every", 2**40), ("wm_sleep_batch_size", 2**31), ("wm_sleep_events", 2**33),
+])
+def test_sleep_counts_no_run_could_get_through_are_refused(field, value):
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')} .*at most|--{field.replace('_', '-')} .*64-bit"):
+        preset("wm_mlp_digits", **{field: value})
+    preset("wm_mlp_digits", **{field: 2**31 - 1})  # the bound itself is a valid setting
+
+
+def test_an_absurd_sleep_count_on_the_command_line_is_one_message(tmp_path, capsys, monkeypatch):
+    import neurosim.cli.run as run_command
+    from neurosim.cli import main, run_circuit
+
+    def started(*args):  # such a count used to start a run that slept for ever, saying nothing
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(run_command, "_run", started)
+    with pytest.raises(SystemExit) as done:
+        main(run_circuit, ["wm_mlp_digits", "--wm-sleep-before", "100000000000000000000000",
+                           "--out", str(tmp_path / "run")])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid setting: --wm-sleep-before"), lines
+    assert not (tmp_path / "run").exists()
 
 
 if __name__ == "__main__":  # one rank of a distributed test: python -m tests.test_signals MODE OUT_DIR

@@ -11,6 +11,28 @@ if TYPE_CHECKING:  # rule modules load torch only where they compute (see neuros
 
 from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
 
+# The most any sleep count may be (2**31-1 = 2,147,483,647). A mirror batch costs at least tens
+# of microseconds on any device (a kernel launch per sleeping synapse and an optimizer step),
+# so that many mirror batches, or steps between sleeps, already take more than a day: a larger
+# count is a typo or a unit mistake, and a sleep that long would look hung, not be a schedule.
+# Noise images and co-activations per mirror batch are held on the device at once: 2**31 of
+# them cannot be. The bound also keeps every count within a 32-bit index.
+SLEEP_COUNT_MAX = 2**31 - 1
+
+
+def _count(low: int, unit: str, per_batch: bool = False):
+    """The validators of a sleep count: at least ``low``, and at most ``SLEEP_COUNT_MAX``, with a
+    message that names the option (``--wm-sleep-before``) and why there is a bound. ``per_batch``:
+    a count of what one mirror batch holds (images, co-activations)."""
+    def at_most(inst, att, value):
+        if value > SLEEP_COUNT_MAX:
+            option = f"--{inst.name}-{att.name.replace('_', '-')}" if hasattr(inst, "name") else att.name
+            why = ("more than any device's memory holds in one mirror batch" if per_batch else
+                   "which at tens of microseconds each would already take more than a day")
+            raise ValueError(f"{option} {value:,} is beyond any run: at most {SLEEP_COUNT_MAX:,} (2**31-1) "
+                             f"{unit}, {why}")
+    return [attrs.validators.ge(low), at_most]
+
 
 @attrs.frozen
 class SleepSchedule:
@@ -18,9 +40,9 @@ class SleepSchedule:
     epoch has training batches), then ``batches`` mirror batches after every ``every`` engaged
     steps."""
 
-    before: int = attrs.field(default=0, validator=attrs.validators.ge(-1))
-    every: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    batches: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+    before: int = attrs.field(default=0, validator=_count(-1, "mirror batches"))
+    every: int = attrs.field(default=1, validator=_count(1, "engaged steps"))
+    batches: int = attrs.field(default=1, validator=_count(0, "mirror batches"))
 
     def due(self, step: int) -> int:
         """How many mirror batches follow engaged step number ``step`` (counted from 1)."""
@@ -68,18 +90,18 @@ class WeightMirror(PlasticityRule):
     lr: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0), metadata={
         "help": "learning rate of the sleep optimizer"})
     # The schedule (see SleepSchedule); sleep_before -1: one epoch's worth of mirror batches.
-    sleep_before: int = attrs.field(default=0, validator=attrs.validators.ge(-1), metadata={
+    sleep_before: int = attrs.field(default=0, validator=_count(-1, "mirror batches"), metadata={
         "help": "mirror batches before training; -1: as many as an epoch has training batches", "unit": "batches"})
-    sleep_every: int = attrs.field(default=1, validator=attrs.validators.ge(1), metadata={
+    sleep_every: int = attrs.field(default=1, validator=_count(1, "engaged steps"), metadata={
         "help": "engaged steps between sleeps", "unit": "steps"})
-    sleep_batches: int = attrs.field(default=1, validator=attrs.validators.ge(0), metadata={
+    sleep_batches: int = attrs.field(default=1, validator=_count(0, "mirror batches"), metadata={
         "help": "mirror batches in each sleep", "unit": "batches"})
-    sleep_batch_size: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={
+    sleep_batch_size: int = attrs.field(default=0, validator=_count(0, "noise images", per_batch=True), metadata={
         "help": "noise images per mirror batch; 0: --batch-size", "unit": "images"})
     # At least this many co-activations per weight in each synapse's mirror batch (0: no minimum).
     # A noise image gives a convolution one per output position but a dense synapse only one, so
     # a classifier learns from far less noise than the convolutions below it (docs/results.md).
-    sleep_events: int = attrs.field(default=0, validator=attrs.validators.ge(0), metadata={
+    sleep_events: int = attrs.field(default=0, validator=_count(0, "co-activations", per_batch=True), metadata={
         "help": "co-activations per weight in each synapse's mirror batch, at least; 0: no minimum",
         "unit": "events"})
 
