@@ -5,6 +5,8 @@
   resumed run does them first, ending bit for bit where an unbroken run ends. Under torchrun
   the ranks agree on the mirror batch to stop at.
 - Sleep counts no run could get through are refused, naming the option.
+- Ctrl-C anywhere after training (drawing figures, in a finaliser, joining threads or running
+  atexit hooks as the process exits) ends the command with status 130 and one line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -216,6 +219,117 @@ def test_an_absurd_sleep_count_on_the_command_line_is_one_message(tmp_path, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid setting: --wm-sleep-before"), lines
     assert not (tmp_path / "run").exists()
+
+
+# -- Ctrl-C after training -------------------------------------------------------------------------
+
+class _Finaliser:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the signal lands in here, where Python drops the exception it raises
+
+
+def test_an_interrupt_a_finaliser_dropped_still_ends_the_command(capsys):
+    from neurosim.cli import main
+
+    def entry(argv):
+        _Finaliser()  # freed at once: the interrupt comes inside its __del__
+        time.sleep(2)  # where the interrupt is delivered again
+        return 0
+
+    with pytest.raises(SystemExit) as done:
+        main(entry, [])
+    assert done.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["interrupted; nothing was lost"], err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main() put back what it found
+
+
+# Runs the command line with a hook at the moment AT names (``plotting`` waits for the test's
+# signal; the others send SIGINT to the process themselves).
+DRIVER = textwrap.dedent("""
+    import atexit, os, signal, sys, threading, time
+    sys.path.insert(0, sys.argv[1])
+    import neurosim.plots as plots
+    import neurosim.train as train
+    from neurosim.cli import main, run_circuit
+
+    what, _, n = os.environ.get("AT", "").partition(":")
+    me = os.getpid()
+    real_plot_run, real_step = plots.plot_run, train.Run.engaged_step
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(me, signal.SIGINT)
+            time.sleep(2)
+
+    def late():
+        while threading.main_thread().is_alive():  # until the interpreter waits for this thread to end
+            time.sleep(0.02)
+        os.kill(me, signal.SIGINT)
+        time.sleep(2)
+
+    def plot_run(run_dir, *args, **kwargs):
+        if what == "sighup":
+            return []  # the figures are not what is compared; they cost seconds
+        if what == "plotting":
+            print("drawing figures", file=sys.stderr, flush=True)
+            time.sleep(30)
+        elif what == "finaliser":
+            Finaliser()
+        elif what == "thread_join":
+            threading.Thread(target=late).start()
+        return real_plot_run(run_dir, *args, **kwargs)
+
+    def engaged_step(self, x, y):
+        real_step(self, x, y)
+        if what == "sighup" and self.step == int(n):
+            os.kill(me, signal.SIGHUP)
+
+    def at_exit():
+        if what == "atexit":
+            os.kill(me, signal.SIGINT)
+            time.sleep(2)
+
+    atexit.register(at_exit)
+    plots.plot_run = plot_run
+    train.Run.engaged_step = engaged_step
+    sys.argv[1:] = sys.argv[2:]
+    main(run_circuit)  # as the program itself, as experiments/run_circuit.py calls it
+""")
+
+
+def _start(tmp_path, args, at=""):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    return subprocess.Popen([sys.executable, str(driver), str(ROOT), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, AT=at, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+
+
+TINY = ["kp_mlp_digits", "--epochs", "1", "--train-limit", "64", "--monitor-every", "1", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", ["plotting", "finaliser", "thread_join", "atexit"])
+def test_ctrl_c_after_training_is_status_130_and_one_line(tmp_path, at):
+    proc = _start(tmp_path, [*TINY, "--out", "run"], at)
+    try:
+        before = ""
+        if at == "plotting":
+            while not before.endswith("drawing figures\n"):
+                line = proc.stderr.readline()
+                assert line, before
+                before += line
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Exception ignored" not in err and "Traceback" not in err, before + err
+    assert proc.returncode == 130, before + err
+    assert err.strip().splitlines() == ["interrupted; nothing was lost"], before + err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the run itself is complete
+    assert not list((tmp_path / "run").glob("*.tmp"))
 
 
 if __name__ == "__main__":  # one rank of a distributed test: python -m tests.test_signals MODE OUT_DIR
