@@ -7,6 +7,8 @@
 - Sleep counts no run could get through are refused, naming the option.
 - Ctrl-C anywhere after training (drawing figures, in a finaliser, joining threads or running
   atexit hooks as the process exits) ends the command with status 130 and one line.
+- SIGHUP (the terminal closed) stops a run the way SIGTERM does: a checkpoint, status 130, and a
+  resume that ends as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -330,6 +332,84 @@ def test_ctrl_c_after_training_is_status_130_and_one_line(tmp_path, at):
     assert err.strip().splitlines() == ["interrupted; nothing was lost"], before + err
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1  # the run itself is complete
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+# -- SIGHUP ----------------------------------------------------------------------------------------
+
+SMALL_CLI = ["wm_mlp_digits", "--epochs", "2", "--train-limit", "256", "--hidden", "24,16", "--monitor-every", "3",
+             "--device", "cpu", "--wm-sleep-before", "2", "--quiet"]
+
+
+@pytest.mark.slow
+def test_sighup_mid_epoch_saves_a_checkpoint_and_resumes_to_the_uninterrupted_run(tmp_path, one_thread):
+    hup = _start(tmp_path, [*SMALL_CLI, "--out", "run"], at="sighup:11")  # epoch 2 of 8 steps each
+    try:
+        # Meanwhile the uninterrupted run, in this process (one thread, as the command's).
+        open_run(tmp_path / "whole", preset("wm_mlp_digits", epochs=2, train_limit=256, hidden=(24, 16),
+                                            monitor_every=3, device="cpu", wm_sleep_before=2), quiet=True).train()
+        _, err = hup.communicate(timeout=120)
+    finally:
+        hup.kill()
+    assert hup.returncode == 130, err  # as for SIGTERM or Ctrl-C
+    assert err.strip().splitlines() == ["interrupted at epoch 2, batch 3/8; checkpoint saved. Continue with "
+                                        "--resume run"], err
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 3, 11)
+    resumed = _start(tmp_path, ["wm_mlp_digits", "--resume", "run", "--quiet"])
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert_same(directory_contents(tmp_path / "run"), directory_contents(tmp_path / "whole"))
+
+
+@pytest.mark.slow
+def test_a_run_started_to_ignore_sighup_goes_on(tmp_path):
+    """``nohup`` starts a command with SIGHUP ignored: the run keeps it so, and trains to the end."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    done = subprocess.run([sys.executable, str(driver), str(ROOT), *TINY, "--out", "run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+                          env=dict(os.environ, AT="sighup:1", OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_the_run_with_a_checkpoint_and_says_so_in_its_log(tmp_path):
+    """The run's terminal is a pseudo-terminal that the test closes mid-training: the kernel sends
+    SIGHUP and every later write to the terminal fails (EIO). The run stops at the next step with
+    its checkpoint, status 130, and the message it could no longer print is in log.txt."""
+    import fcntl
+    import termios
+
+    master, terminal = os.openpty()
+
+    def own_terminal():  # in the child, a session of its own: the pseudo-terminal becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "wm_mlp_digits",
+                             "--epochs", "50", "--hidden", "24,16", "--device", "cpu", "--out", "run"],
+                            cwd=tmp_path, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                            preexec_fn=own_terminal, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    os.close(terminal)
+    try:
+        shown = b""
+        while b"epoch 1/50" not in shown:  # training has begun (its progress line is drawn)
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, shown
+            shown += chunk
+        os.close(master)  # the terminal is closed
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert code == 130
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    last = (tmp_path / "run" / "log.txt").read_text().strip().splitlines()[-1]
+    assert last == (f"interrupted at epoch {saved['epoch'] + 1}, batch {saved['batch']}/45; checkpoint saved. "
+                    f"Continue with --resume run"), last
 
 
 if __name__ == "__main__":  # one rank of a distributed test: python -m tests.test_signals MODE OUT_DIR

@@ -11,6 +11,7 @@ prints goes to stderr and to its ``log.txt``; ``run.json`` records how it was st
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -113,29 +114,41 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
         log.slow_hint = (f"{run.cfg.preset} at these settings is a job for a GPU; to try it on this CPU, shrink it "
                          f"(e.g. --epochs 2 --train-limit 5000{' --width 0.25' if run.cfg.model != 'mlp' else ''})")
 
+    # SIGTERM (a scheduler's or torchrun's stop) and SIGHUP (the terminal closed) stop the run as
+    # a first Ctrl-C does: after the step or mirror batch under way, with a checkpoint. A signal
+    # the process was started to ignore (nohup, a background job) stays ignored. Once training is
+    # over the handlers before are back: main()'s, which make any of them end the command with
+    # status 130 and one line (while figures are drawn, or as the process exits).
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+             if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+    terminals = [fd for fd in (1, 2) if _is_terminal(fd)]
+
     def request_stop(signum, frame):
         run.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_closed_terminals(terminals)
+        if signal.SIGINT in stops:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
-    previous = signal.signal(signal.SIGINT, request_stop), signal.signal(signal.SIGTERM, request_stop)
+    previous = {s: signal.signal(s, request_stop) for s in stops}
     try:
         m = run.train()
     except RunInterrupted as e:
-        log.say(f"\n{e}", always=True)  # where the checkpoint is and how to continue: even when quiet
+        _said(log, f"\n{e}")  # where the checkpoint is and how to continue: even when quiet
         return 130
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current epoch
         if (run.run_dir / "last.pt").exists():
             kept = "keeps the checkpoint of its last finished epoch; continue it"
         else:
             kept = "has no checkpoint yet (no epoch had finished); start it again from the beginning"
-        log.say(f"\nstopped at once; {run.run_dir} {kept} with --resume {run.run_dir}", always=True)
+        _said(log, f"\nstopped at once; {run.run_dir} {kept} with --resume {run.run_dir}")
         return 130
     except UserError as e:  # said by main(); the log keeps it too
         log.keep(f"error: {e}")
         raise
     finally:
-        signal.signal(signal.SIGINT, previous[0])
-        signal.signal(signal.SIGTERM, previous[1])
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if not world.writer:
         return 0
     figures = plot_run(run.run_dir)
@@ -145,6 +158,36 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
         log.say(f"final: test top-1 {m['test_acc']:.2f}%  top-5 {m['test_top5']:.2f}%  "
                 f"mean W-Bᵀ angle {_degrees(m['mean_angle'])}  ({run.run_dir})", stream=sys.stdout)
     return 0
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _leave_closed_terminals(fds: list[int]) -> None:
+    """After SIGHUP: point those of ``fds`` (stdout, stderr) whose terminal was closed at
+    /dev/null. Every write to a closed terminal fails (EIO), and a progress line drawn before
+    the run stops would end it with that error instead of its checkpoint; log.txt keeps what
+    the run says from now on. A terminal still open (SIGHUP sent by kill) keeps its lines."""
+    for fd in fds:
+        if not _is_terminal(fd):  # a closed terminal answers as none
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+
+
+def _said(log, line: str) -> None:
+    """``line`` on stderr even when quiet, and in the log. A terminal that was closed (SIGHUP)
+    refuses the line: the log keeps it all the same, and the status says the rest."""
+    try:
+        log.say(line, always=True)
+    except OSError:
+        log.keep(line)
 
 
 def _degrees(angle: float) -> str:
