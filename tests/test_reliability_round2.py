@@ -274,6 +274,19 @@ def test_a_damaged_config_json_is_restored_from_the_checkpoint(trained, tmp_path
     assert (run / "config.json").read_text() == whole
 
 
+def test_the_command_line_resume_restores_a_damaged_config_json_too(trained, tmp_path, capsys, monkeypatch):
+    # the command reads config.json before resume_run: a damaged one must reach resume_run's restore
+    run = copy_run(trained, tmp_path / "run")
+    whole = (run / "config.json").read_text()
+    (run / "config.json").write_text("[")
+    monkeypatch.setattr("neurosim.plots.plot_run", lambda *a, **k: [])
+    with pytest.raises(SystemExit) as e:
+        main(argv=["run", "--resume", str(run)])
+    assert e.value.code == 0
+    assert "rewritten from the checkpoint" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text()) == json.loads(whole)
+
+
 def test_a_config_json_that_cannot_be_rewritten_is_one_message(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     (run / "config.json").unlink()

@@ -49,7 +49,12 @@ def configure(request: RunRequest):
     if request.resume is not None:
         saved = request.resume / "config.json"
         if saved.is_file():
-            saved = read_config(saved)
+            try:
+                saved = read_config(saved)
+            except UserError:
+                if any((request.resume / name).is_file() for name in ("last.pt", "best.pt")):
+                    return cfg  # resume_run restores config.json from the checkpoint, with a note
+                raise
             if request.preset is None or saved.preset == request.preset:  # else resume_run names the mismatch
                 cfg = config.from_saved(saved, request.overrides)
     return cfg
