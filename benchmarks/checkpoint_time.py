@@ -85,9 +85,9 @@ def state_bytes(state) -> int:
 def build_run(args, run_dir: Path):
     import torch
 
-    from neurosim.config import preset
     from neurosim.data import ImageData
-    from neurosim.train import Run
+    from neurosim.training.config import preset
+    from neurosim.training.run import Run
 
     g = torch.Generator().manual_seed(0)
     n_train, n_test = 256, 64  # enough for the monitor's 128-image probe
@@ -136,8 +136,8 @@ def main(argv=None) -> None:
     import torch
 
     import neurosim
-    from neurosim import checkpoint
-    from neurosim.files import write_atomic
+    from neurosim.common.files import write_atomic
+    from neurosim.training import checkpoint
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

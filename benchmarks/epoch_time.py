@@ -5,7 +5,7 @@
 Each *variant* trains for ``--epochs`` epochs (default 2) on the same device-resident images:
 
 - a rule (``kp``, ``bp``, ``wm``, ...): the preset ``<rule>_<model>`` (default ``kp_resnet18``)
-  through ``neurosim.train.Run``, exactly as ``experiments/run_circuit.py`` trains it: batches
+  through ``neurosim.training.run.Run``, exactly as ``experiments/run_circuit.py`` trains it: batches
   cut and augmented on the device (random crop with padding 4, horizontal flip), bf16 autocast
   and channels_last on CUDA, the preset's SGD (lr 0.1, momentum 0.9, weight decay 5e-4, batch
   128), its monitor (a record every 200 steps with a 128-image probe), the divergence watch,
@@ -72,10 +72,10 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+import compile_stats  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import compile_stats  # noqa: E402
 from neurosim.models import RESNETS  # noqa: E402
 from neurosim.rules import RULES as _REGISTRY  # noqa: E402
 
@@ -88,7 +88,7 @@ VARIANTS = ("native", *_REGISTRY)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="epoch_time.py",
                                 description="Wall-clock training epochs of <rule>_<model> presets through "
-                                            "neurosim.train.Run against a plain PyTorch loop on the same data.")
+                                            "neurosim.training.run.Run against a plain PyTorch loop on the same data.")
     p.add_argument("--variants", default="kp,native", help=f"comma-separated, from {','.join(VARIANTS)} "
                                                            f"(default kp,native)")
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(sorted(RESNETS))} (default resnet18)")
@@ -163,7 +163,7 @@ def random_cifar100_shaped(n_train: int, n_test: int, classes: int, device, seed
 def preset_config(rule: str, args_or_settings: dict):
     """The ``<rule>_<model>`` preset (``bp`` for the native loop, whose recipe is BP's) with the
     benchmark's device, data and run-length overrides."""
-    from neurosim.config import preset
+    from neurosim.training.config import preset
 
     s = args_or_settings
     overrides = dict(device=str(s["device"]), epochs=1, compile=bool(s["compile"]), width=s["width"],
@@ -175,8 +175,8 @@ def preset_config(rule: str, args_or_settings: dict):
 
 
 def make_run(cfg, run_dir: Path, data, backend: str):
-    """A ``neurosim.train.Run`` on ``data``, compiled with ``backend`` if ``cfg.compile``."""
-    from neurosim.train import Run, compiled_with_dynamic_batch
+    """A ``neurosim.training.run.Run`` on ``data``, compiled with ``backend`` if ``cfg.compile``."""
+    from neurosim.training.run import Run, compiled_with_dynamic_batch
 
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, run_dir, data=data, quiet=True)
@@ -188,7 +188,7 @@ def make_run(cfg, run_dir: Path, data, backend: str):
 class NativeLoop:
     """An ordinary PyTorch training loop of ``neurosim.models.native.NativeResNet`` with a preset's
     recipe: the baseline the presets are measured against. Its streams are built as
-    ``neurosim.train.Run`` builds them, so both see the same batches."""
+    ``neurosim.training.run.Run`` builds them, so both see the same batches."""
 
     def __init__(self, cfg, run_dir: Path, data, backend: str):
         from neurosim.data import BatchStream

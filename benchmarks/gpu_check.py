@@ -30,7 +30,7 @@ slow compilation can cut the last parts short, never the first.
 ``epoch_compiled`` — the headline
     ``benchmarks/epoch_time.py --variants kp,native --compile``: in one process, on the same
     device-resident images (50,000 + 10,000 random uint8 images of CIFAR-100's shape), the preset
-    ``kp_resnet18`` through ``neurosim.train.Run`` as a user runs it (full width, batch 128, bf16
+    ``kp_resnet18`` through ``neurosim.training.run.Run`` as a user runs it (full width, batch 128, bf16
     autocast, channels_last, crop and flip on the device, its monitor, evaluation and checkpoint
     every epoch) and a plain torchvision-style ResNet-18 training loop with the same recipe
     (``NativeResNet``, SGD momentum 0.9, lr 0.1, weight decay 5e-4, evaluation and checkpoint
@@ -852,9 +852,9 @@ def _user() -> str:
 def child_cifar(settings: dict, result_path: Path) -> int:
     import attrs
     import torch
-
     from epoch_time import make_run, warm_up
-    from neurosim.config import preset
+
+    from neurosim.training.config import preset
 
     t_start = time.perf_counter()
     device = torch.device(settings["device"])

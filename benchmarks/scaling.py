@@ -59,10 +59,10 @@ def traffic(name: str, args: list[str], side: int = 64) -> dict:
     import torch.nn.functional as F
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from neurosim import distributed
-    from neurosim.config import parse_overrides, preset
-    from neurosim.step import engaged_step
-    from neurosim.train import build_circuit
+    from neurosim.training import distributed
+    from neurosim.training.config import parse_overrides, preset
+    from neurosim.training.run import build_circuit
+    from neurosim.training.step import engaged_step
 
     cfg = preset(name, **parse_overrides([a for a in args]))
     shape = (1, 8, 8) if cfg.data == "digits" else (3, 32, 32) if cfg.model == "mlp" else (3, side, side)

@@ -8,7 +8,7 @@ Each *variant* is one way to train the same architecture: ``native`` is
 and ``wm`` are ``neurosim.models.build_resnet`` circuits under those rules (compiled execution:
 custom autograd functions whose backward sends errors through the rule's feedback matrix and
 writes local updates into ``.grad``). ``--monitors`` adds ``<rule>+mon`` variants that also run a
-``neurosim.monitors.Monitor``.
+``neurosim.observe.monitors.Monitor``.
 
 What is timed is the full training step a user runs::
 
@@ -17,7 +17,7 @@ What is timed is the full training step a user runs::
     loss.backward()
     optimizer.step()                    # SGD, momentum 0.9, weight decay 5e-4
     + for wm: the sleep the wm_<model> preset schedules after this step (mirror batches of
-      circuit.sleep plus the sleep optimizer's step), exactly as neurosim.train.Run does
+      circuit.sleep plus the sleep optimizer's step), exactly as neurosim.training.run.Run does
 
 All variants live in one process and see the same fixed synthetic batch. After warm-up the
 repetitions are interleaved (rep 1: every variant once, rep 2: again, starting one variant later,
@@ -83,15 +83,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import compile_stats  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import compile_stats  # noqa: E402
 from neurosim.models import RESNETS, build_resnet  # noqa: E402
 from neurosim.models.native import native_resnet  # noqa: E402
-
 from neurosim.rules import RULES as _REGISTRY  # noqa: E402
-from neurosim.step import engaged_step, sleep_steps  # noqa: E402
+from neurosim.training.step import engaged_step, sleep_steps  # noqa: E402
 
 RULES = ("native", *_REGISTRY)  # every registered rule
 NUM_CLASSES = 100
@@ -134,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     p.add_argument("--rules", default=",".join(RULES), help=f"variants, comma-separated, from {','.join(RULES)}")
     p.add_argument("--monitors", action="store_true",
-                   help="also time <rule>+mon variants with a neurosim.monitors.Monitor attached")
+                   help="also time <rule>+mon variants with a neurosim.observe.monitors.Monitor attached")
     p.add_argument("--monitor-every", type=int, default=None,
                    help="monitor recording interval in steps (default: the presets' monitor_every; 1 shows the "
                         "full cost of a record)")
@@ -203,8 +202,8 @@ def monitor_every(args) -> int:
     presets' ``monitor_every`` (MonitorConfig's default if the preset turns monitors off)."""
     if args.monitor_every is not None:
         return args.monitor_every
-    from neurosim.config import preset
-    from neurosim.monitors import MonitorConfig
+    from neurosim.observe.monitors import MonitorConfig
+    from neurosim.training.config import preset
 
     return preset(f"bp_{args.model}").monitor_every or MonitorConfig().every
 
@@ -215,7 +214,7 @@ def monitor_every(args) -> int:
 def make_rule(name: str, model: str):
     """The plasticity rule of a circuit variant, with the settings of its ``<rule>_<model>`` preset
     (WM's sleep schedule, KP's decay, ...)."""
-    from neurosim.config import preset
+    from neurosim.training.config import preset
 
     return preset(f"{name}_{model}").make_rule()
 
@@ -259,8 +258,8 @@ class Variant:
         self.last_loss = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One full training step (no host synchronisation): ``neurosim.step``'s functions, as
-        ``neurosim.train.Run`` calls them."""
+        """One full training step (no host synchronisation): ``neurosim.training.step``'s functions, as
+        ``neurosim.training.run.Run`` calls them."""
         if self.steps == 0 and self.args.dynamic_batch:
             torch._dynamo.maybe_mark_dynamic(x, 0)
         circuit = None if self.rule_name == "native" else self.net  # the native net draws nothing per batch
@@ -285,13 +284,13 @@ class Variant:
 
 
 def bench_monitor(circuit, args, x: torch.Tensor, y: torch.Tensor):
-    """A ``neurosim.monitors.Monitor`` configured as the ``<rule>_<model>`` preset configures it
+    """A ``neurosim.observe.monitors.Monitor`` configured as the ``<rule>_<model>`` preset configures it
     (synapses, traces, probe size, run length of ``epochs`` × 50,000 images, so its snapshot plan
     and buffers are those of a real run), recording every ``monitor_every(args)`` steps; its
     probe (delta and update angles) uses the benchmark's batch and cross-entropy. ``Variant``
-    drives it as ``neurosim.train.Run`` does."""
-    from neurosim.config import preset
-    from neurosim.monitors import Monitor, MonitorConfig
+    drives it as ``neurosim.training.run.Run`` does."""
+    from neurosim.observe.monitors import Monitor, MonitorConfig
+    from neurosim.training.config import preset
 
     run = preset(f"{circuit.rule.name}_{args.model}")
     total = run.epochs * math.ceil(EPOCH_IMAGES / args.batch)
@@ -785,7 +784,7 @@ def settings_of(args) -> dict:
     s["device"] = str(args.device)
     s.update(num_classes=NUM_CLASSES, in_shape=IN_SHAPE, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     if "wm" in args.rules:
-        from neurosim.config import preset
+        from neurosim.training.config import preset
 
         cfg = preset(f"wm_{args.model}")
         s["wm_sleep"] = dict(preset=f"wm_{args.model}", sleep_every=cfg.wm_sleep_every,

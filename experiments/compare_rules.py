@@ -6,8 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
-from neurosim.cli import main  # noqa: E402
-from neurosim.study import compare_rules  # noqa: E402
+from neurosim.tools.cli import main  # noqa: E402
+from neurosim.tools.study import compare_rules  # noqa: E402
 
 if __name__ == "__main__":
     main(compare_rules)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
 
-from neurosim.cli import evaluate, main  # noqa: E402
+from neurosim.tools.cli import evaluate, main  # noqa: E402
 
 if __name__ == "__main__":
     main(evaluate)

@@ -5,14 +5,12 @@ help and option parsing then run without loading PyTorch, which takes seconds to
 """
 
 import importlib
-import sys
-import types
 
 # public name → the module that defines it
 _HOMES = {
-    "Circuit": "neurosim.circuit", "NeuronPopulation": "neurosim.population", "Synapse": "neurosim.synapse",
-    "FeedbackPathway": "neurosim.pathways", "Dense": "neurosim.kinds", "Conv2d": "neurosim.kinds",
-    "SynapseKind": "neurosim.kinds", "PlasticityRule": "neurosim.rules", "LocalSignals": "neurosim.rules",
+    "Circuit": "neurosim.core.circuit", "NeuronPopulation": "neurosim.core.population", "Synapse": "neurosim.core.synapse",
+    "FeedbackPathway": "neurosim.core.pathways", "Dense": "neurosim.core.kinds", "Conv2d": "neurosim.core.kinds",
+    "SynapseKind": "neurosim.core.kinds", "PlasticityRule": "neurosim.rules", "LocalSignals": "neurosim.rules",
     "RULES": "neurosim.rules", "register_rule": "neurosim.rules", "Backprop": "neurosim.rules",
     "FeedbackAlignment": "neurosim.rules", "SignSymmetry": "neurosim.rules",
     "UniformSignConcordant": "neurosim.rules.sign_concordant",
@@ -20,8 +18,8 @@ _HOMES = {
     "BatchRandomSignConcordant": "neurosim.rules.sign_concordant", "KolenPollack": "neurosim.rules",
     "WeightMirror": "neurosim.rules", "SleepSchedule": "neurosim.rules",
     "DirectFeedbackAlignment": "neurosim.rules.direct_feedback_alignment",
-    "reference_backward": "neurosim.reference", "UserError": "neurosim.errors", "DataError": "neurosim.errors",
-    "convert": "neurosim.convert", "copy_weights": "neurosim.convert", "ConversionError": "neurosim.convert",
+    "reference_backward": "neurosim.core.reference", "UserError": "neurosim.common.errors", "DataError": "neurosim.common.errors",
+    "convert": "neurosim.models.convert", "copy_weights": "neurosim.models.convert", "ConversionError": "neurosim.models.convert",
 }
 
 __all__ = list(_HOMES)
@@ -38,17 +36,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted([*globals(), *_HOMES])
-
-
-class _Package(types.ModuleType):
-    """The package itself. Importing the submodule ``neurosim.convert`` binds it to the package
-    under its name, which would hide the function ``neurosim.convert``: the function stays."""
-
-    def __setattr__(self, name, value):
-        if name == "convert" and isinstance(value, types.ModuleType):
-            value = value.convert
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-

@@ -1,6 +1,6 @@
 """``python -m neurosim COMMAND ...``: the ``neurosim`` command."""
 
-from neurosim.cli import main
+from neurosim.tools.cli import main
 
 if __name__ == "__main__":
     main()

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from neurosim import distributed
-from neurosim.circuit import Circuit
-from neurosim.config import RULE_NAMES, preset
+from neurosim.core.circuit import Circuit
+from neurosim.core.sync_bn import sync_batch_norm
 from neurosim.rules.backprop import Backprop
 from neurosim.rules.kolen_pollack import KolenPollack
-from neurosim.step import engaged_step, sleep_steps
-from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.training import distributed
+from neurosim.training.config import RULE_NAMES, preset
+from neurosim.training.run import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.training.step import engaged_step, sleep_steps
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -102,7 +103,7 @@ def small_circuit_trained(world: distributed.World, rule, sync: bool = False, co
     bytes of every bucket DDP all-reduces are appended to ``sent``."""
     circuit = small_circuit(rule)
     if sync:
-        distributed.sync_batch_norm(circuit)
+        sync_batch_norm(circuit)
     model = circuit
     if world.distributed:
         model = distributed.wrap(circuit, torch.device("cpu"))
@@ -133,7 +134,7 @@ def float64_resnet(rule: str, sync: bool, world: distributed.World, steps: int =
     cfg = preset(f"{rule}_resnet18", width=0.125, device="cpu")
     circuit = build_circuit(cfg, (3, 16, 16), 10).double()
     if sync:
-        distributed.sync_batch_norm(circuit)
+        sync_batch_norm(circuit)
     model = distributed.wrap(circuit, torch.device("cpu")) if world.distributed else circuit
     optimizer = torch.optim.SGD(circuit.engaged_parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)

@@ -10,13 +10,13 @@ from collections import Counter
 import pytest
 import torch
 
-import neurosim.checkpoint
-import neurosim.files
+import neurosim.common.files
+import neurosim.training.checkpoint
+from neurosim.common.errors import UserError
+from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, state_digest
+from neurosim.training.config import preset
+from neurosim.training.run import RunDiverged, open_run
 from tests.full_disk import FullDisk
-from neurosim.checkpoint import CheckpointWriter, load_checkpoint, state_digest
-from neurosim.config import preset
-from neurosim.errors import UserError
-from neurosim.train import RunDiverged, open_run
 
 CFG = preset("kp_mlp_digits", epochs=2, device="cpu", train_limit=320, monitor_every=5)
 
@@ -35,13 +35,13 @@ def one_step(run) -> None:
 def gate(monkeypatch):
     """Holds every checkpoint file's write until the test sets the event (at most 5 s)."""
     release = threading.Event()
-    real = neurosim.checkpoint.write_atomic
+    real = neurosim.training.checkpoint.write_atomic
 
     def held(path, data, what="file"):
         release.wait(5)
         real(path, data, what)
 
-    monkeypatch.setattr(neurosim.checkpoint, "write_atomic", held)
+    monkeypatch.setattr(neurosim.training.checkpoint, "write_atomic", held)
     yield release
     release.set()
 
@@ -54,7 +54,7 @@ def full_disk(monkeypatch, name="last.pt.tmp"):
         f = real_open(path, mode, *a, **kw)
         return FullDisk(f) if str(path).endswith(name) else f
 
-    monkeypatch.setattr(neurosim.files, "open", opener, raising=False)
+    monkeypatch.setattr(neurosim.common.files, "open", opener, raising=False)
 
 
 def test_save_returns_before_the_files_are_written_and_they_hold_the_state_saved(tmp_path, gate):
@@ -120,13 +120,13 @@ def test_a_finished_run_has_every_file_and_best_pt_is_a_copy_of_its_own(tmp_path
 
 
 def test_divergence_waits_for_the_commit_being_written_and_names_it(tmp_path, monkeypatch):
-    real = neurosim.checkpoint.write_atomic
+    real = neurosim.training.checkpoint.write_atomic
 
     def slow(path, data, what="file"):
         time.sleep(1.0)  # longer than the 32 steps to the divergence check
         real(path, data, what)
 
-    monkeypatch.setattr(neurosim.checkpoint, "write_atomic", slow)
+    monkeypatch.setattr(neurosim.training.checkpoint, "write_atomic", slow)
     run = open_run(tmp_path / "r", CFG, quiet=True)
     epoch = len(run.train_stream)
 

@@ -14,8 +14,8 @@ import torch
 import torchvision.datasets.utils as tv_utils
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from neurosim.common.errors import DataError
 from neurosim.data import channel_stats, load_dataset
-from neurosim.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data"
 SHARED_CIFAR100 = SHARED_DATA / "cifar-100-python"

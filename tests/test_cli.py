@@ -12,8 +12,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from neurosim.cli import evaluate, main, run_circuit
-from neurosim.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig, rule_settings
+from neurosim.tools.cli import evaluate, main, run_circuit
+from neurosim.training.config import MODEL_FAMILIES, PRESETS, RULE_NAMES, RunConfig, rule_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,9 +126,9 @@ def test_bad_input_as_a_process_has_no_traceback(tmp_path):
 DRIVER = textwrap.dedent("""
     import json, os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    import neurosim.config as config
-    from neurosim.cli import evaluate, main, run_circuit
-    from neurosim.plot_cli import plot_run
+    import neurosim.training.config as config
+    from neurosim.tools.cli import evaluate, main, run_circuit
+    from neurosim.tools.cli.plot import plot_run
 
     entries = {"run_circuit": run_circuit, "evaluate": evaluate, "plot_run": plot_run}
     for entry, *args in json.loads(sys.argv[2]):
@@ -256,13 +256,13 @@ def test_os_errors_name_the_path_and_the_cause(number, cause, capsys):
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
-    import neurosim.train
+    import neurosim.training.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(neurosim.train, "open_run", interrupted)
+    monkeypatch.setattr(neurosim.training.run, "open_run", interrupted)
     code, _, err = in_process("bp_mlp_digits", *TINY, capsys=capsys)
     assert code == 130 and err.strip() == "interrupted; nothing was lost"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -273,8 +273,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """A one-epoch digits run of a tiny MLP (best.pt and last.pt)."""
-    from neurosim.config import preset
-    from neurosim.train import open_run
+    from neurosim.training.config import preset
+    from neurosim.training.run import open_run
 
     root = tmp_path_factory.mktemp("eval")
     run = open_run(root / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96, device="cpu",

@@ -12,10 +12,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from neurosim.cli import evaluate, main, parse_run_args, run_circuit, run_usage
-from neurosim.cli.options import GROUPS
-from neurosim.config import RunConfig, preset, rule_settings
-from neurosim.errors import UserError
+from neurosim.common.errors import UserError
+from neurosim.tools.cli import evaluate, main, parse_run_args, run_circuit, run_usage
+from neurosim.tools.cli.options import GROUPS
+from neurosim.training.config import RunConfig, preset, rule_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--hidden", "8", "--train-limit", "96", "--monitor-every", "0", "--device", "cpu"]
@@ -42,7 +42,7 @@ def help_of(text: str, option: str) -> str:
 def test_help_needs_no_torch():
     """--help, a typo and an unknown preset answer without loading PyTorch (it takes seconds)."""
     probe = ("import sys\n"
-             "from neurosim.cli import main, run_circuit\n"
+             "from neurosim.tools.cli import main, run_circuit\n"
              "for args in ([{args}],):\n"
              "    try:\n"
              "        main({entry}, list(args))\n"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from neurosim.cli import main
-from neurosim.config import RULE_NAMES
-from neurosim.monitor_files import load_monitor
-from neurosim.run_log import metrics_records
-from neurosim.study import MACHINE_SETTINGS, RuleResult, compare_rules, epochs_done
-from neurosim.train import CHANGEABLE_ON_RESUME
+from neurosim.observe.monitor_files import load_monitor
+from neurosim.tools.cli import main
+from neurosim.tools.study import MACHINE_SETTINGS, RuleResult, compare_rules, epochs_done
+from neurosim.training.config import RULE_NAMES
+from neurosim.training.run import CHANGEABLE_ON_RESUME
+from neurosim.training.run_log import metrics_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest study that still trains, evaluates and monitors every rule: 2 steps per run.
@@ -300,7 +300,7 @@ def test_recent_mean_averages_the_last_three_trained_epochs():
 def test_two_names_of_one_rule_train_one_run(tmp_path, capsys):
     """``ss`` is an alias of ``usf``: a study given both trains the rule once, under the first name
     (a study holding it already keeps the name it holds); the default study names it once."""
-    from neurosim.study import one_name_per_rule
+    from neurosim.tools.study import one_name_per_rule
 
     assert one_name_per_rule(RULE_NAMES) == (tuple(RULE_NAMES), []) and "ss" not in every_rule()
     out = tmp_path / "study"

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neurosim.checkpoint import load_checkpoint, save_checkpoint
-from neurosim.circuit import Circuit
-from neurosim.config import preset
+from neurosim.core.circuit import Circuit
 from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop, KolenPollack, WeightMirror
-from neurosim.train import RunInterrupted, open_run, resume_run
+from neurosim.training.checkpoint import load_checkpoint, save_checkpoint
+from neurosim.training.config import preset
+from neurosim.training.run import RunInterrupted, open_run, resume_run
 
 # Every registered rule (its example instance), plus KP without decay: W and B then share one
 # product tensor.
@@ -186,7 +186,7 @@ def test_sleep_under_bf16_weights_stays_float32():
 
 
 def test_monitor_probe_runs_in_the_training_precision():
-    from neurosim.monitors import Monitor, MonitorConfig
+    from neurosim.observe.monitors import Monitor, MonitorConfig
 
     c = small_circuit(KolenPollack(decay=0.01), "conv")
     x, y = batches(c, 8, 1)[0]

@@ -5,9 +5,18 @@ import math
 import attrs
 import pytest
 
-from neurosim.config import (PRESETS, RULE_NAMES, RunConfig, build, check_rule_settings, device_problem, rule_settings,
-                             parse_overrides, preset)
-from neurosim.errors import UserError
+from neurosim.common.errors import UserError
+from neurosim.training.config import (
+    PRESETS,
+    RULE_NAMES,
+    RunConfig,
+    build,
+    check_rule_settings,
+    device_problem,
+    parse_overrides,
+    preset,
+    rule_settings,
+)
 
 
 def test_every_rule_model_pair_has_a_preset():

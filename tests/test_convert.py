@@ -1,4 +1,4 @@
-"""neurosim.convert: plain torch.nn models become circuits that compute the same function."""
+"""neurosim.models.convert: plain torch.nn models become circuits that compute the same function."""
 
 import pytest
 import torch
@@ -6,10 +6,9 @@ import torch.nn as nn
 import torchvision
 
 import neurosim
-from neurosim.convert import ConversionError, convert, copy_weights
+from neurosim.models.convert import ConversionError, convert, copy_weights
 from neurosim.models.native import native_resnet
 from neurosim.rules import Backprop
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

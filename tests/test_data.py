@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neurosim.data import BatchStream, ImageData, crop_and_flip, load_dataset
-from neurosim.data import folders, images
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
+from neurosim.data import BatchStream, ImageData, crop_and_flip, folders, images, load_dataset
 
 SHARED_CIFAR_JPG = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg/train"
 

@@ -16,10 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from neurosim.data import (DATASET_NAMES, DATASETS, check_data, dataset_names, folder_root, folder_splits,
-                           folder_training_order, load_dataset, register_dataset)
+from neurosim.common.errors import DataError
+from neurosim.data import (
+    DATASET_NAMES,
+    DATASETS,
+    check_data,
+    dataset_names,
+    folder_root,
+    folder_splits,
+    folder_training_order,
+    load_dataset,
+    register_dataset,
+)
 from neurosim.data.stream import open_folder, wants_stream
-from neurosim.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neurosim" / "data"
@@ -43,7 +52,7 @@ PETS = '''
 from pathlib import Path
 
 from neurosim.data import register_dataset
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
 
 
 @register_dataset("pets", about="photos of pets, one folder per kind, in <data-dir>/pets", folder=True)
@@ -202,7 +211,7 @@ def _imports(path: Path):
 
 
 def test_data_imports_nothing_of_circuits_or_training():
-    allowed = ("neurosim.errors", "neurosim.files", "neurosim.console", "neurosim.data")
+    allowed = ("neurosim.common.errors", "neurosim.common.files", "neurosim.common.console", "neurosim.data")
     for path in sorted(PACKAGE.glob("*.py")):
         for module, _ in _imports(path):
             if module == "neurosim" or module.startswith("neurosim."):

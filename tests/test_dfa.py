@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neurosim.circuit import Circuit
+from neurosim.core.circuit import Circuit
+from neurosim.core.pathways import FeedbackPathway
+from neurosim.core.reference import reference_backward
 from neurosim.models import build_mlp, build_resnet
-from neurosim.pathways import FeedbackPathway
-from neurosim.reference import reference_backward
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry
 from neurosim.rules.direct_feedback_alignment import DirectFeedbackAlignment
 from tests.test_equivalence import grads, random_circuit

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurosim.config import RULE_NAMES
 from neurosim.rules import RULES, KolenPollack
+from neurosim.training.config import RULE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 # One process on the global batch against two on halves: the same images, crops, noise and
@@ -95,8 +95,8 @@ def test_two_processes_equal_one_on_the_global_batch(every_rule, rule):
 
 
 def launch_free_initial(rule: str) -> dict:
-    from neurosim.config import preset
-    from neurosim.train import build_circuit
+    from neurosim.training.config import preset
+    from neurosim.training.run import build_circuit
 
     cfg = preset(f"{rule}_mlp_digits")
     c = build_circuit(cfg, (1, 8, 8), 10)
@@ -148,7 +148,7 @@ def test_compiled_circuit_with_sync_batch_norm_trains_on_two_processes(tmp_path)
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 def test_a_derived_feedback_update_equals_the_one_formed_from_its_own_signals(rule, kind):
     """What ``wrap`` derives from the forward update is what the feedback synapse forms itself."""
-    from neurosim.kinds import Conv2d, Dense
+    from neurosim.core.kinds import Conv2d, Dense
     from neurosim.rules.base import LocalSignals
 
     g = torch.Generator().manual_seed(0)
@@ -193,8 +193,8 @@ def test_the_scaling_benchmark_counts_what_ddp_all_reduces():
     backprop's, the forward side's parameters at 4 bytes each."""
     import importlib.util
 
-    from neurosim.config import preset
-    from neurosim.train import build_circuit
+    from neurosim.training.config import preset
+    from neurosim.training.run import build_circuit
 
     spec = importlib.util.spec_from_file_location("scaling", ROOT / "benchmarks" / "scaling.py")
     scaling = importlib.util.module_from_spec(spec)

@@ -136,12 +136,12 @@ def _preset_of(words: list[str]) -> str | None:
 def _check_options(words: list[str], monkeypatch) -> None:
     """A training command's options, checked as its program checks them before it loads data
     (the device and the data it names need not be present here)."""
-    import neurosim.cli
-    import neurosim.study.plan
-    from neurosim.study import parse_request, plan_study
+    import neurosim.tools.cli
+    import neurosim.tools.study.plan
+    from neurosim.tools.study import parse_request, plan_study
 
-    monkeypatch.setattr(neurosim.cli, "check_device", lambda spec: None)
-    monkeypatch.setattr(neurosim.study.plan, "_check_data", lambda spec, data_dir: None)
+    monkeypatch.setattr(neurosim.tools.cli, "check_device", lambda spec: None)
+    monkeypatch.setattr(neurosim.tools.study.plan, "_check_data", lambda spec, data_dir: None)
 
     words = [OPTION_PLACEHOLDERS.get(w, w).replace("<rule>", SUBSTITUTIONS["<rule>"]) for w in words]
     if "torchrun" in words:  # its processes see WORLD_SIZE (settings such as --sync-bn need several)
@@ -149,15 +149,15 @@ def _check_options(words: list[str], monkeypatch) -> None:
     script = next((w for w in words if w.startswith(SCRIPTS)), "")
     args = words[words.index(script) + 1:] if script else []
     if script.endswith("run_circuit.py"):
-        from neurosim.cli.options import parse_run_args
-        from neurosim.cli.run import configure
+        from neurosim.tools.cli.options import parse_run_args
+        from neurosim.tools.cli.run import configure
 
         request = parse_run_args(args)
         assert not isinstance(request, int), f"{shlex.join(words)} asks for help or gives nothing"
         if not {"--resume", "--config"} & set(args):  # those read a run an earlier command made
             configure(request)
     elif script.endswith("compare_rules.py"):
-        from neurosim.config import RULE_NAMES
+        from neurosim.training.config import RULE_NAMES
 
         request = parse_request(args)
         plan_study(request.model, request.rules or RULE_NAMES, request.options)
@@ -192,8 +192,8 @@ def test_commands_name_presets_and_options_that_exist(block, monkeypatch):
 @pytest.fixture(scope="module")
 def placeholder_runs(tmp_path_factory):
     """``runs/<preset>-…`` → the directory of a short run of that preset, made on first use."""
-    from neurosim.config import preset
-    from neurosim.train import open_run
+    from neurosim.training.config import preset
+    from neurosim.training.run import open_run
 
     made, root = {}, tmp_path_factory.mktemp("placeholder-runs")
 
@@ -255,7 +255,7 @@ def _without(words: list[str], extra: list[str]) -> list[str]:
 
 
 def _study_rules(words: list[str]) -> list[str]:
-    from neurosim.config import RULE_NAMES
+    from neurosim.training.config import RULE_NAMES
 
     return words[words.index("--rules") + 1].split(",") if "--rules" in words else list(RULE_NAMES)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from neurosim.config import preset
 from neurosim.data import load_dataset
-from neurosim.train import Run, build_circuit
+from neurosim.training.config import preset
+from neurosim.training.run import Run, build_circuit
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from neurosim.circuit import Circuit
-from neurosim.reference import reference_backward
+from neurosim.core.circuit import Circuit
+from neurosim.core.reference import reference_backward
 from neurosim.rules import RULES as REGISTRY
-from neurosim.rules import (Backprop, FeedbackAlignment, KolenPollack, LocalSignals, SignSymmetry,
-                            WeightMirror)
+from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, LocalSignals, SignSymmetry, WeightMirror
 
 # Every registered rule, as its file's example instance (tests/test_registry.py: a new rule is
 # covered by adding its file).
@@ -106,7 +105,7 @@ def test_sleep_expected_update_points_to_w():
     syn = c.dense("x", "y")
     c.sleep(20000, torch.Generator().manual_seed(0))
     hebb = -syn.feedback.grad
-    from neurosim.analysis import angle_deg
+    from neurosim.core.analysis import angle_deg
     assert float(angle_deg(hebb, syn.weight)) < 3.0
     assert torch.allclose(hebb.norm(), syn.weight.detach().norm(), rtol=0.05)
 
@@ -161,7 +160,7 @@ def test_kolen_pollack_feedback_update_uses_only_its_local_signals():
     rule = KolenPollack(decay=0.1)
     pre, post = torch.randn(6, 5), torch.randn(6, 3)
     b = torch.randn(3, 5)
-    from neurosim.kinds import Dense
+    from neurosim.core.kinds import Dense
 
     # The feedback update's signals hold its input, its partner's activity and its own weight;
     # W is not among them — the result must be computable all the same, and equal the law.
@@ -295,7 +294,7 @@ def test_the_backward_keeps_a_copy_of_w_only_if_the_rule_reads_it(rule, kind):
 
 
 def test_synapse_kinds_follow_one_protocol():
-    from neurosim.kinds import Conv2d, Dense, SynapseKind
+    from neurosim.core.kinds import Conv2d, Dense, SynapseKind
 
     dense, conv = Dense(6, 4), Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
     assert isinstance(dense, SynapseKind) and isinstance(conv, SynapseKind)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurosim.data import folders, images, stream
-from neurosim.data import load_dataset, max_image_pixels
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
+from neurosim.data import folders, images, load_dataset, max_image_pixels, stream
 from neurosim.data.stream import FolderStream, folder_splits, header_size, wants_stream
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from neurosim.circuit import Circuit
-from neurosim.config import PRESETS, RULE_NAMES, preset
-from neurosim.errors import UserError
+from neurosim.common.errors import UserError
+from neurosim.core.circuit import Circuit
+from neurosim.core.reference import reference_backward
 from neurosim.models import IMAGENET_RESNETS, build_resnet
 from neurosim.models.native import circuit_names, copy_from_circuit, native_resnet
-from neurosim.reference import reference_backward
 from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop
+from neurosim.training.config import PRESETS, RULE_NAMES, preset
 
 RULES = {name: cls.example for name, cls in REGISTRY.items()}
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import neurosim.monitors as monitors
-from neurosim.analysis import angle_deg
-from neurosim.circuit import Circuit
-from neurosim.errors import UserError
+import neurosim.observe.monitors as monitors
+from neurosim.common.errors import UserError
+from neurosim.core.analysis import angle_deg
+from neurosim.core.circuit import Circuit
 from neurosim.models import build_mlp, build_resnet
-from neurosim.monitors import Monitor, MonitorConfig, load_monitor
+from neurosim.observe.monitors import Monitor, MonitorConfig, load_monitor
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry, WeightMirror
 
 
@@ -305,18 +305,18 @@ OLD_FILES = Path(__file__).parent / "data" / "monitor_written_before_quantities"
 
 
 def test_docs_table_is_generated_from_the_declared_quantities():
-    from neurosim.monitor_files import QUANTITIES, with_quantities
+    from neurosim.observe.monitor_files import QUANTITIES, with_quantities
 
     path = Path(__file__).resolve().parents[1] / "docs" / "monitors.md"
     doc = path.read_text(encoding="utf-8")
-    assert doc == with_quantities(doc), "regenerate with: python -m neurosim.monitor_files docs/monitors.md"
+    assert doc == with_quantities(doc), "regenerate with: python -m neurosim.observe.monitor_files docs/monitors.md"
     assert all(f"| `{q.name}` | `[{', '.join(q.axes)}]` | {q.unit} |" in doc for q in QUANTITIES)
     # the module docstring points at the table instead of keeping a list of its own
     assert "monitor_files.QUANTITIES" in monitors.__doc__ and "``traces_b``" not in monitors.__doc__
 
 
 def test_what_a_monitor_writes_is_what_is_declared(tmp_path):
-    from neurosim.monitor_files import AXES, QUANTITIES, SCALARS, SLEEP
+    from neurosim.observe.monitor_files import AXES, QUANTITIES, SCALARS, SLEEP
 
     declared = {q.name: q for q in QUANTITIES}
     assert SCALARS == ("angle", "norm_ratio", "delta_angle", "grad_angle") and len(SLEEP) == 4
@@ -343,8 +343,8 @@ def test_files_written_before_an_optional_quantity_still_load(tmp_path, monkeypa
     written; one declared required would make such files unreadable, which is why new ones are not."""
     import shutil
 
-    from neurosim import monitor_files
-    from neurosim.monitor_files import QUANTITIES, Quantity
+    from neurosim.observe import monitor_files
+    from neurosim.observe.monitor_files import QUANTITIES, Quantity
 
     old = load_monitor(OLD_FILES)
     assert old.synapses == ("x->h1", "h1->y") and old.angle.shape == (3, 2) and old.has_sleep and old.has_probe

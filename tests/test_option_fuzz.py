@@ -2,7 +2,7 @@
 
 Each value must end in one ``error:`` line and status 2, with no traceback and nothing left at
 ``--out``, or be accepted; an accepted value must be a sane one (``SANE``). The command runs
-in-process; ``neurosim.train.open_run`` is replaced by a sentinel, so a value that passes every
+in-process; ``neurosim.training.run.open_run`` is replaced by a sentinel, so a value that passes every
 check stops where the run would start writing, and counts as accepted.
 """
 
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import neurosim.train
-from neurosim.cli.entry import main
-from neurosim.cli.options import COMMAND_OPTIONS, build_parser
-from neurosim.cli.run import run_circuit
+import neurosim.training.run
+from neurosim.tools.cli.entry import main
+from neurosim.tools.cli.options import COMMAND_OPTIONS, build_parser
+from neurosim.tools.cli.run import run_circuit
 
 BAD = ["-1", "0", "1e300", "1e-300", str(10**30), "nan", "inf", "-inf", "", "abc"]
 
@@ -55,7 +55,7 @@ def cli(monkeypatch, capsys):
     def sentinel(*args, **kwargs):
         raise Accepted
 
-    monkeypatch.setattr(neurosim.train, "open_run", sentinel)
+    monkeypatch.setattr(neurosim.training.run, "open_run", sentinel)
 
     def call(argv):
         try:
@@ -136,10 +136,10 @@ def test_every_option_of_other_presets_and_data_refuses_bad_values(cli, tmp_path
 
 @pytest.mark.slow
 def test_every_option_of_evaluate_refuses_bad_values(tmp_path, capsys, monkeypatch):
-    from neurosim.cli import evaluate
-    from neurosim.config import preset
+    from neurosim.tools.cli import evaluate
+    from neurosim.training.config import preset
 
-    run = neurosim.train.open_run(tmp_path / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96,
+    run = neurosim.training.run.open_run(tmp_path / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96,
                                                            device="cpu", monitor_every=0), quiet=True)
     run.train()
     run.lock.release()

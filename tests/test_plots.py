@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neurosim.cli import main
-from neurosim.config import preset
-from neurosim.errors import UserError
+from neurosim.common.errors import UserError
 from neurosim.models import build_resnet
-from neurosim.monitors import Monitor, MonitorConfig, load_monitor
-from neurosim.plot_cli import plot_run as plot_cli_entry
-from neurosim.plots import plot_compare, plot_monitor, plot_run, read_metrics
+from neurosim.observe.monitors import Monitor, MonitorConfig, load_monitor
 from neurosim.rules import WeightMirror
-from neurosim.train import open_run
+from neurosim.tools.cli import main
+from neurosim.tools.cli.plot import plot_run as plot_cli_entry
+from neurosim.tools.figures import plot_compare, plot_monitor, plot_run, read_metrics
+from neurosim.training.config import preset
+from neurosim.training.run import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITOR_FIGURES = {"angle_w_bt_by_step.png", "norm_ratio_by_step.png", "delta_angle_by_step.png",
@@ -215,9 +215,9 @@ def test_plot_out_problems(runs, tmp_path, capsys):
 
 def test_a_rule_without_feedback_matrices_gets_no_empty_w_bt_figures(tmp_path):
     """DFA: no W–Bᵀ angle exists; the delta angles are drawn, the W–Bᵀ figures are not."""
-    from neurosim.config import preset
-    from neurosim.plots import plot_run
-    from neurosim.train import open_run
+    from neurosim.tools.figures import plot_run
+    from neurosim.training.config import preset
+    from neurosim.training.run import open_run
 
     run = open_run(tmp_path / "dfa", preset("dfa_mlp_digits", epochs=1, hidden=(16,), monitor_every=10,
                                             device="cpu"), quiet=True)
@@ -231,7 +231,7 @@ def test_a_rule_without_feedback_matrices_gets_no_empty_w_bt_figures(tmp_path):
 def test_compared_runs_of_one_preset_are_told_apart(tmp_path):
     import json
 
-    from neurosim.plots import compare_labels
+    from neurosim.tools.figures import compare_labels
 
     def run(path, preset, params):
         path.mkdir(parents=True)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.models import build_mlp, build_resnet
-from neurosim.probe import probe_angles
+from neurosim.observe.probe import probe_angles
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack
 from neurosim.rules.direct_feedback_alignment import DirectFeedbackAlignment
 

@@ -8,10 +8,10 @@ import attrs
 import pytest
 import torch
 
-from neurosim.cli import run_usage
-from neurosim.config import PRESETS, RULE_NAMES, parse_overrides, preset, presets_markdown
-from neurosim.errors import UserError
+from neurosim.common.errors import UserError
 from neurosim.rules import RULES, register_rule
+from neurosim.tools.cli import run_usage
+from neurosim.training.config import PRESETS, RULE_NAMES, parse_overrides, preset, presets_markdown
 
 RULE_FILE = textwrap.dedent('''
     """Scaled feedback alignment: a fixed random B times a gain (a rule written for a test)."""
@@ -74,7 +74,7 @@ def test_a_rule_in_its_own_file_is_found_everywhere(scaled_rule, tmp_path):
     assert "--scaled-gain X" in run_usage() and "scaled_resnet18" in run_usage()
     assert "`scaled_mlp_digits`" in presets_markdown() and "`--scaled-gain`" in presets_markdown()
     # and it trains, through the same command-line path as every rule
-    from neurosim.cli import run_circuit
+    from neurosim.tools.cli import run_circuit
 
     code = run_circuit(["scaled_mlp_digits", "--epochs", "1", "--hidden", "16", "--monitor-every", "0",
                         "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
@@ -103,7 +103,7 @@ def test_every_registered_rule_builds_from_its_presets():
 
 
 def test_configurations_written_before_rule_params_still_load():
-    from neurosim.config import RunConfig
+    from neurosim.training.config import RunConfig
 
     old = preset("wm_mlp_digits").to_dict()
     old.pop("rule_params")
@@ -117,8 +117,8 @@ def test_configurations_written_before_rule_params_still_load():
 # -- aliases: one rule, several names ------------------------------------------------------------
 
 def test_an_alias_finds_its_rule_and_every_listing_shows_the_rule_once():
-    from neurosim.config import rule_aliases, rule_names
     from neurosim.rules import SignSymmetry, UniformSignConcordant
+    from neurosim.training.config import rule_aliases, rule_names
 
     assert RULES["ss"] is RULES["usf"] is UniformSignConcordant and SignSymmetry is UniformSignConcordant
     assert "ss" in RULES and RULES.canonical("ss") == "usf" and RULES.aliases("usf") == ("ss",)
@@ -179,10 +179,10 @@ def test_a_run_saved_under_the_old_rule_name_still_loads_and_resumes(tmp_path):
     and in their checkpoint; they resume as they are, under their own preset name."""
     import json
 
-    from neurosim.checkpoint import load_checkpoint, save_checkpoint
-    from neurosim.cli import run_circuit
-    from neurosim.config import RunConfig, from_saved
     from neurosim.rules import UniformSignConcordant
+    from neurosim.tools.cli import run_circuit
+    from neurosim.training.checkpoint import load_checkpoint, save_checkpoint
+    from neurosim.training.config import RunConfig, from_saved
 
     run = tmp_path / "ss_run"
     small = ["--hidden", "16", "--monitor-every", "0", "--device", "cpu", "--quiet"]

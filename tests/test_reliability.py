@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-import neurosim.files
+import neurosim.common.files
+from neurosim.common.errors import UserError
+from neurosim.common.files import DirectoryLock
+from neurosim.training.checkpoint import load_checkpoint, save_checkpoint
+from neurosim.training.config import preset
+from neurosim.training.run import RunDiverged, RunInterrupted, open_run, resume_run
 from tests.full_disk import FullDisk
-from neurosim.checkpoint import load_checkpoint, save_checkpoint
-from neurosim.config import preset
-from neurosim.errors import UserError
-from neurosim.files import DirectoryLock
-from neurosim.train import RunDiverged, RunInterrupted, open_run, resume_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["wm_mlp_digits", "--epochs", "2", "--hidden", "24,16", "--monitor-every", "10", "--device", "cpu",
@@ -35,10 +35,10 @@ ARGS = ["wm_mlp_digits", "--epochs", "2", "--hidden", "24,16", "--monitor-every"
 DRIVER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    import neurosim.files as files
-    import neurosim.plots as plots
-    import neurosim.train as train
-    from neurosim.cli import main, run_circuit
+    import neurosim.common.files as files
+    import neurosim.tools.figures as plots
+    import neurosim.training.run as train
+    from neurosim.tools.cli import main, run_circuit
 
     what, n = os.environ.get("KILL", ":0").split(":")
     n = int(n)
@@ -162,7 +162,7 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_not(tmp_path):
     first.train()
     assert not first.lock.held
     # A holder killed outright: the kernel drops its lock; a resume is not blocked.
-    code = (f"import sys, os, signal; sys.path.insert(0, {str(ROOT)!r}); from neurosim.files import DirectoryLock;"
+    code = (f"import sys, os, signal; sys.path.insert(0, {str(ROOT)!r}); from neurosim.common.files import DirectoryLock;"
             f"l = DirectoryLock({str(tmp_path / 'r')!r}); os.kill(os.getpid(), signal.SIGKILL)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     more = resume_run(tmp_path / "r", overrides={"epochs": 2}, quiet=True)
@@ -207,7 +207,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_pa
         writes.append(Path(path).name)
         return FullDisk(f) if writes.count("last.pt.tmp") >= 2 else f
 
-    monkeypatch.setattr(neurosim.files, "open", full_after_epoch_1, raising=False)
+    monkeypatch.setattr(neurosim.common.files, "open", full_after_epoch_1, raising=False)
     part = open_run(tmp_path / "part", cfg, quiet=True)
     with pytest.raises(UserError, match=r"cannot write checkpoint .*last\.pt: disk full; the previous last\.pt is kept"):
         part.train()

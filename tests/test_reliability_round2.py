@@ -19,19 +19,19 @@ import matplotlib.figure
 import pytest
 import torch
 
-import neurosim.checkpoint
-import neurosim.files
-import neurosim.run_log
+import neurosim.common.files
+import neurosim.training.checkpoint
+import neurosim.training.run_log
+from neurosim.common.errors import UserError
+from neurosim.common.files import DirectoryLock
+from neurosim.tools.cli import main
+from neurosim.tools.cli.plot import plot_run as plot_cli_entry
+from neurosim.tools.figures import read_metrics
+from neurosim.training.checkpoint import load_checkpoint
+from neurosim.training.config import preset
+from neurosim.training.run import RunInterrupted, open_run, resume_run
+from neurosim.training.run_log import epoch_list, metrics_records
 from tests.full_disk import FullDisk
-from neurosim.checkpoint import load_checkpoint
-from neurosim.cli import main
-from neurosim.config import preset
-from neurosim.errors import UserError
-from neurosim.files import DirectoryLock
-from neurosim.plot_cli import plot_run as plot_cli_entry
-from neurosim.plots import read_metrics
-from neurosim.run_log import epoch_list, metrics_records
-from neurosim.train import RunInterrupted, open_run, resume_run
 from tests.test_reliability import assert_same
 
 TIMING = ("time_s", "images_per_s")
@@ -110,8 +110,8 @@ def test_a_run_that_lost_both_checkpoints_is_not_started_again(trained, tmp_path
 def test_a_run_whose_directory_is_moved_stops_and_says_where_it_went(tmp_path, monkeypatch, capsys, when):
     held = threading.Event()
     if when == "while a checkpoint is written":
-        real = neurosim.checkpoint.write_atomic
-        monkeypatch.setattr(neurosim.checkpoint, "write_atomic", lambda *a, **k: (held.wait(10), real(*a, **k)))
+        real = neurosim.training.checkpoint.write_atomic
+        monkeypatch.setattr(neurosim.training.checkpoint, "write_atomic", lambda *a, **k: (held.wait(10), real(*a, **k)))
     run = open_run(tmp_path / "run", CFG, quiet=True)
 
     def move(r):
@@ -279,7 +279,7 @@ def test_the_command_line_resume_restores_a_damaged_config_json_too(trained, tmp
     run = copy_run(trained, tmp_path / "run")
     whole = (run / "config.json").read_text()
     (run / "config.json").write_text("[")
-    monkeypatch.setattr("neurosim.plots.plot_run", lambda *a, **k: [])
+    monkeypatch.setattr("neurosim.tools.figures.plot_run", lambda *a, **k: [])
     with pytest.raises(SystemExit) as e:
         main(argv=["run", "--resume", str(run)])
     assert e.value.code == 0
@@ -316,7 +316,7 @@ def test_a_full_disk_under_the_metrics_file_names_it(tmp_path, monkeypatch):
         return FullDisk(f, 0) if pathlib.Path(path).name.startswith("metrics.jsonl") and "r" not in mode else f
 
     run = open_run(tmp_path / "run", preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0), quiet=True)
-    for module in (neurosim.files, neurosim.run_log):
+    for module in (neurosim.common.files, neurosim.training.run_log):
         monkeypatch.setattr(module, "open", opener, raising=False)
     with pytest.raises(UserError, match=rf"{tmp_path / 'run' / 'metrics.jsonl'}: disk full"):
         run.train()

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from neurosim.checkpoint import load_checkpoint
-from neurosim.config import preset
-from neurosim.errors import UserError
-from neurosim.train import RunInterrupted, open_run, resume_run
+from neurosim.common.errors import UserError
+from neurosim.training.checkpoint import load_checkpoint
+from neurosim.training.config import preset
+from neurosim.training.run import RunInterrupted, open_run, resume_run
 
 
 def _stop_at(step):

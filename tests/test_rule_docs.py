@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import neurosim.pathways as pathways
+import neurosim.core.pathways as pathways
 import neurosim.rules.direct_feedback_alignment as dfa_module
 import neurosim.rules.kolen_pollack as kp_module
 import neurosim.rules.sign_concordant as sc_module
 import neurosim.rules.weight_mirror as wm_module
+from neurosim.core.pathways import FeedbackPathway
 from neurosim.models import build_mlp
-from neurosim.pathways import FeedbackPathway
 from neurosim.rules import KolenPollack, WeightMirror
 from neurosim.rules.sign_concordant import UniformSignConcordant
 

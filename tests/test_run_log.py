@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from neurosim.config import preset
-from neurosim.plots import plot_run, read_metrics
-from neurosim.run_log import metrics_records
-from neurosim.train import open_run, resume_run
+from neurosim.tools.figures import plot_run, read_metrics
+from neurosim.training.config import preset
+from neurosim.training.run import open_run, resume_run
+from neurosim.training.run_log import metrics_records
 
 
 def _strict(line: str):
@@ -67,7 +67,7 @@ def test_a_resumed_run_rewrites_an_old_file_as_strict_json(dfa_run, tmp_path):
 
 
 def test_finite_values_are_written_as_they_are(tmp_path):
-    from neurosim.run_log import RunLog
+    from neurosim.training.run_log import RunLog
 
     m = {"epoch": 1, "test_acc": 50.0, "angles": {"a": 1.5, "b": math.nan}, "mean_angle": 1.5,
          "train_loss": math.inf}

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import neurosim.console
-import neurosim.run_log
-from neurosim.cli import main, run_circuit
-from neurosim.console import Console
-from neurosim.run_log import RunLog
+import neurosim.common.console
+import neurosim.training.run_log
+from neurosim.common.console import Console
+from neurosim.tools.cli import main, run_circuit
+from neurosim.training.run_log import RunLog
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--hidden", "8", "--train-limit", "96", "--monitor-every", "0", "--device", "cpu"]
@@ -34,7 +34,7 @@ class Clock:
 
     def __init__(self, monkeypatch, now=0.0):
         self.now = now
-        for module in (neurosim.console, neurosim.run_log):
+        for module in (neurosim.common.console, neurosim.training.run_log):
             monkeypatch.setattr(module.time, "perf_counter", lambda: self.now)
 
 
@@ -121,8 +121,7 @@ def test_the_run_records_how_it_was_made(tmp_path, capsys):
 
 
 def test_git_absent_is_no_commit(monkeypatch, tmp_path):
-    from neurosim import run_record
-
+    from neurosim.training import run_record
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
@@ -191,8 +190,8 @@ def test_a_run_longer_than_a_day_says_so_once(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluation_reports_its_progress(tmp_path):
-    from neurosim.config import preset
-    from neurosim.train import open_run
+    from neurosim.training.config import preset
+    from neurosim.training.run import open_run
 
     run = open_run(tmp_path / "run", preset("bp_mlp_digits", hidden=(8,), monitor_every=0, device="cpu"),
                    quiet=True)
@@ -242,7 +241,7 @@ def test_a_checksum_mismatch_is_one_warning_line(tmp_path):
 
 def test_main_prints_a_warning_as_one_line():
     code = ("import warnings\n"
-            "from neurosim.cli import main\n"
+            "from neurosim.tools.cli import main\n"
             "def entry(argv):\n"
             "    warnings.warn('something is\\n   odd here')\n"
             "    return 0\n"

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neurosim.circuit import Circuit
+from neurosim.core.circuit import Circuit
+from neurosim.core.reference import reference_backward
+from neurosim.core.synapse import weight_init
 from neurosim.data import load_dataset
 from neurosim.models.mlp import build_mlp
-from neurosim.reference import reference_backward
 from neurosim.rules import FeedbackAlignment, SignSymmetry
-from neurosim.rules.sign_concordant import (BatchRandomSignConcordant, FixedRandomSignConcordant,
-                                            UniformSignConcordant)
-from neurosim.synapse import weight_init
+from neurosim.rules.sign_concordant import BatchRandomSignConcordant, FixedRandomSignConcordant, UniformSignConcordant
 
 RULES = {"usf": UniformSignConcordant, "frsf": FixedRandomSignConcordant, "brsf": BatchRandomSignConcordant}
 F64 = torch.float64
@@ -403,7 +402,6 @@ def test_usf_scale_is_measured_from_weights_copied_in_by_convert():
     import torch.nn as nn
 
     from neurosim import convert
-
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     with torch.no_grad():
         for layer in (model[0], model[2]):

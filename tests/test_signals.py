@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurosim.checkpoint import load_checkpoint
-from neurosim.config import preset
-from neurosim.errors import UserError
-from neurosim.step import sleep_steps
-from neurosim.train import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.common.errors import UserError
+from neurosim.training.checkpoint import load_checkpoint
+from neurosim.training.config import preset
+from neurosim.training.run import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.training.step import sleep_steps
 from tests.test_reliability import assert_same, directory_contents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,7 @@ def _free_port() -> int:
 
 def _sleep_stop_worker(out: Path) -> None:
     """One rank of ``test_ranks_agree_on_the_mirror_batch_to_stop_at``."""
-    from neurosim import distributed
-
+    from neurosim.training import distributed
     torch.set_num_threads(1)
     world, _ = distributed.init("cpu")
     cfg = preset("wm_mlp_digits", epochs=1, train_limit=64, batch_size=8, wm_sleep_before=100, monitor_every=0,
@@ -207,8 +206,8 @@ def test_sleep_counts_no_run_could_get_through_are_refused(field, value):
 
 
 def test_an_absurd_sleep_count_on_the_command_line_is_one_message(tmp_path, capsys, monkeypatch):
-    import neurosim.cli.run as run_command
-    from neurosim.cli import main, run_circuit
+    import neurosim.tools.cli.run as run_command
+    from neurosim.tools.cli import main, run_circuit
 
     def started(*args):  # such a count used to start a run that slept for ever, saying nothing
         raise AssertionError("the run started")
@@ -232,7 +231,7 @@ class _Finaliser:
 
 
 def test_an_interrupt_a_finaliser_dropped_still_ends_the_command(capsys):
-    from neurosim.cli import main
+    from neurosim.tools.cli import main
 
     def entry(argv):
         _Finaliser()  # freed at once: the interrupt comes inside its __del__
@@ -252,9 +251,9 @@ def test_an_interrupt_a_finaliser_dropped_still_ends_the_command(capsys):
 DRIVER = textwrap.dedent("""
     import atexit, os, signal, sys, threading, time
     sys.path.insert(0, sys.argv[1])
-    import neurosim.plots as plots
-    import neurosim.train as train
-    from neurosim.cli import main, run_circuit
+    import neurosim.tools.figures as plots
+    import neurosim.training.run as train
+    from neurosim.tools.cli import main, run_circuit
 
     what, _, n = os.environ.get("AT", "").partition(":")
     me = os.getpid()

@@ -5,10 +5,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from neurosim.config import preset
-from neurosim.run_log import RunLog
-from neurosim.step import engaged_step, sleep_steps
-from neurosim.train import Callback, open_run
+from neurosim.training.config import preset
+from neurosim.training.run import Callback, open_run
+from neurosim.training.run_log import RunLog
+from neurosim.training.step import engaged_step, sleep_steps
 
 
 class Recorder(Callback):

@@ -1,4 +1,4 @@
-"""Tests for image folders streamed from disk (neurosim.stream)."""
+"""Tests for image folders streamed from disk (neurosim.data.stream)."""
 
 import math
 import multiprocessing
@@ -11,8 +11,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from neurosim.errors import DataError
-from neurosim.stream import FolderStream, crop_box, folder_splits
+from neurosim.common.errors import DataError
+from neurosim.data.stream import FolderStream, crop_box, folder_splits
 
 # The reference images below are decoded with torchvision, which notes its decoders' deprecation.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")

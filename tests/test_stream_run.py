@@ -1,4 +1,4 @@
-"""Runs that stream an image folder from disk (``neurosim.stream``): when, how, and resuming."""
+"""Runs that stream an image folder from disk (``neurosim.data.stream``): when, how, and resuming."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from neurosim.config import preset
-from neurosim.errors import DataError
-from neurosim.stream import FolderStream, open_folder, wants_stream
-from neurosim.train import RunInterrupted, open_run, resume_run
+from neurosim.common.errors import DataError
+from neurosim.data.stream import FolderStream, open_folder, wants_stream
+from neurosim.training.config import preset
+from neurosim.training.run import RunInterrupted, open_run, resume_run
 
 
 def make_imagenet(root: Path, train: int = 8, val: int = 3, classes=("n01", "n02", "n03"), seed: int = 0) -> Path:
@@ -118,7 +118,7 @@ def test_train_limit_takes_a_mixed_subset(tmp_path):
 def test_evaluate_reads_a_streamed_run_as_it_was_trained(tmp_path, capsys):
     import json
 
-    from neurosim.cli import evaluate
+    from neurosim.tools.cli import evaluate
 
     make_imagenet(tmp_path / "imagenet")
     run = open_run(tmp_path / "run", imagenet_config(tmp_path, epochs=1, monitor_every=0), quiet=True)

@@ -1,7 +1,7 @@
 """User errors under torchrun: said once, by rank 0, and torchrun's summary names rank 0 alone.
 
 torchrun reports every child that exits non-zero with a traceback of its own frames and exits 1;
-no child can prevent that (``neurosim.distributed``'s docstring). What the children control, and
+no child can prevent that (``neurosim.training.distributed``'s docstring). What the children control, and
 these tests check: one ``error:`` line, no traceback from neurosim's code, rank 0 the only failed
 rank in the summary (exit code 2, the message as its ``traceback``), the other ranks stopping
 with status 0 once rank 0 reports the error.
@@ -70,7 +70,7 @@ def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from neurosim.files import DirectoryLock
+        from neurosim.common.files import DirectoryLock
         lock = DirectoryLock(Path({str(run)!r}))
         print("held", flush=True)
         sys.stdin.read()
@@ -116,8 +116,8 @@ def test_an_error_rank_0_meets_while_the_others_wait_for_it_is_said_once(tmp_pat
 ENTRY = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from neurosim.cli.entry import main
-from neurosim.errors import UserError
+from neurosim.tools.cli.entry import main
+from neurosim.common.errors import UserError
 
 def entry(argv):
     rank = int(os.environ["RANK"])
@@ -125,7 +125,7 @@ def entry(argv):
         raise UserError("only rank 1 has this problem")
     if argv[0] == "each its own":
         raise UserError(f"rank {{rank}} has a problem of its own")
-    from neurosim import distributed
+    from neurosim.training import distributed
     # Blocked in joining the process group, this rank runs no Python signal handler: let
     # torchrun's SIGTERM end it at once rather than its SIGKILL 30 s later.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -162,8 +162,8 @@ def test_the_error_file_torchrun_reads_holds_the_message(tmp_path, monkeypatch, 
     where it would point to how to record a traceback."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from neurosim.cli.entry import main
-    from neurosim.errors import UserError
+    from neurosim.common.errors import UserError
+    from neurosim.tools.cli.entry import main
 
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))

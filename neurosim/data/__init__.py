@@ -5,8 +5,8 @@ and size by `images`), either decoded once into memory (`load_dataset` → `Imag
 `BatchStream` in `batches`) or streamed from disk as a run trains (`stream`: whether a run
 streams, and its splits; `folder_stream`: `FolderStream`). The two meet in one public seam: the
 streamed side imports only public names of the others, and both give the same splits and
-training order for a folder. This package may import `neurosim.errors`, `neurosim.files` and
-`neurosim.console` and nothing else of neurosim: data knows nothing of circuits or training.
+training order for a folder. This package may import `neurosim.common.errors`, `neurosim.common.files` and
+`neurosim.common.console` and nothing else of neurosim: data knows nothing of circuits or training.
 
 The names below are loaded on first use, so ``import neurosim.data`` and the registry
 (``DATASETS``, ``DATASET_NAMES``) do not load PyTorch.
@@ -15,8 +15,17 @@ The names below are loaded on first use, so ``import neurosim.data`` and the reg
 import importlib
 
 from neurosim.data import named  # noqa: F401  (declares the datasets that come with neurosim)
-from neurosim.data.registry import (DATASET_NAMES, DATASETS, Dataset, Request, Splits, check_data, dataset_names,
-                                    folder_root, register_dataset)
+from neurosim.data.registry import (
+    DATASET_NAMES,
+    DATASETS,
+    Dataset,
+    Request,
+    Splits,
+    check_data,
+    dataset_names,
+    folder_root,
+    register_dataset,
+)
 
 # public name -> the module that defines it, imported on first use
 _HOMES = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
 
 __all__ = ["load_cifar"]
 

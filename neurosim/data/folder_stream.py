@@ -28,10 +28,19 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from neurosim.common.errors import DataError
 from neurosim.data.batches import derive_seed
-from neurosim.data.images import (JPEG_MAGIC, TooLarge, UnsupportedMode, failure_reason, header_size,
-                                  max_image_pixels, open_image, pixels, too_large_error)
-from neurosim.errors import DataError
+from neurosim.data.images import (
+    JPEG_MAGIC,
+    TooLarge,
+    UnsupportedMode,
+    failure_reason,
+    header_size,
+    max_image_pixels,
+    open_image,
+    pixels,
+    too_large_error,
+)
 
 __all__ = ["FolderStream", "crop_box"]
 

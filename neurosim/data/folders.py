@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neurosim.common.errors import DataError
 from neurosim.data.images import TooLarge, failure_reason, max_image_pixels, open_image, pixels, too_large_error
 from neurosim.data.registry import Splits, dataset_names
-from neurosim.errors import DataError
 
 __all__ = ["scan_folder", "folder_splits", "held_out", "folder_training_order", "cache_path", "load_folder"]
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import attrs
 import numpy as np
 
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
 
 __all__ = ["JPEG_MAGIC", "TooLarge", "UnsupportedMode", "failure_reason", "header_size", "image_size",
            "max_image_pixels", "open_image", "pixels", "too_large_error"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import attrs
 import torch
 
+from neurosim.common.errors import DataError
 from neurosim.data.folders import load_folder
 from neurosim.data.registry import DATASETS, Dataset, Request, Splits, folder_root
-from neurosim.errors import DataError
 
 __all__ = ["ImageData", "channel_stats", "load_dataset"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neurosim.common.errors import DataError
 from neurosim.data.registry import Request, Splits, register_dataset
-from neurosim.errors import DataError
 
 
 @register_dataset("digits", about="scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes)",

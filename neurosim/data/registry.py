@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from neurosim.errors import DataError
+from neurosim.common.errors import DataError
 
 __all__ = ["DATASETS", "DATASET_NAMES", "Dataset", "Request", "Splits", "check_data", "dataset_names",
            "folder_root", "register_dataset"]

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import attrs
 
+from neurosim.common.errors import DataError
 from neurosim.data import images
 from neurosim.data.folder_stream import FolderStream, crop_box
 from neurosim.data.folders import cache_path, folder_splits, folder_training_order, is_split_layout, scan_folder
 from neurosim.data.images import header_size
 from neurosim.data.registry import DATASET_NAMES, DATASETS, folder_root
-from neurosim.errors import DataError
 
 __all__ = ["AUTO_STREAM_BYTES", "FolderStream", "IMAGENET_MEAN", "IMAGENET_STD", "StreamedData", "crop_box",
            "folder_root", "folder_splits", "header_size", "open_folder", "wants_stream"]

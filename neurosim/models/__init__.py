@@ -1,9 +1,14 @@
-"""Circuit builders. The builders are loaded on first use: the model names alone (what a
-configuration checks) need no PyTorch."""
+"""Circuit builders (the MLP, the CIFAR and ImageNet ResNets) and ``convert``, which turns a
+PyTorch model into an equal circuit. The builders are loaded on first use: the model names alone
+(what a configuration checks) need no PyTorch.
+
+May import ``neurosim.common``, ``neurosim.rules`` and ``neurosim.core``.
+"""
 
 import importlib
 
-from neurosim.models.families import DEPTHS as RESNETS, IMAGENET_RESNETS
+from neurosim.models.families import DEPTHS as RESNETS
+from neurosim.models.families import IMAGENET_RESNETS
 
 _BUILDERS = {"build_mlp": "neurosim.models.mlp", "build_resnet": "neurosim.models.resnet"}
 

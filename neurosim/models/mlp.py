@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from neurosim.circuit import Circuit
+from neurosim.core.circuit import Circuit
 from neurosim.rules.base import PlasticityRule
 
 

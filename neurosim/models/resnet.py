@@ -13,7 +13,7 @@ torchvision's module names (``conv1``, ``layer2_0_conv1``, ``layer2_0_shortcut``
 
 from __future__ import annotations
 
-from neurosim.circuit import Circuit
+from neurosim.core.circuit import Circuit
 from neurosim.models.families import DEPTHS, IMAGENET_RESNETS, IMAGENET_SUFFIX
 from neurosim.rules.base import PlasticityRule
 

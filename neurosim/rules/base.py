@@ -77,7 +77,7 @@ class PlasticityRule:
         return None
 
     def weight_replaced(self, w: torch.Tensor, feedback: torch.Tensor | None) -> None:
-        """The synapse's ``W`` was overwritten with ``w`` (``neurosim.convert.copy_weights`` copies a
+        """The synapse's ``W`` was overwritten with ``w`` (``neurosim.models.convert.copy_weights`` copies a
         model's trained weights in). A rule whose feedback state was derived from the initial
         ``W`` derives it again from ``w``, in place; by default nothing changes (a feedback weight
         drawn independently of ``W`` stays as drawn)."""
@@ -103,7 +103,7 @@ class PlasticityRule:
 
         For runs on several processes: ``gw`` arrives averaged over the processes, and what this
         derives from it on every process is the average of their feedback updates, so the
-        all-reduce carries ``ΔW`` alone (``neurosim.distributed.wrap``). It must equal
+        all-reduce carries ``ΔW`` alone (``neurosim.training.distributed.wrap``). It must equal
         ``feedback_update`` on the feedback synapse's own signals, as the rule-generic test checks."""
         return None
 

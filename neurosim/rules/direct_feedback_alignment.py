@@ -32,7 +32,7 @@ class DirectFeedbackAlignment(PlasticityRule):
     the channel. Nøkland's own code gives every unit its own random weight (``B_l`` of
     ``C·H·W × K``), and so does BioTorch for dense layers; BioTorch's convolutions deliver the
     tiled output error through a random ``k×k`` kernel, which makes it vary with position near
-    the borders and, at stride 2, with the parity of the position. ``neurosim.pathways`` says
+    the borders and, at stride 2, with the parity of the position. ``neurosim.core.pathways`` says
     more.
     """
 

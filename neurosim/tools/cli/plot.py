@@ -1,0 +1,84 @@
+"""Command-line entry for drawing the figures of finished (or running) runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from neurosim.common.errors import UserError
+
+USAGE = """usage: plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Draw the figures of each run into its own directory (accuracy and W–Bᵀ angle per epoch; with
+monitor files also per-step angles, delta angles, synapse traces, W-vs-Bᵀ scatter and sleep
+effect). With several runs, also draw them side by side (compare_accuracy_angle.png) into
+the current directory.
+
+  --out DIR    draw every figure into DIR instead, and nothing into the runs' directories
+               (a read-only run, say): one run's into DIR, several runs' each into
+               DIR/RUN_NAME/ beside the side-by-side figure
+  -h, --help   this help
+"""
+
+
+def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
+    """``plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]``; returns the exit status.
+
+    Run it through ``neurosim.tools.cli.main`` (as ``experiments/plot_run.py`` does), which turns user
+    and I/O errors into one message and exit status 2."""
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(USAGE.replace("plot_run.py", prog), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    from neurosim.tools.figures import plot_compare, read_metrics
+    from neurosim.tools.figures import plot_run as plot_one
+    dirs, out, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--out":
+            if i + 1 >= len(argv) or not argv[i + 1]:
+                raise UserError("option --out needs a directory")
+            out, i = Path(argv[i + 1]), i + 2
+        elif argv[i].startswith("--"):
+            raise UserError(f"unknown option {argv[i]}; options: --out DIR")
+        else:
+            dirs.append(Path(argv[i]))
+            i += 1
+    if not dirs:
+        raise UserError("give at least one run directory")
+    for d in dirs:  # check every run before drawing anything
+        read_metrics(d)
+    places = [None] * len(dirs)  # where each run's figures go: None, its own directory
+    if out is not None or len(dirs) > 1:  # and the folder the figures go to
+        given, out = out is not None, out or Path(".")
+        folder = out.parent if out.suffix == ".png" and len(dirs) > 1 else out  # a .png names the comparison
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder} is a file; give a directory for the figures")
+        folder.mkdir(parents=True, exist_ok=True)
+        if given:  # every figure under --out: into it for one run, a folder each for several
+            places = [folder] if len(dirs) == 1 else [folder / name for name in _folder_names(dirs)]
+    for d, place in zip(dirs, places):
+        try:
+            if place is not None:
+                place.mkdir(exist_ok=True)
+            written = plot_one(d, place)
+        except UserError as e:
+            if place is not None or "cannot write figure" not in str(e):
+                raise
+            raise UserError(f"{e}; --out DIR draws the figures there instead of into {d}") from None
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+    if len(dirs) > 1:
+        print(f"wrote {plot_compare(dirs, out)}", file=sys.stderr)
+    return 0
+
+
+def _folder_names(dirs: list[Path]) -> list[str]:
+    """A folder name per run for its figures under --out: the run directory's name, with its
+    parent's in front where two runs share a name, and a number where that is not enough."""
+    names = [d.resolve().name for d in dirs]
+    names = [f"{d.resolve().parent.name}-{n}" if names.count(n) > 1 else n for d, n in zip(dirs, names)]
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if names.count(n) == 1 else f"{n}-{seen[n]}")
+    return unique

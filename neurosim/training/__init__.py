@@ -1,0 +1,6 @@
+"""Training: the run configuration and presets (``config``), the run and its loop (``run``), one
+engaged or sleep step (``step``), checkpoints (``checkpoint``), what a run prints and records
+(``run_log``, ``run_record``) and runs over several processes (``distributed``).
+
+May import every part below it (common, rules, core, models, data, observe); the tools use it.
+"""

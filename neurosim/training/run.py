@@ -1,0 +1,979 @@
+"""The training loop: engaged steps, sleep on the rule's schedule, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from neurosim.common.errors import UserError
+from neurosim.common.files import DirectoryLock, describe_os_error, write_atomic
+from neurosim.core.circuit import Circuit
+from neurosim.core.sync_bn import sync_batch_norm
+from neurosim.data import BatchStream, ImageData, load_dataset, stream
+from neurosim.models import build_mlp, build_resnet
+from neurosim.observe.monitors import Monitor, MonitorConfig, probe_batch
+from neurosim.training import distributed
+from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, write_checkpoint
+from neurosim.training.config import PRESETS, RunConfig
+from neurosim.training.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
+from neurosim.training.step import engaged_step, sleep_steps
+
+
+class RunInterrupted(UserError):
+    """Training stopped on request (Ctrl-C); the checkpoint holds the position reached."""
+
+
+class RunDiverged(UserError):
+    """The training loss became non-finite or exploded; nothing after the last checkpoint is saved."""
+
+
+class RunDirectoryGone(UserError):
+    """The run directory was deleted or moved while the run trained; nothing more is written."""
+
+
+# The loss is copied into a ring of this many device slots each step and read once per ring:
+# divergence is caught within that many steps at the cost of one host sync per ring.
+WATCH_STEPS = 32
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def set_determinism(deterministic: bool, cuda: bool) -> None:
+    """Choose between cuDNN's autotuned kernels (fast, not bit-repeatable) and deterministic ones.
+
+    Deterministic mode also makes PyTorch refuse any operation that has no deterministic
+    implementation, so a run that passes in it repeats and resumes bit for bit on the same
+    device model and software. cuBLAS needs its workspace fixed for that, before its first use.
+    """
+    if deterministic and cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+
+
+def build_circuit(cfg: RunConfig, image_shape, num_classes: int) -> Circuit:
+    """The circuit a configuration describes, for data of the given shape."""
+    rule = cfg.make_rule()
+    if cfg.model == "mlp":
+        return build_mlp(rule, image_shape, cfg.hidden, num_classes, cfg.activation, cfg.init, cfg.seed)
+    return build_resnet(cfg.model, rule, num_classes, image_shape, cfg.width, cfg.seed)
+
+
+def compiled_with_dynamic_batch(module, backend: str = "inductor"):
+    """``torch.compile(module, backend=backend)``, called with the batch dimension marked dynamic.
+
+    An epoch's last batch is smaller, and so is an evaluation's: compiled for a fixed batch, each
+    would compile its graph a second time (on a GPU, a minute each). Marked from the first call,
+    one graph serves every batch size."""
+    compiled = torch.compile(module, backend=backend)
+
+    def call(x):
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return compiled(x)
+
+    return call
+
+
+def loss_function(name: str):
+    if name == "cross_entropy":
+        return F.cross_entropy
+
+    def sigmoid_bce(logits, target):
+        # Sigmoid cross-entropy on one-hot targets, summed over classes, averaged over the batch.
+        onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / logits.shape[0]
+
+    return sigmoid_bce
+
+
+class Callback:
+    """Something a run calls as it goes; every hook does nothing unless overridden."""
+
+    def after_step(self, step: int) -> None:
+        """After engaged step ``step`` (and before any sleep it makes due)."""
+
+    def before_sleep(self, step: int) -> None:
+        """Before a stretch of sleep, ``step`` engaged steps in."""
+
+    def after_sleep(self, step: int) -> None:
+        """After a stretch of sleep."""
+
+    def on_checkpoint(self, run_dir: Path) -> None:
+        """Write what belongs to the checkpoint being committed (before ``last.pt``)."""
+
+
+class MonitorCallback(Callback):
+    """A ``Monitor`` as a run's callback: its records are flushed with every checkpoint."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def after_step(self, step: int) -> None:
+        self.monitor.after_step(step)
+
+    def before_sleep(self, step: int) -> None:
+        self.monitor.before_sleep(step)
+
+    def after_sleep(self, step: int) -> None:
+        self.monitor.after_sleep(step)
+
+    def on_checkpoint(self, run_dir: Path) -> None:
+        self.monitor.flush(run_dir, create=False)
+
+
+class Run:
+    """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
+
+    Holds the circuit, the device-resident data streams, the engaged optimizer (SGD over
+    forward weights, norms and task-learned feedback weights), the sleep optimizer (WM's
+    feedback weights), the learning-rate schedule and the position ``(epoch, batch)``.
+    ``callbacks`` (the monitor among them) are called after each engaged step, around each
+    sleep and at each checkpoint; ``log`` writes the metrics and progress lines.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: ImageData | None = None, quiet: bool = False):
+        # Under torchrun every process builds the same run; rank 0 alone writes and reports.
+        self.world = distributed.world()
+        self.log = RunLog(run_dir, quiet or not self.world.writer, writer=self.world.writer)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the local rank's GPU
+        if self.world.distributed and cfg.execution == "reference":
+            raise UserError("--execution reference runs one process literally, synapse by synapse; under "
+                            "torchrun use the compiled execution (the default)")
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
+        set_determinism(cfg.deterministic, cuda)
+        # Every random stream of a run derives from its seed; the process-wide generators too
+        # (a new process draws their seed at random), for anything that draws from them.
+        torch.manual_seed(cfg.seed)
+        # A folder too big to hold on the device (ImageNet) is read from disk as the run trains.
+        self.streamed = data is None and stream.wants_stream(cfg.data, cfg.data_dir, cfg.stream)
+        if self.streamed:
+            data = stream.open_folder(cfg.data, cfg.data_dir, cfg.val_per_class, cfg.image_size, cfg.train_limit)
+        elif data is None:
+            # Rank 0 first: it downloads or decodes (and caches) what the others then read.
+            if not self.world.writer:
+                distributed.barrier()
+            with self.log.console.warnings_said():  # a checksum mismatch: one line, in the log too
+                data = load_dataset(cfg.data, cfg.data_dir, cfg.val_per_class,
+                                    (cfg.synthetic_train, cfg.synthetic_test), self.device, cfg.seed,
+                                    progress=self.log.report)
+            if self.world.writer:
+                distributed.barrier()
+        self.data = data
+        if cfg.train_limit and not self.streamed:
+            # The training split is held in a fixed mixed order, so its head is a fair subset.
+            self.data = attrs.evolve(self.data, train_x=self.data.train_x[:cfg.train_limit],
+                                     train_y=self.data.train_y[:cfg.train_limit])
+        c = self.data.image_shape[0]
+        mean, std = (self.data.mean, self.data.std) if cfg.normalize == "standard" else ((0.0,) * c, (1.0,) * c)
+        self.normalization = (tuple(mean), tuple(std))  # saved: evaluation on other data reuses it
+        rank, size = self.world.rank, self.world.size
+        self.train_stream = self._stream(train=True, rank=rank, world=size)
+        # Evaluation: each rank a contiguous shard of the split; the counts are summed over ranks.
+        self.test_stream = self._stream(train=False, rank=rank, world=size)
+        self.global_batch = cfg.batch_size * size
+        self.lr = cfg.lr * self.global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
+        self.circuit = build_circuit(cfg, self.data.image_shape, self.data.num_classes).to(self.device)
+        if self.channels_last:
+            self.circuit.to(memory_format=torch.channels_last)
+        if cfg.sync_bn:
+            sync_batch_norm(self.circuit)
+        # ``engine`` runs the engaged steps: the circuit, under DDP when there are several ranks.
+        self.engine = distributed.wrap(self.circuit, self.device) if self.world.distributed else self.circuit
+        self.model = compiled_with_dynamic_batch(self.engine) if cfg.compile else self.engine
+        self.loss_fn = loss_function(cfg.loss)
+        self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        sleepers = self.circuit.sleep_parameters()
+        self.sleep_optimizer = torch.optim.SGD(sleepers, lr=self.circuit.rule.lr) if sleepers else None
+        self.schedule = self.circuit.rule.schedule if self.sleep_optimizer else None
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
+        self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.monitor = None
+        if cfg.monitor_every and self.world.writer:
+            mcfg = MonitorConfig(every=cfg.monitor_every, synapses=cfg.monitor_synapses,
+                                 traces=cfg.monitor_traces, probe=cfg.monitor_probe)
+            # The probe is the head of the single-process stream: the same batch for any world size.
+            probe = None
+            if cfg.monitor_probe:
+                whole = self._stream(train=True, rank=0, world=1, workers=0)
+                probe = probe_batch(whole, cfg.monitor_probe)
+                if self.streamed:
+                    whole.close()
+            self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
+                                   self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
+        self.callbacks: list[Callback] = [MonitorCallback(self.monitor)] if self.monitor is not None else []
+        self.epoch = 0  # completed epochs
+        self.batch = 0  # batches completed in the current epoch
+        self.step = 0  # engaged steps completed
+        self.slept_before = False  # the sleep before training is done
+        # Mirror batches of the current sleep still to do: a stop request is honoured between
+        # mirror batches, and the checkpoint keeps how many are left for a resume to do first.
+        self.sleep_left = 0
+        self.best = -math.inf
+        # The metrics record of every epoch so far (epoch 0: before training), kept in the
+        # checkpoint so that a resume can rebuild metrics.jsonl; None: restored from a
+        # checkpoint written before checkpoints kept them.
+        self.records: list[dict] | None = []
+        self.stop_requested = False  # set by a signal handler; honoured between steps
+        self._stop_agreed = False  # under torchrun: every rank has heard the stop request
+        self.first_loss = None  # the first engaged step's loss: divergence is measured against it
+        self._recent = torch.zeros(WATCH_STEPS, dtype=torch.float32, device=self.device)
+        self._unwatched = 0  # steps whose loss sits in the ring unread
+        self.lock = None  # the run directory's DirectoryLock while this run writes into it
+        self._gone_said = False  # the training loop has stopped with RunDirectoryGone
+        # Checkpoints are hashed and written in the background (see ``save``).
+        self.checkpoint_writer = CheckpointWriter(pinned=cuda)
+        self._reset_stats()
+
+    def _stream(self, train: bool, rank: int, world: int, workers: int | None = None):
+        """Batches of the training or the evaluation split for one rank: cut from the tensors on
+        the device (``BatchStream``) or read from the folder as they are needed (``FolderStream``)."""
+        cfg, data = self.cfg, self.data
+        mean, std = self.normalization
+        # Evaluation of data on the device goes in batches of at least 256 (no gradients to hold).
+        batch = cfg.batch_size if train or self.streamed else max(cfg.batch_size, 256)
+        if self.streamed:
+            paths, labels = data.train if train else data.val
+            return stream.FolderStream(paths, labels, batch, train=train, mean=mean, std=std, seed=cfg.seed,
+                                       image_size=cfg.image_size, rank=rank, world=world,
+                                       workers=cfg.workers if workers is None else workers, device=self.device,
+                                       channels_last=self.channels_last)
+        if train:
+            return BatchStream(data.train_x, data.train_y, batch, mean, std, shuffle=cfg.shuffle, seed=cfg.seed,
+                               crop_padding=cfg.crop_padding, flip=cfg.flip, channels_last=self.channels_last,
+                               rank=rank, world=world)
+        n = len(data.test_y)
+        shard = slice(rank * n // world, (rank + 1) * n // world)
+        return BatchStream(data.test_x[shard], data.test_y[shard], batch, mean, std, shuffle=False, seed=cfg.seed,
+                           channels_last=self.channels_last)
+
+    def close(self) -> None:
+        """Finish writing the last checkpoint and stop the data-loading processes of a streamed run."""
+        try:
+            self.flush()
+        finally:
+            for s in (self.train_stream, self.test_stream):
+                if hasattr(s, "close"):
+                    s.close()
+
+    @property
+    def quiet(self) -> bool:
+        return self.log.quiet
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:
+        self.log.quiet = value
+
+    # -- state ----------------------------------------------------------------------------------
+    def _reset_stats(self):
+        # Running loss·n and correct count stay on the device; the image count is a host int.
+        self.stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.seen = 0
+
+    def state_dict(self, rank_stats: torch.Tensor | None = None) -> dict:
+        """Everything a resume needs (tensors and plain data). ``rank_stats``: the running
+        ``[loss·n, correct, n]`` of every rank (``_rank_stats``), one row each; by default this
+        process's alone, which is the whole under a single process."""
+        if rank_stats is None:
+            rank_stats = torch.cat([self.stats, self.stats.new_tensor([self.seen])])[None]
+        rank_stats = rank_stats.cpu()
+        rng = {"torch": torch.get_rng_state(), "sleep": self.sleep_generator.get_state(),
+               "device": self.device.type}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1, "config": self.cfg.to_dict(), "circuit": self.circuit.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
+            "sleep_left": self.sleep_left,
+            # Each rank's share of the epoch's running statistics: on resume each rank takes its
+            # own back, so the epoch's end sums them exactly as if the run had never stopped.
+            "best": self.best, "stats": rank_stats[:, :2].clone(),
+            "seen": [int(n) for n in rank_stats[:, 2].tolist()], "rng": rng,
+            "first_loss": self.first_loss, "world": self.world.size,
+            "metrics": None if self.records is None else [without_timing(r) for r in self.records],
+            "monitor": self.monitor.state_dict() if self.monitor else None,
+            "data": {"name": self.data.name, "classes": list(self.data.classes),
+                     "mean": list(self.normalization[0]), "std": list(self.normalization[1]),
+                     "image_shape": list(self.data.image_shape)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.circuit.load_state_dict(state["circuit"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sleep_optimizer:
+            self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.slept_before, self.best = state["slept_before"], state["best"]
+        self.sleep_left = state.get("sleep_left", 0)  # (earlier checkpoints were never taken inside a sleep)
+        stats, seen = state["stats"], state["seen"]
+        if stats.dim() == 2:
+            # A row per rank of the run that saved it (world sizes match: ``resume_run``).
+            rank = self.world.rank if stats.shape[0] == self.world.size else 0
+            stats, seen = stats[rank], seen[rank]
+        # (Checkpoints written before kept rank 0's share alone, which every rank then takes.)
+        self.stats, self.seen = stats.to(self.device).clone(), int(seen)
+        records = state.get("metrics")
+        self.records = None if records is None else [dict(r) for r in records]
+        self.first_loss = state.get("first_loss")
+        # Losses of steps taken before the restore (a warm-up, an abandoned attempt) belong to
+        # no position of the restored run: the divergence watch starts from the checkpoint.
+        self._recent.zero_()
+        self._unwatched = 0
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state["monitor"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("device", self.device.type) == self.device.type:
+            self.sleep_generator.set_state(rng["sleep"])
+        else:
+            # A CUDA generator's state means nothing to a CPU one (and the reverse): continue
+            # from a seed fixed by the run's seed and position. The run goes on correctly, but
+            # no longer repeats the random draws of one that stayed on its device.
+            self.sleep_generator.manual_seed(_position_seed(self.cfg.seed + 1, self.step))
+        if "cuda" in rng and self.device.type == "cuda" and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, best: bool = False, metrics: dict | None = None) -> None:
+        """Commit the position reached: every file first, ``last.pt`` last.
+
+        ``last.pt`` is the commit point. Whatever was written before it (``best.pt``, the monitor
+        files, the epoch's metrics line) belongs to a position at or after the previous
+        ``last.pt``; a resume from that checkpoint truncates and rewrites all of it, so a kill at
+        any moment ends, after ``--resume``, in the same run directory as no kill at all.
+        ``metrics`` (the epoch's record) joins ``records``, which the checkpoint keeps too.
+
+        Training is not held up by the writing: the state is copied into host buffers here, the
+        callbacks write their files, and a background thread (``CheckpointWriter``) hashes and
+        serialises the copy and writes ``best.pt``, the metrics line and ``last.pt``, in that
+        order. The next ``save`` and ``flush`` wait for it and raise its error (a full disk); a
+        commit that fails stops before ``last.pt``, so the previous one is kept.
+        """
+        self._check_divergence()
+        rank_stats = self._rank_stats()  # under torchrun every rank takes part
+        if not self.world.writer:
+            return
+        self._check_directory()
+        records = None
+        if metrics is not None:
+            # A copy: the caller's dict may change while the file is written in the background.
+            self.records = [*(self.records or []), copy.deepcopy(metrics)]
+            records = copy.deepcopy(self.records)
+        state = self.checkpoint_writer.snapshot(self.state_dict(rank_stats))  # waits for the previous commit
+        for callback in self.callbacks:
+            callback.on_checkpoint(self.run_dir)
+
+        def commit():
+            self._check_directory(said=False)  # it may have gone since save() looked
+            try:
+                # Serialised once; best.pt gets its own copy of the bytes rather than a hard
+                # link, so that damage to one file leaves the other to resume from.
+                with self.checkpoint_writer.serialised(state) as data:
+                    if best:
+                        write_checkpoint(data, self.run_dir / "best.pt")
+                    if records is not None:
+                        self._log_metrics(self.run_dir / "metrics.jsonl", records[-1], records[:-1])
+                    write_checkpoint(data, self.run_dir / "last.pt")
+            except UserError:
+                self._check_directory(said=False)  # a directory that went meanwhile is the reason
+                raise
+
+        self.checkpoint_writer.start(commit)
+
+    def flush(self) -> None:
+        """Wait until the checkpoint being written is on disk; raise its error if it failed."""
+        self.checkpoint_writer.flush()
+
+    def _rank_stats(self) -> torch.Tensor:
+        """``[loss·n, correct, n]`` of the epoch so far on every rank, a row each (a collective
+        under torchrun: every rank calls it at the same point)."""
+        return distributed.gathered(torch.cat([self.stats, self.stats.new_tensor([self.seen])]))
+
+    def _check_directory(self, said: bool = True) -> None:
+        """Stop if the run directory was deleted or moved while the run trained.
+
+        Written on regardless, its files would go nowhere, or into a new directory of the old
+        name that holds no configuration, no lock and none of the epochs before. Nothing more is
+        written: a moved directory keeps the run as of its last checkpoint. ``said``: the
+        training loop raises this error (not the checkpoint writer), and the run's end need not
+        repeat the writer's of the same cause."""
+        what = self.lock.whereabouts() if self.lock is not None and self.lock.held else None
+        if what is None:
+            return
+        self._gone_said = self._gone_said or said
+        at = (f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}" if self.batch
+              else f"after epoch {self.epoch}" if self.epoch else "before its first epoch")
+        stopped = f"run directory {self.run_dir} {what} while the run trained; it stopped {at} and wrote nothing more"
+        if what.startswith("was moved to "):
+            moved = what.removeprefix("was moved to ")
+            raise RunDirectoryGone(f"{stopped}. {moved} holds the run as of its last checkpoint: continue it "
+                                   f"there with --resume {moved}")
+        if what.startswith("lost its lock"):
+            raise RunDirectoryGone(f"{stopped}, since another process could now write there too. Its files are "
+                                   f"kept: continue it with --resume {self.run_dir}")
+        raise RunDirectoryGone(f"{stopped}; nothing of it is left there to continue from. Start it again with --out")
+
+    # -- steps ----------------------------------------------------------------------------------
+    def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward, feedback and local updates on one batch; statistics stay on the device."""
+        loss, out = engaged_step(self.circuit, self.model, self.optimizer, x, y, self.loss_fn, self.amp_dtype,
+                                 self.sleep_generator, self.cfg.execution)
+        n = y.shape[0]
+        self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
+        self.seen += n
+        self.step += 1
+        self._recent[self._unwatched].copy_(loss.detach())
+        self._unwatched += 1
+        if self._unwatched == WATCH_STEPS or self.first_loss is None:
+            self._check_divergence()
+
+    def _check_divergence(self) -> None:
+        """Read the losses of the steps since the last check (one host sync) and stop the run
+        at the first one that is not finite or exceeds ``max_loss_ratio`` × the first loss."""
+        if not self._unwatched:
+            return
+        ring = self._recent[:self._unwatched]
+        if self.world.distributed:
+            # Every rank judges the mean loss over ranks, and learns whether any was asked to
+            # stop: all decide alike at the same step, and none is left waiting for the others.
+            shared = distributed.all_sum(torch.cat([ring, ring.new_tensor([float(self.stop_requested)])]))
+            ring = shared[:-1] / self.world.size
+            self._stop_agreed = bool(shared[-1] > 0)
+        losses = ring.tolist()
+        first_step = self.step - self._unwatched + 1
+        self._unwatched = 0
+        if self.first_loss is None:
+            self.first_loss = losses[0]
+        ratio = self.cfg.max_loss_ratio
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss) or (ratio and loss > ratio * max(self.first_loss, 1e-12)):
+                raise RunDiverged(self._divergence_message(first_step + i, loss))
+
+    def _divergence_message(self, step: int, loss: float) -> str:
+        if math.isfinite(loss):
+            what = (f"the loss reached {loss:.4g}, over {self.cfg.max_loss_ratio:g}× the first step's "
+                    f"{self.first_loss:.4g} (--max-loss-ratio)")
+        else:
+            what = f"the loss became {loss}"
+        bad = [f"{which} of synapse {syn.name!r}" for syn in self.circuit.synapses.values()  # forward order
+               for which, t in (("weight", syn.weight), ("feedback weight", syn.feedback))
+               if t is not None and t.is_floating_point() and not torch.isfinite(t).all()]
+        first_bad = f"; non-finite: {', '.join(bad[:4])}{' …' if len(bad) > 4 else ''}" if bad else ""
+        unwritten = self.checkpoint_writer.wait()  # the last good checkpoint may still be being written
+        last = self.run_dir / "last.pt"
+        if last.exists():
+            kept = (f"The last good checkpoint ({last}, epoch {load_checkpoint(last)['epoch']}) is kept; "
+                    f"nothing after it was saved.")
+        else:
+            kept = (f"No checkpoint had been written yet; {self.run_dir} can be started again from the "
+                    f"beginning with --resume or reused as --out.")
+        if unwritten is not None:
+            kept += f" Writing the next checkpoint failed: {unwritten}."
+        return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad}. {kept} "
+                f"Lower --lr (now {self.cfg.lr:g}) and start again.")
+
+    def sleep(self, batches: int) -> None:
+        """A sleep of ``batches`` mirror batches for every sleeping synapse: noise in, feedback
+        updates out, no data.
+
+        A stop request is honoured between mirror batches, not only between engaged steps: a
+        sleep can be long (the one before training is an epoch's worth in wm_mlp_original, or
+        whatever --wm-sleep-before asks). ``RunInterrupted`` is raised with the mirror batches
+        still to do in ``sleep_left``, which the checkpoint keeps, and a resumed run does them
+        before anything else (``_finish_sleep``): every mirror batch draws from the checkpointed
+        noise stream and updates through the checkpointed sleep optimizer, so the run goes on
+        bit for bit as if the sleep had never been broken."""
+        for callback in self.callbacks:
+            callback.before_sleep(self.step)
+        self.sleep_left = batches
+        self._finish_sleep()
+
+    def _finish_sleep(self) -> None:
+        """The mirror batches of the current sleep still to do (``sleep_left``), then its end
+        (the callbacks' ``after_sleep``); ``RunInterrupted`` if a stop is asked on the way."""
+        bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
+        todo = self.sleep_left
+        # The sleep before training can take minutes: its progress is shown like an evaluation's.
+        what = "sleeping before training" if not self.slept_before and todo > 1 else None
+
+        def stop(done: int) -> bool:
+            if what is not None:
+                self.log.report(what, done, todo, " mirror batches")
+            return self._stop_asked_in_sleep(done)
+
+        done = sleep_steps(self.circuit, self.sleep_optimizer, todo, bs, self.sleep_generator,
+                           literal=self.cfg.execution == "reference", stop=stop)
+        self.sleep_left = todo - done
+        if self.sleep_left:
+            left = f"{self.sleep_left:,} of its mirror batches still to do"
+            where = (f"in the sleep before training ({left})" if not self.slept_before else
+                     f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}, in the sleep "
+                     f"after it ({left})")
+            raise RunInterrupted(f"interrupted {where}; checkpoint saved. Continue with --resume {self.run_dir}")
+        if what is not None:
+            self.log.report(what, todo, todo, " mirror batches")
+        for callback in self.callbacks:
+            callback.after_sleep(self.step)
+
+    def _stop_asked_in_sleep(self, done: int) -> bool:
+        """Whether to stop after mirror batch ``done`` of a sleep. Under torchrun the ranks agree
+        first, every ``WATCH_STEPS`` mirror batches (one all-reduce of a flag): sleep needs no
+        traffic of its own and every rank sleeps alike, so all ask at the same mirror batch and
+        stop at the same one, as the engaged loop's ``_stop_agreed`` does between steps."""
+        if not self.world.distributed:
+            return self.stop_requested
+        if done % WATCH_STEPS:
+            return False
+        asked = torch.tensor([float(self.stop_requested)], device=self.device)
+        return bool(distributed.all_sum(asked).item() > 0)
+
+    def evaluate(self, stream: BatchStream | None = None) -> dict:
+        """Loss, top-1 and top-5 accuracy (percent) over a stream (the test split by default).
+
+        Under torchrun each rank evaluates its shard of the test split and the counts are summed."""
+        if not self.world.distributed:
+            return evaluate_stream(self.model, self.circuit, stream or self.test_stream, self.loss_fn, self.amp_dtype,
+                                   progress=self.log.evaluating)
+        # The circuit itself, not DDP: shards may differ by a batch, and evaluation needs no traffic.
+        totals = distributed.all_sum(evaluation_totals(self.circuit, self.circuit, stream or self.test_stream,
+                                                       self.loss_fn, self.amp_dtype, progress=self.log.evaluating))
+        return _evaluation_result(totals)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, on_step=None) -> dict:
+        """Train to ``cfg.epochs``; returns the last metrics. ``on_step(run)`` is called after
+        every engaged step (used by tests to interrupt a run)."""
+        cfg = self.cfg
+        writer = self.world.writer
+        if writer and (self.lock is None or not self.lock.held):
+            self.lock = DirectoryLock(self.run_dir)
+        try:
+            metrics_path = self.run_dir / "metrics.jsonl"
+            # Not fresh either: a run stopped inside the sleep before training (its epoch-0 record is kept).
+            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before and not self.sleep_left
+            if writer:
+                self.flush()  # a checkpoint saved before train() would write the file rewritten here
+                if not fresh:
+                    self._restore_metrics(metrics_path)
+            if fresh:
+                m = self._epoch_metrics(0, 0.0, None)
+                self.records = [m]
+                if writer:
+                    self._log_metrics(metrics_path, m)
+            last = None
+            try:
+                if not self.slept_before:
+                    if self.schedule is not None and fresh:
+                        before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
+                        self.sleep(before)
+                    elif self.schedule is not None:
+                        self._finish_sleep()  # the rest of a sleep before training that was stopped
+                    self.slept_before = True
+                self.circuit.set_mode("engaged")
+                while self.epoch < cfg.epochs:
+                    last = self._train_epoch(on_step)
+            except RunInterrupted:
+                self.save()
+                self.flush()  # the message says the checkpoint is saved: it is on disk before it is seen
+                raise
+            self.flush()  # a finished run's files are complete when it returns
+            return last
+        finally:
+            # Stopped by anything else (divergence, a second Ctrl-C, an error): the commit in
+            # progress, of a position reached earlier, still completes before the lock is let go.
+            try:
+                unwritten = self.checkpoint_writer.wait()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
+            # Not hidden by the error that stopped the run, unless that said the same.
+            if unwritten is not None and not (isinstance(unwritten, RunDirectoryGone) and self._gone_said):
+                print(f"error: {unwritten}", file=sys.stderr)
+
+    def _train_epoch(self, on_step) -> dict:
+        cfg, stream = self.cfg, self.train_stream
+        total = len(stream)
+        t0 = time.perf_counter()
+        self.log.start_epoch(self.batch, t0)
+        if self.sleep_left:
+            self._finish_sleep()  # the rest of the sleep after the last step before a stop
+        for x, y in stream.epoch(self.epoch, start=self.batch):
+            self.engaged_step(x, y)
+            for callback in self.callbacks:
+                callback.after_step(self.step)
+            self.batch += 1  # before the sleep: a stop inside it saves the position after this step
+            if self.schedule is not None:
+                due = self.schedule.due(self.step)
+                if due:
+                    self.sleep(due)
+            if self.step % WATCH_STEPS == 0 and self.world.writer:
+                self._check_directory()  # a few stat calls: a vanished directory is noticed within as many steps
+            if on_step is not None:
+                on_step(self)
+            if self.stop_requested if not self.world.distributed else self._stop_agreed:
+                raise RunInterrupted(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}/{total}; "
+                                     f"checkpoint saved. Continue with --resume {self.run_dir}")
+            self.log.after_batch(self.epoch, cfg.epochs, self.batch, total, self.stats, self.seen, cfg.batch_size,
+                                 cfg.log_every)
+        self._check_divergence()
+        seen = self.stats.new_tensor([self.seen]) if self.world.distributed else None
+        train = distributed.all_sum(torch.cat([self.stats, seen])).tolist() if seen is not None else \
+            [*self.stats.tolist(), self.seen]
+        elapsed = time.perf_counter() - t0
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.scheduler.step()
+        m = self._epoch_metrics(self.epoch, elapsed, train)
+        self._reset_stats()
+        improved = m["test_acc"] > self.best
+        self.best = max(self.best, m["test_acc"])
+        self.save(best=improved, metrics=m)
+        self.log.epoch_summary(self.epoch, cfg.epochs, m)
+        return m
+
+    def _epoch_metrics(self, epoch: int, elapsed: float, train) -> dict:
+        test = self.evaluate()
+        angles = self.circuit.alignment_angles()
+        m = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"]}
+        if train is not None:
+            loss_sum, correct, n = train
+            m.update(train_loss=loss_sum / max(n, 1), train_acc=100 * correct / max(n, 1),
+                     time_s=elapsed, images_per_s=n / elapsed if elapsed > 0 else 0.0)
+        m.update(test_loss=test["loss"], test_acc=test["top1"], test_top5=test["top5"],
+                 mean_angle=_mean_defined(angles.values()), angles=angles)
+        return m
+
+    def _log_metrics(self, path: Path, m: dict, earlier=()) -> None:
+        """The metrics file, ``earlier`` records then epoch ``m``'s, through the run's log (the
+        step of ``save`` that writes it)."""
+        self.log.metrics(path, m, earlier)
+
+    def _restore_metrics(self, path: Path) -> None:
+        """Make ``metrics.jsonl`` hold exactly the records of the epochs the checkpoint committed.
+
+        A kill may leave records of an epoch that was not committed, or half a line: both go.
+        Records of committed epochs that the file lost (truncated, emptied, deleted, a line
+        removed) or holds changed are rewritten from the checkpoint's copy, and said. A line
+        that is not a record at all is refused (``metrics_records``), naming it."""
+        found = metrics_records(path) if path.exists() else []
+        if self.records is not None:
+            self.records, lost, altered = merged_records(self.records, found)
+            for epochs, how in ((lost, "had lost"), (altered, "held other values for")):
+                if epochs:
+                    self.log.say(f"note: {path} {how} the records of {epoch_list(epochs)}, which the run had "
+                                 f"committed; they are rewritten from its checkpoint (without their timings)")
+        else:
+            # A checkpoint from before checkpoints kept the records: the file is all there is.
+            self.records = [r for r in found if r["epoch"] <= self.epoch]
+            missing = sorted(set(range(self.epoch + 1)) - {r["epoch"] for r in self.records})
+            if missing:
+                self.log.say(f"note: {path} lacks the records of {epoch_list(missing)}, and the checkpoint, "
+                             f"written by an earlier version, has no copy of them; the run goes on without them")
+        text = "".join(metrics_line(r) for r in self.records)
+        if not path.exists() or path.read_bytes() != text.encode():
+            write_atomic(path, text.encode(), what="metrics")
+
+
+def evaluate_stream(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None, progress=None) -> dict:
+    """Loss, top-1 and top-5 accuracy (percent) of ``model`` over every batch of ``stream``, in
+    eval mode; one host sync at the end. ``progress(done, total)`` is told the batches done."""
+    return _evaluation_result(evaluation_totals(model, circuit, stream, loss_fn, amp_dtype, progress))
+
+
+@torch.no_grad()
+def evaluation_totals(model, circuit: Circuit, stream: BatchStream, loss_fn, amp_dtype=None,
+                      progress=None) -> torch.Tensor:
+    """``[Σ loss, top-1 hits, top-5 hits, images]`` (float64, on the device) over ``stream`` in eval
+    mode; ``progress(done, total)``, if given, is told the batches done as they are queued."""
+    previous = circuit.mode
+    circuit.set_mode("eval")
+    device = stream.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    images = 0  # counted on the host: a count built on the device per batch is a copy, and a sync
+    total = len(stream)
+    if progress is not None:
+        progress(0, total)
+    for batch, (x, y) in enumerate(stream.epoch(0), start=1):
+        with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            out = model(x).float()
+        top = out.topk(min(5, out.shape[1]), 1).indices
+        sums += torch.stack([loss_fn(out, y).double() * y.shape[0], (top[:, 0] == y).sum().double(),
+                             (top == y[:, None]).any(1).sum().double()])
+        images += y.shape[0]
+        if progress is not None:
+            progress(batch, total)
+    circuit.set_mode(previous)
+    return torch.cat([sums, torch.full((1,), float(images), dtype=sums.dtype, device=device)])
+
+
+def _evaluation_result(totals: torch.Tensor) -> dict:
+    loss, top1, top5, n = totals.tolist()
+    if n == 0:
+        raise UserError("the evaluation split is empty; hold out some images (e.g. --val-per-class 50)")
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
+
+
+def _mean_defined(values) -> float:
+    """The mean of the defined values (synapses that send nothing back have no W–Bᵀ angle)."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def _position_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _clear_uncommitted(run_dir: Path) -> None:
+    """Remove what a run that never committed a checkpoint left behind, before it starts again
+    (never ``best.pt``: a directory that has one is not started again, see ``_finished_work``)."""
+    for name in ("metrics.jsonl", "monitor.npz", "monitor.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _recorded_epochs(run_dir: Path) -> int:
+    """The last epoch ``metrics.jsonl`` records as finished (0: none, or no file)."""
+    path = run_dir / "metrics.jsonl"
+    return max((r["epoch"] for r in metrics_records(path) if isinstance(r["epoch"], int)), default=0) \
+        if path.exists() else 0
+
+
+def _finished_work(run_dir: Path) -> bool:
+    """Whether a directory without ``last.pt`` holds epochs its run finished: a ``best.pt``, or
+    records of finished epochs. Such a directory is never started again from the beginning."""
+    if (run_dir / "best.pt").exists():
+        return True
+    try:
+        return _recorded_epochs(run_dir) > 0
+    except UserError:  # a damaged metrics file: what it held cannot be told, so it is kept
+        return True
+
+
+def _in_place_of_last(run_dir: Path, quiet: bool) -> dict:
+    """The checkpoint to continue a run from whose ``last.pt`` is gone but which finished epochs.
+
+    ``best.pt`` when it holds the latest epoch ``metrics.jsonl`` records (as after a kill
+    between the two files of the first commit): nothing finished is trained again. Otherwise a
+    ``UserError`` with the choices; nothing is deleted either way."""
+    best, last = run_dir / "best.pt", run_dir / "last.pt"
+    recorded = _recorded_epochs(run_dir)
+    again = f"start a new run from its configuration (--config {run_dir / 'config.json'} --out NEW_DIR)"
+    if not best.exists():
+        raise UserError(f"{run_dir} has no checkpoint (last.pt and best.pt are gone), but its metrics.jsonl records "
+                        f"{recorded} finished epoch{'s' if recorded != 1 else ''}; nothing was deleted. There is "
+                        f"nothing to continue from: to train it again, {again}")
+    try:
+        state = load_checkpoint(best)
+    except UserError as e:
+        raise UserError(f"{run_dir} has no last.pt, and {e} Nothing was deleted; to train it again, {again}") from None
+    if state["epoch"] >= recorded:
+        if not quiet:
+            print(f"note: {run_dir} has no last.pt; its best.pt holds the latest epoch it finished "
+                  f"({state['epoch']}): continuing from there", file=sys.stderr)
+        return state
+    raise UserError(f"{run_dir} has no last.pt (the checkpoint of its latest position); its best.pt (epoch "
+                    f"{state['epoch']}) is intact, but metrics.jsonl records epochs up to {recorded}, which would be "
+                    f"trained again. Nothing was deleted. To continue from epoch {state['epoch']}: cp {best} {last} "
+                    f"and resume; to keep the later epochs, put their last.pt back")
+
+
+def _write_config(run_dir: Path, cfg: RunConfig) -> None:
+    write_atomic(run_dir / "config.json", (cfg.to_json() + "\n").encode(), what="configuration")
+
+
+def open_run(run_dir: Path, cfg: RunConfig, quiet: bool = False) -> Run:
+    """A new run in a fresh directory, or in one whose run never committed a checkpoint.
+
+    The directory is locked before it is looked at, so two runs started on it at once cannot
+    both proceed; a failure while loading data or building the circuit leaves no directory
+    behind that was not there before. Under torchrun rank 0 does all of this and the other ranks
+    build the same run without touching the directory."""
+    run_dir = Path(run_dir)
+
+    def prepare():
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create run directory {run_dir}: {describe_os_error(e)}") from None
+        lock = DirectoryLock(run_dir)
+        if (run_dir / "last.pt").exists() or _finished_work(run_dir):
+            lock.release()
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it or choose "
+                            f"another --out")
+        return created, lock
+
+    if not distributed.world().writer:
+        distributed.decided_by_rank0(prepare)
+        return Run(cfg, run_dir, quiet=True)
+    created, lock = distributed.decided_by_rank0(prepare)
+    try:
+        if (run_dir / "config.json").exists() and not quiet:
+            print(f"note: {run_dir} holds a run that never finished its first epoch; starting it anew",
+                  file=sys.stderr)
+        run = Run(cfg, run_dir, quiet=quiet)
+        _clear_uncommitted(run_dir)
+        _write_config(run_dir, cfg)
+    except BaseException:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif not (run_dir / "config.json").exists():
+            lock.path.unlink(missing_ok=True)  # the folder is left as it was found
+        raise
+    run.lock = lock
+    return run
+
+
+def resume_run(run_dir: Path, expect: RunConfig | None = None, overrides: dict | None = None,
+               quiet: bool = False) -> Run:
+    """Reopen a run from its last checkpoint; refuse one of another preset.
+
+    A run that never committed a checkpoint (killed, diverged or failed in its first epoch)
+    starts again from the beginning with its saved configuration. Under torchrun rank 0 reads
+    the checkpoint and hands it to the other ranks (no shared file system needed for that); a
+    run is resumed by as many processes as trained it."""
+    run_dir = Path(run_dir)
+    w = distributed.world()
+    lock = None
+
+    def decide():
+        nonlocal lock
+        lost = not (run_dir / "last.pt").exists() and run_dir.is_dir()
+        if lost and (run_dir / "config.json").exists() and not _finished_work(run_dir):
+            return "restart", _restart_config(run_dir, expect, overrides, quiet).to_dict(), None
+        lock = DirectoryLock(run_dir) if run_dir.is_dir() else None
+        try:
+            if lost and _finished_work(run_dir):
+                state = _in_place_of_last(run_dir, quiet)
+            else:
+                state = load_checkpoint(run_dir / "last.pt")
+            cfg = _resumed_config(run_dir, RunConfig.from_dict(state["config"]), expect, overrides)
+            if cfg.epochs < state["epoch"]:
+                raise UserError(f"{run_dir} has finished {state['epoch']} epochs; --epochs {cfg.epochs} would "
+                                f"train none. Give --epochs above {state['epoch']} to train further")
+            trained_by = state.get("world", 1)
+            if trained_by != w.size:
+                how = ("a single process" if trained_by == 1 else
+                       f"torchrun --nproc_per_node={trained_by} (or {trained_by} processes over several nodes)")
+                raise UserError(f"{run_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''} "
+                                f"(global batch {cfg.batch_size * trained_by}) and this is {w.size}: resume it "
+                                f"with {how}. Its position in the epoch, its learning rate and its data order "
+                                f"belong to that global batch; to change it, start a new run")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return "resume", cfg.to_dict(), state
+
+    how, cfg_dict, state = distributed.decided_by_rank0(decide, share=True)
+    cfg = RunConfig.from_dict(cfg_dict)
+    if how == "restart":
+        return open_run(run_dir, cfg, quiet=True)
+    try:
+        run = Run(cfg, run_dir, quiet=quiet)
+        trained_on = state["rng"].get("device", run.device.type)
+        if trained_on != run.device.type and not quiet and w.writer:
+            print(f"note: {run_dir} was trained on {trained_on} and continues on {run.device.type}; training "
+                  f"goes on from the checkpoint, but random draws (augmentation, sleep noise) differ from "
+                  f"those of a run that stayed on {trained_on}, so it will not repeat that run bit for bit",
+                  file=sys.stderr)
+        run.load_state_dict(state)
+        if w.writer:
+            _restore_config(run_dir, cfg, RunConfig.from_dict(state["config"]), quiet)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+CHANGEABLE_ON_RESUME = ("epochs", "log_every", "device", "data_dir", "compile", "deterministic")
+
+
+def _resumed_config(run_dir: Path, saved: RunConfig, expect: RunConfig | None, overrides: dict | None) -> RunConfig:
+    if expect is not None and expect.preset != saved.preset:
+        if saved.preset in PRESETS:
+            raise UserError(f"{run_dir} holds a {saved.preset} run, not {expect.preset}; resume it with its own "
+                            f"preset: {saved.preset} --resume {run_dir}")
+        raise UserError(f"{run_dir} holds a run of a configuration of its own ({saved.preset!r} is no preset), not "
+                        f"{expect.preset}; resume it without naming a preset: --resume {run_dir}")
+    for key, value in (overrides or {}).items():
+        if key not in CHANGEABLE_ON_RESUME and getattr(saved, key) != value:
+            raise UserError(f"--{key.replace('_', '-')} cannot change when resuming (the run used "
+                            f"{getattr(saved, key)!r}); only {', '.join(sorted(CHANGEABLE_ON_RESUME))} can")
+    return attrs.evolve(saved, **{k: v for k, v in (overrides or {}).items() if k in CHANGEABLE_ON_RESUME})
+
+
+def _restore_config(run_dir: Path, cfg: RunConfig, saved: RunConfig, quiet: bool) -> None:
+    """Make ``config.json`` describe the run as it goes on: the checkpoint's configuration
+    (``saved``) with the changes a resume may make (``cfg``).
+
+    The checkpoint holds the configuration, so a ``config.json`` that is missing, damaged or
+    edited is rewritten from it, and said; one that cannot be rewritten (a directory of that
+    name, say) stops the resume with the reason."""
+    path = run_dir / "config.json"
+    expected = cfg.to_json() + "\n"
+    problem = None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text, problem = None, "was missing"
+    except (OSError, UnicodeDecodeError) as e:
+        text, problem = None, f"could not be read ({describe_os_error(e) if isinstance(e, OSError) else 'not text'})"
+    if text == expected:
+        return
+    if text is not None:
+        try:
+            found = RunConfig.from_dict(json.loads(text))
+        except Exception:  # not JSON, not an object, unknown or invalid fields: damaged either way
+            problem = "was damaged (not a valid configuration)"
+        else:
+            problem = None if found == saved else "did not match the checkpoint's configuration"
+    _write_config(run_dir, cfg)
+    if problem and not quiet:
+        print(f"note: {path} {problem}; it is rewritten from the checkpoint (a resume changes only "
+              f"{', '.join('--' + k.replace('_', '-') for k in CHANGEABLE_ON_RESUME)})", file=sys.stderr)
+
+
+def _restart_config(run_dir: Path, expect, overrides, quiet) -> RunConfig:
+    """The configuration of a run that never committed a checkpoint, to start it again."""
+    try:
+        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, TypeError, AttributeError, KeyError, UserError) as e:
+        raise UserError(f"{run_dir / 'config.json'} cannot be read ({e}); start a new run with --out") from None
+    except OSError as e:
+        raise UserError(f"{run_dir / 'config.json'} cannot be read ({describe_os_error(e)}); start a new run "
+                        f"with --out") from None
+    cfg = _resumed_config(run_dir, saved, expect, overrides)
+    if not quiet:
+        print(f"note: {run_dir} has no checkpoint yet (its first epoch never finished); starting it again "
+              f"from the beginning", file=sys.stderr)
+    return cfg
