@@ -21,7 +21,8 @@ from neurosim.rules.backprop import Backprop
 from neurosim.rules.kolen_pollack import KolenPollack
 from neurosim.training import distributed
 from neurosim.training.config import RULE_NAMES, preset
-from neurosim.training.run import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.training.run import RunInterrupted, build_circuit
+from neurosim.training.run_dir import open_run, resume_run
 from neurosim.training.step import engaged_step, sleep_steps
 
 

@@ -15,7 +15,8 @@ import neurosim.training.checkpoint
 from neurosim.common.errors import UserError
 from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, state_digest
 from neurosim.training.config import preset
-from neurosim.training.run import RunDiverged, open_run
+from neurosim.training.run import RunDiverged
+from neurosim.training.run_dir import open_run
 from tests.full_disk import FullDisk
 
 CFG = preset("kp_mlp_digits", epochs=2, device="cpu", train_limit=320, monitor_every=5)

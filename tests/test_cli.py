@@ -256,13 +256,13 @@ def test_os_errors_name_the_path_and_the_cause(number, cause, capsys):
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
-    import neurosim.training.run
+    import neurosim.training.run_dir
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(neurosim.training.run, "open_run", interrupted)
+    monkeypatch.setattr(neurosim.training.run_dir, "open_run", interrupted)
     code, _, err = in_process("bp_mlp_digits", *TINY, capsys=capsys)
     assert code == 130 and err.strip() == "interrupted; nothing was lost"
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -274,7 +274,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, monkeypatch
 def small_run(tmp_path_factory):
     """A one-epoch digits run of a tiny MLP (best.pt and last.pt)."""
     from neurosim.training.config import preset
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     root = tmp_path_factory.mktemp("eval")
     run = open_run(root / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96, device="cpu",

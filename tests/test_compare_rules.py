@@ -17,7 +17,7 @@ from neurosim.observe.monitor_files import load_monitor
 from neurosim.tools.cli import main
 from neurosim.tools.study import MACHINE_SETTINGS, RuleResult, compare_rules, epochs_done
 from neurosim.training.config import RULE_NAMES
-from neurosim.training.run import CHANGEABLE_ON_RESUME
+from neurosim.training.run_dir import CHANGEABLE_ON_RESUME
 from neurosim.training.run_log import metrics_records
 
 ROOT = Path(__file__).resolve().parents[1]

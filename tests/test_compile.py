@@ -18,7 +18,8 @@ from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop, KolenPollack, WeightMirror
 from neurosim.training.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.training.config import preset
-from neurosim.training.run import RunInterrupted, open_run, resume_run
+from neurosim.training.run import RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 
 # Every registered rule (its example instance), plus KP without decay: W and B then share one
 # product tensor.

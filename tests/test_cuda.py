@@ -28,7 +28,8 @@ from neurosim.core.reference import reference_backward
 from neurosim.models import build_resnet
 from neurosim.rules import RULES, KolenPollack, WeightMirror
 from neurosim.training.config import RunConfig, preset
-from neurosim.training.run import Run, RunInterrupted, open_run, resume_run
+from neurosim.training.run import Run, RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 from tests.test_equivalence import grads, random_circuit
 
 pytestmark = pytest.mark.cuda
@@ -288,7 +289,7 @@ def test_no_host_sync_in_training_steps(tmp_path, name):
 
 def test_evaluation_syncs_the_host_only_to_read_its_result(tmp_path):
     """The evaluation loop queues every batch without waiting for the GPU; its totals are read once."""
-    from neurosim.training.run import evaluation_totals
+    from neurosim.training.evaluation import evaluation_totals
 
     cfg = preset("kp_resnet18", device="cuda", epochs=1, width=0.0625, data="synthetic", synthetic_train=32,
                  synthetic_test=600, batch_size=16, monitor_every=0)

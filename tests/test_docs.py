@@ -193,7 +193,7 @@ def test_commands_name_presets_and_options_that_exist(block, monkeypatch):
 def placeholder_runs(tmp_path_factory):
     """``runs/<preset>-…`` → the directory of a short run of that preset, made on first use."""
     from neurosim.training.config import preset
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     made, root = {}, tmp_path_factory.mktemp("placeholder-runs")
 

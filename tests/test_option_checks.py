@@ -262,7 +262,7 @@ def test_a_saved_configuration_checks_the_options_given_with_it():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     root = tmp_path_factory.mktemp("evaluate")
     run = open_run(root / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96, device="cpu",
@@ -299,7 +299,7 @@ def test_evaluate_on_a_folder_refuses_an_empty_or_unread_hold_out(digits_run, fo
 # -- what --resume says of a run directory whose config.json is no preset's ------------------------
 
 def _unfinished_run(tmp_path, text: str):
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     run = open_run(tmp_path / "run", preset("kp_mlp_digits", epochs=1, device="cpu", monitor_every=0), quiet=True)
     run.lock.release()
@@ -308,7 +308,7 @@ def _unfinished_run(tmp_path, text: str):
 
 
 def test_a_config_json_that_is_no_object_is_not_taken_for_a_custom_run(tmp_path):
-    from neurosim.training.run import resume_run
+    from neurosim.training.run_dir import resume_run
 
     run_dir = _unfinished_run(tmp_path, "[]")
     with pytest.raises(UserError) as e:
@@ -320,7 +320,7 @@ def test_a_config_json_that_is_no_object_is_not_taken_for_a_custom_run(tmp_path)
 
 
 def test_a_run_of_its_own_configuration_is_resumed_without_a_preset(tmp_path):
-    from neurosim.training.run import resume_run
+    from neurosim.training.run_dir import resume_run
 
     run_dir = _unfinished_run(tmp_path, json.dumps({"epochs": 1}))  # preset "custom": no preset's
     with pytest.raises(UserError) as e:

@@ -2,7 +2,7 @@
 
 Each value must end in one ``error:`` line and status 2, with no traceback and nothing left at
 ``--out``, or be accepted; an accepted value must be a sane one (``SANE``). The command runs
-in-process; ``neurosim.training.run.open_run`` is replaced by a sentinel, so a value that passes every
+in-process; ``neurosim.training.run_dir.open_run`` is replaced by a sentinel, so a value that passes every
 check stops where the run would start writing, and counts as accepted.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import neurosim.training.run
+import neurosim.training.run_dir
 from neurosim.tools.cli.entry import main
 from neurosim.tools.cli.options import COMMAND_OPTIONS, build_parser
 from neurosim.tools.cli.run import run_circuit
@@ -55,7 +55,7 @@ def cli(monkeypatch, capsys):
     def sentinel(*args, **kwargs):
         raise Accepted
 
-    monkeypatch.setattr(neurosim.training.run, "open_run", sentinel)
+    monkeypatch.setattr(neurosim.training.run_dir, "open_run", sentinel)
 
     def call(argv):
         try:
@@ -139,7 +139,7 @@ def test_every_option_of_evaluate_refuses_bad_values(tmp_path, capsys, monkeypat
     from neurosim.tools.cli import evaluate
     from neurosim.training.config import preset
 
-    run = neurosim.training.run.open_run(tmp_path / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96,
+    run = neurosim.training.run_dir.open_run(tmp_path / "run", preset("bp_mlp_digits", epochs=1, hidden=(8,), train_limit=96,
                                                            device="cpu", monitor_every=0), quiet=True)
     run.train()
     run.lock.release()

@@ -18,7 +18,7 @@ from neurosim.tools.cli import main
 from neurosim.tools.cli.plot import plot_run as plot_cli_entry
 from neurosim.tools.figures import plot_compare, plot_monitor, plot_run, read_metrics
 from neurosim.training.config import preset
-from neurosim.training.run import open_run
+from neurosim.training.run_dir import open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITOR_FIGURES = {"angle_w_bt_by_step.png", "norm_ratio_by_step.png", "delta_angle_by_step.png",
@@ -217,7 +217,7 @@ def test_a_rule_without_feedback_matrices_gets_no_empty_w_bt_figures(tmp_path):
     """DFA: no W–Bᵀ angle exists; the delta angles are drawn, the W–Bᵀ figures are not."""
     from neurosim.tools.figures import plot_run
     from neurosim.training.config import preset
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     run = open_run(tmp_path / "dfa", preset("dfa_mlp_digits", epochs=1, hidden=(16,), monitor_every=10,
                                             device="cpu"), quiet=True)

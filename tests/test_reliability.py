@@ -24,7 +24,8 @@ from neurosim.common.errors import UserError
 from neurosim.common.files import DirectoryLock
 from neurosim.training.checkpoint import load_checkpoint, save_checkpoint
 from neurosim.training.config import preset
-from neurosim.training.run import RunDiverged, RunInterrupted, open_run, resume_run
+from neurosim.training.run import RunDiverged, RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 from tests.full_disk import FullDisk
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,8 @@ from neurosim.tools.cli.plot import plot_run as plot_cli_entry
 from neurosim.tools.figures import read_metrics
 from neurosim.training.checkpoint import load_checkpoint
 from neurosim.training.config import preset
-from neurosim.training.run import RunInterrupted, open_run, resume_run
+from neurosim.training.run import RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 from neurosim.training.run_log import epoch_list, metrics_records
 from tests.full_disk import FullDisk
 from tests.test_reliability import assert_same

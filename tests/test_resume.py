@@ -9,7 +9,8 @@ import torch
 from neurosim.common.errors import UserError
 from neurosim.training.checkpoint import load_checkpoint
 from neurosim.training.config import preset
-from neurosim.training.run import RunInterrupted, open_run, resume_run
+from neurosim.training.run import RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 
 
 def _stop_at(step):

@@ -7,7 +7,7 @@ import pytest
 
 from neurosim.tools.figures import plot_run, read_metrics
 from neurosim.training.config import preset
-from neurosim.training.run import open_run, resume_run
+from neurosim.training.run_dir import open_run, resume_run
 from neurosim.training.run_log import metrics_records
 
 

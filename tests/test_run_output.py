@@ -191,7 +191,7 @@ def test_a_run_longer_than_a_day_says_so_once(tmp_path, monkeypatch, capsys):
 
 def test_evaluation_reports_its_progress(tmp_path):
     from neurosim.training.config import preset
-    from neurosim.training.run import open_run
+    from neurosim.training.run_dir import open_run
 
     run = open_run(tmp_path / "run", preset("bp_mlp_digits", hidden=(8,), monitor_every=0, device="cpu"),
                    quiet=True)

@@ -28,7 +28,8 @@ import torch
 from neurosim.common.errors import UserError
 from neurosim.training.checkpoint import load_checkpoint
 from neurosim.training.config import preset
-from neurosim.training.run import RunInterrupted, build_circuit, open_run, resume_run
+from neurosim.training.run import RunInterrupted, build_circuit
+from neurosim.training.run_dir import open_run, resume_run
 from neurosim.training.step import sleep_steps
 from tests.test_reliability import assert_same, directory_contents
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.training.config import preset
-from neurosim.training.run import Callback, open_run
+from neurosim.training.callbacks import Callback
+from neurosim.training.run_dir import open_run
 from neurosim.training.run_log import RunLog
 from neurosim.training.step import engaged_step, sleep_steps
 

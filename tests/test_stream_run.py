@@ -12,7 +12,8 @@ from PIL import Image
 from neurosim.common.errors import DataError
 from neurosim.data.stream import FolderStream, open_folder, wants_stream
 from neurosim.training.config import preset
-from neurosim.training.run import RunInterrupted, open_run, resume_run
+from neurosim.training.run import RunInterrupted
+from neurosim.training.run_dir import open_run, resume_run
 
 
 def make_imagenet(root: Path, train: int = 8, val: int = 3, classes=("n01", "n02", "n03"), seed: int = 0) -> Path:

@@ -83,7 +83,8 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     with loading():
         from neurosim.tools.figures import plot_run
         from neurosim.training import distributed
-        from neurosim.training.run import RunInterrupted, open_run, resume_run
+        from neurosim.training.run import RunInterrupted
+        from neurosim.training.run_dir import open_run, resume_run
         from neurosim.training.run_log import run_header
         from neurosim.training.run_record import record_start
 

@@ -19,7 +19,7 @@ from neurosim.common.errors import UserError
 from neurosim.tools.study.report import _flag
 
 # Settings a continued study may change: where and how its runs go, not what they learn. These
-# are the ones run_circuit.py --resume accepts (neurosim.training.run.CHANGEABLE_ON_RESUME) but the
+# are the ones run_circuit.py --resume accepts (neurosim.training.run_dir.CHANGEABLE_ON_RESUME) but the
 # epochs, which are the study's budget.
 MACHINE_SETTINGS = ("device", "data_dir", "log_every", "compile", "deterministic")
 STUDY_OPTIONS = ("--rules", "--out", "--resume", "--quiet", "--in-process")
