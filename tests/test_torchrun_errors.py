@@ -180,3 +180,41 @@ def test_the_error_file_torchrun_reads_holds_the_message(tmp_path, monkeypatch, 
     failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
     summary = ChildFailedError("run_circuit.py", {0: failure}).format_msg()
     assert "traceback : error: the data folder is missing; give --data-dir" in summary
+
+
+@pytest.mark.slow
+def test_nproc_per_node_ends_as_a_command_should(tmp_path):
+    """``neurosim run --nproc-per-node 2``: the processes start as under torchrun, and a mistake
+    met in them (the lock of a run still training) is one line and status 2, with no traceback of
+    torchrun's either; a mistake in the settings is refused before any process starts; a run
+    that works trains on two processes."""
+    run = tmp_path / "run"
+    neurosim = [sys.executable, "-m", "neurosim", "run"]
+    done = subprocess.run([*neurosim, "kp_mlp_digits", "--epochs", "1", "--train-limit", "128", "--device", "cpu",
+                           "--nproc-per-node", "2", "--out", str(run)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes on cpu" in done.stderr and "Traceback" not in done.stderr
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from neurosim.common.files import DirectoryLock
+        lock = DirectoryLock(Path({str(run)!r}))
+        print("held", flush=True)
+        sys.stdin.read()
+        """)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = subprocess.run([*neurosim, "--resume", str(run), "--epochs", "2", "--nproc-per-node", "2"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=180)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"error: run directory {run} is in use by process {holder.pid} on {os.uname().nodename}; wait for it to "
+        f"finish or stop it (its checkpoint is kept), or choose another --out"], refused.stderr[-3000:]
+    bad = subprocess.run([*neurosim, "kp_mlp_digits", "--lr", "-1", "--nproc-per-node", "2", "--out",
+                          str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (bad.returncode, bad.stderr.strip()) == (2, "error: invalid setting: lr must be positive, got -1.0")
+    assert not (tmp_path / "bad").exists()

@@ -55,6 +55,8 @@ COMMAND_OPTIONS = [
                          "options given with it override its settings"),
     ("--quiet", None, "print nothing but errors (the run's log.txt still records its progress)"),
     ("--verbose", None, "also print the circuit: its populations, synapses and rules"),
+    ("--nproc-per-node", "N", "train on N processes of this machine, as torchrun --standalone --nproc-per-node N "
+                              "does (one GPU each on a GPU machine); a mistake is said once, with exit status 2"),
 ]
 
 
@@ -79,6 +81,7 @@ class RunRequest:
     config: Path | None = None
     quiet: bool = False
     verbose: bool = False
+    processes: int | None = None  # --nproc-per-node: start this many processes (neurosim.tools.cli.launch)
 
 
 @attrs.frozen
@@ -273,7 +276,15 @@ def parse_run_args(argv: list[str], prog: str = "run_circuit.py") -> RunRequest 
                         f"own preset")
     types = {f.key: f for f in fields()}
     overrides = {key: _value(types[key], text) for key, text in given.items() if key in types}
-    return RunRequest(preset=name, overrides=overrides, quiet=given["quiet"], verbose=given["verbose"], **paths)
+    processes = None
+    if given.get("nproc_per_node") is not None:
+        text = given["nproc_per_node"]
+        if not text.strip().isdigit() or not 1 <= int(text) <= 1024:
+            raise UserError(f"bad value {text!r} for --nproc-per-node: expected a whole number of processes from 1 "
+                            f"to 1024")
+        processes = int(text)
+    return RunRequest(preset=name, overrides=overrides, quiet=given["quiet"], verbose=given["verbose"],
+                      processes=processes, **paths)
 
 
 def _value(f: Field, text: str):

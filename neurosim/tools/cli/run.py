@@ -29,6 +29,14 @@ def run_circuit(argv: list[str], prog: str = "run_circuit.py") -> int:
     request = parse_run_args(argv, prog)
     if isinstance(request, int):
         return request
+    if request.processes is not None:
+        from neurosim.tools.cli.launch import as_processes, launch
+
+        with as_processes(request.processes):
+            configure(request)  # every setting checked once, here, before any process starts
+        with loading():
+            import torch.distributed.run  # noqa: F401
+        return launch(request.processes, argv)
     cfg = configure(request)
     with loading():
         from neurosim.training import distributed
