@@ -16,7 +16,7 @@ _HOMES = {
     "UniformSignConcordant": "neurosim.rules.sign_concordant",
     "FixedRandomSignConcordant": "neurosim.rules.sign_concordant",
     "BatchRandomSignConcordant": "neurosim.rules.sign_concordant", "KolenPollack": "neurosim.rules",
-    "WeightMirror": "neurosim.rules", "SleepSchedule": "neurosim.rules",
+    "WeightMirror": "neurosim.rules", "SleepSchedule": "neurosim.rules", "SleepPhase": "neurosim.rules",
     "DirectFeedbackAlignment": "neurosim.rules.direct_feedback_alignment",
     "reference_backward": "neurosim.core.reference", "UserError": "neurosim.common.errors", "DataError": "neurosim.common.errors",
     "convert": "neurosim.models.convert", "copy_weights": "neurosim.models.convert", "ConversionError": "neurosim.models.convert",

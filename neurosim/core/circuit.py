@@ -346,9 +346,7 @@ class Circuit(nn.Module):
         Call it once before each engaged forward (compiled or reference), never between a forward
         and its backward; synapses under other rules are left alone."""
         for syn in self.synapses.values():
-            redraw = getattr(syn.rule, "redraw", None)
-            if redraw is not None:
-                redraw(syn.feedback, syn.init_fn(), generator)
+            syn.rule.redraw(syn.feedback, syn.init_fn(), generator)  # a no-op for most rules
 
     def sleeping_synapses(self) -> list[Synapse]:
         return [s for s in self.synapses.values() if s.rule.sleeps]
@@ -357,12 +355,17 @@ class Circuit(nn.Module):
         """One mirror batch for every synapse whose rule sleeps: writes feedback ``.grad``.
 
         No data and no forward pass through the circuit: each synapse's presynaptic population
-        fires noise and its feedback weight learns from that noise and the response it drives.
-        The noise comes from ``generator`` (``None``: the default generator of the circuit's
-        device) and always lands on the circuit's device; a generator on that device is fastest.
+        fires noise and its feedback weight learns from that noise and the response it drives,
+        all as the synapse's own rule says (its ``sleep_phase``, ``draw_noise``, ``respond``,
+        ``sleep_update``). Each synapse's mirror batch holds its phase's ``batch_size`` noise
+        images, or ``batch`` where that is 0 (and more where its ``events`` ask). The noise comes
+        from ``generator`` (``None``: the default generator of the circuit's device), synapse by
+        synapse in construction order, and always lands on the circuit's device; a generator on
+        that device is fastest.
         """
         for syn in self.sleeping_synapses():
-            g = syn.sleep_update(self.populations[syn.pre].shape, batch, generator, literal)
+            size = syn.rule.sleep_phase.batch_size or batch
+            g = syn.sleep_update(self.populations[syn.pre].shape, size, generator, literal)
             syn.feedback.grad = g if syn.feedback.grad is None else syn.feedback.grad + g
 
     # -- parameters ---------------------------------------------------------------------------

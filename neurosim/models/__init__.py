@@ -1,6 +1,8 @@
 """Circuit builders (the MLP, the CIFAR and ImageNet ResNets) and ``convert``, which turns a
-PyTorch model into an equal circuit. The builders are loaded on first use: the model names alone
-(what a configuration checks) need no PyTorch.
+PyTorch model into an equal circuit. Every model is declared with ``register_model``
+(``registry.py``; the built-in ones in ``families.py``): its name, family, presets and builder.
+The builders are loaded on first use: the model names alone (what a configuration checks) need
+no PyTorch.
 
 May import ``neurosim.common``, ``neurosim.rules`` and ``neurosim.core``.
 """

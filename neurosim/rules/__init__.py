@@ -18,7 +18,7 @@ import pkgutil
 
 # The order of these imports is the order the rules register, and so the order of --help, the
 # presets table and a study's default rules.
-from neurosim.rules.base import RULES, LocalSignals, PlasticityRule, register_rule  # isort: skip
+from neurosim.rules.base import RULES, LocalSignals, PlasticityRule, SleepPhase, register_rule  # isort: skip
 from neurosim.rules.backprop import Backprop  # isort: skip
 from neurosim.rules.feedback_alignment import FeedbackAlignment  # isort: skip
 from neurosim.rules.sign_concordant import SignSymmetry, UniformSignConcordant  # isort: skip
@@ -29,4 +29,4 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["Backprop", "FeedbackAlignment", "SignSymmetry", "UniformSignConcordant", "KolenPollack", "WeightMirror",
-           "SleepSchedule", "LocalSignals", "PlasticityRule", "RULES", "register_rule"]
+           "SleepSchedule", "SleepPhase", "LocalSignals", "PlasticityRule", "RULES", "register_rule"]

@@ -39,6 +39,59 @@ class LocalSignals:
         return self.kind.ref_product(self.post, self.pre)
 
 
+# The most any sleep count may be (2**31-1 = 2,147,483,647). A mirror batch costs at least tens
+# of microseconds on any device (a kernel launch per sleeping synapse and an optimizer step),
+# so that many mirror batches, or steps between sleeps, already take more than a day: a larger
+# count is a typo or a unit mistake, and a sleep that long would look hung, not be a schedule.
+# Noise images and co-activations per mirror batch are held on the device at once: 2**31 of
+# them cannot be. The bound also keeps every count within a 32-bit index.
+SLEEP_COUNT_MAX = 2**31 - 1
+
+
+def _count(low: int, unit: str, per_batch: bool = False):
+    """The validators of a sleep count: at least ``low``, and at most ``SLEEP_COUNT_MAX``, with a
+    message that names the option (``--wm-sleep-before``) and why there is a bound. ``per_batch``:
+    a count of what one mirror batch holds (images, co-activations)."""
+    def at_most(inst, att, value):
+        if value > SLEEP_COUNT_MAX:
+            option = f"--{inst.name}-{att.name.replace('_', '-')}" if hasattr(inst, "name") else att.name
+            why = ("more than any device's memory holds in one mirror batch" if per_batch else
+                   "which at tens of microseconds each would already take more than a day")
+            raise ValueError(f"{option} {value:,} is beyond any run: at most {SLEEP_COUNT_MAX:,} (2**31-1) "
+                             f"{unit}, {why}")
+    return [attrs.validators.ge(low), at_most]
+
+
+@attrs.frozen
+class SleepSchedule:
+    """When the circuit sleeps: ``before`` mirror batches before training (-1: as many as one
+    epoch has training batches), then ``batches`` mirror batches after every ``every`` engaged
+    steps."""
+
+    before: int = attrs.field(default=0, validator=_count(-1, "mirror batches"))
+    every: int = attrs.field(default=1, validator=_count(1, "engaged steps"))
+    batches: int = attrs.field(default=1, validator=_count(0, "mirror batches"))
+
+    def due(self, step: int) -> int:
+        """How many mirror batches follow engaged step number ``step`` (counted from 1)."""
+        return self.batches if step % self.every == 0 else 0
+
+
+@attrs.frozen
+class SleepPhase:
+    """How a rule sleeps: its ``schedule`` (``SleepSchedule``), the sleep optimizer's ``rate``
+    for its feedback weights, the noise images per mirror batch (``batch_size``; 0: the training
+    batch size) and the co-activations per weight each synapse's mirror batch holds at least
+    (``events``; 0: no minimum). Every sleeping synapse is asked for its own rule's phase: the
+    training loop gives each distinct rate its own group in the sleep optimizer, and each synapse
+    its own mirror batch."""
+
+    schedule: SleepSchedule = attrs.field(factory=SleepSchedule)
+    rate: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0))
+    batch_size: int = attrs.field(default=0, validator=_count(0, "noise images", per_batch=True))
+    events: int = attrs.field(default=0, validator=_count(0, "co-activations", per_batch=True))
+
+
 @attrs.frozen
 class PlasticityRule:
     """Base of the rules: which matrix carries feedback, and the local updates of W and B.
@@ -46,6 +99,11 @@ class PlasticityRule:
     Updates are returned as gradients in the optimizer's convention (``p ← p − lr·grad``), so any
     ``torch.optim`` optimizer applies them. ``transports`` says what the feedback path reads from
     the forward weights: ``"weights"`` (not biologically plausible), ``"signs"``, or ``"nothing"``.
+
+    Phases: every rule takes part in the engaged phase; one that also sleeps declares it in
+    ``sleep_phase`` and the sleep hooks below. The training loop asks each synapse's own rule,
+    so one circuit may mix rules. The per-batch ``redraw`` and the builders' ``direct_feedback``
+    are declared here too, with defaults that change nothing.
     """
 
     name: ClassVar[str] = "rule"
@@ -66,6 +124,15 @@ class PlasticityRule:
     # compiled execution then runs the synapse under native autograd; the reference one is
     # unchanged, and the tests compare the two as for every rule.
     native_backward: ClassVar[bool] = False
+    # Whether circuit builders (``build_mlp``, ``build_resnet``) give the circuit direct feedback
+    # pathways from the output to every synapse's post population (``Circuit.add_direct_feedback``).
+    direct_feedback: ClassVar[bool] = False
+
+    # The phases a rule takes part in. Every rule is engaged (the task's steps: ``forward_update``,
+    # ``feedback_update``). A rule that also sleeps has ``feedback_learns = "sleep"``, says how in
+    # ``sleep_phase`` (its ``SleepPhase``), and learns in ``sleep_update`` from the noise it draws
+    # (``draw_noise``) and the response that noise drives (``respond``); the training loop asks each
+    # sleeping synapse's own rule for all of these, never the circuit's default rule.
 
     @classmethod
     def example(cls) -> "PlasticityRule":
@@ -106,6 +173,37 @@ class PlasticityRule:
         all-reduce carries ``ΔW`` alone (``neurosim.training.distributed.wrap``). It must equal
         ``feedback_update`` on the feedback synapse's own signals, as the rule-generic test checks."""
         return None
+
+    def redraw(self, feedback: torch.Tensor | None, init, generator: torch.Generator | None = None) -> None:
+        """Called for every synapse at the start of each engaged batch (``Circuit.new_batch``),
+        before its forward: a rule whose feedback is drawn anew per batch (brSF) refills
+        ``feedback`` in place, drawing with ``init(tensor, generator)``; by default nothing changes."""
+
+    @property
+    def sleep_phase(self) -> SleepPhase | None:
+        """How this rule sleeps (``SleepPhase``: schedule, rate, batch size, events); None: it does
+        not sleep. A rule whose ``feedback_learns`` is ``"sleep"`` must say."""
+        return None
+
+    def draw_noise(self, shape, generator, device, dtype, memory_format=None) -> torch.Tensor:
+        """The presynaptic activity of one mirror batch, of ``shape``, on ``device``, drawn from
+        ``generator`` (None: ``device``'s default) in ``memory_format``; default: standard normal."""
+        import torch
+
+        memory_format = torch.contiguous_format if memory_format is None else memory_format
+        where = torch.device(device) if generator is None else generator.device
+        xi = torch.empty(shape, device=where, dtype=dtype, memory_format=memory_format).normal_(generator=generator)
+        return xi.to(device, non_blocking=True)
+
+    def respond(self, drive: torch.Tensor) -> torch.Tensor:
+        """The postsynaptic response to the sleep drive ``Wξ``; default: the drive itself."""
+        return drive
+
+    def mirror_batch(self, batch: int, positions: int) -> int:
+        """Noise images in one synapse's mirror batch: ``batch``, or as many more as it takes to
+        give the phase's ``events`` co-activations per weight when one image gives ``positions``."""
+        events = self.sleep_phase.events if self.sleep_phase is not None else 0
+        return max(batch, -(-events // positions))
 
     def sleep_update(self, s: LocalSignals) -> torch.Tensor | None:
         """Gradient for the feedback weight in a sleep step (None: the rule does not sleep)."""

@@ -9,45 +9,8 @@ import attrs
 if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
     import torch
 
-from neurosim.rules.base import PlasticityRule, random_feedback, register_rule
-
-# The most any sleep count may be (2**31-1 = 2,147,483,647). A mirror batch costs at least tens
-# of microseconds on any device (a kernel launch per sleeping synapse and an optimizer step),
-# so that many mirror batches, or steps between sleeps, already take more than a day: a larger
-# count is a typo or a unit mistake, and a sleep that long would look hung, not be a schedule.
-# Noise images and co-activations per mirror batch are held on the device at once: 2**31 of
-# them cannot be. The bound also keeps every count within a 32-bit index.
-SLEEP_COUNT_MAX = 2**31 - 1
-
-
-def _count(low: int, unit: str, per_batch: bool = False):
-    """The validators of a sleep count: at least ``low``, and at most ``SLEEP_COUNT_MAX``, with a
-    message that names the option (``--wm-sleep-before``) and why there is a bound. ``per_batch``:
-    a count of what one mirror batch holds (images, co-activations)."""
-    def at_most(inst, att, value):
-        if value > SLEEP_COUNT_MAX:
-            option = f"--{inst.name}-{att.name.replace('_', '-')}" if hasattr(inst, "name") else att.name
-            why = ("more than any device's memory holds in one mirror batch" if per_batch else
-                   "which at tens of microseconds each would already take more than a day")
-            raise ValueError(f"{option} {value:,} is beyond any run: at most {SLEEP_COUNT_MAX:,} (2**31-1) "
-                             f"{unit}, {why}")
-    return [attrs.validators.ge(low), at_most]
-
-
-@attrs.frozen
-class SleepSchedule:
-    """When the circuit sleeps: ``before`` mirror batches before training (-1: as many as one
-    epoch has training batches), then ``batches`` mirror batches after every ``every`` engaged
-    steps."""
-
-    before: int = attrs.field(default=0, validator=_count(-1, "mirror batches"))
-    every: int = attrs.field(default=1, validator=_count(1, "engaged steps"))
-    batches: int = attrs.field(default=1, validator=_count(0, "mirror batches"))
-
-    def due(self, step: int) -> int:
-        """How many mirror batches follow engaged step number ``step`` (counted from 1)."""
-        return self.batches if step % self.every == 0 else 0
-
+from neurosim.rules.base import (SLEEP_COUNT_MAX, PlasticityRule, SleepPhase, SleepSchedule,  # noqa: F401
+                                 _count, random_feedback, register_rule)
 
 @register_rule
 @attrs.frozen
@@ -134,6 +97,11 @@ class WeightMirror(PlasticityRule):
         """When the circuit sleeps, from this rule's sleep settings."""
         return SleepSchedule(before=self.sleep_before, every=self.sleep_every, batches=self.sleep_batches)
 
+    @property
+    def sleep_phase(self) -> SleepPhase:
+        """This rule's sleep: its schedule, mirror rate ``lr``, ``sleep_batch_size`` and ``sleep_events``."""
+        return SleepPhase(self.schedule, self.lr, self.sleep_batch_size, self.sleep_events)
+
     def init_feedback(self, w, init, generator):
         return random_feedback(w, init, generator)
 
@@ -164,11 +132,6 @@ class WeightMirror(PlasticityRule):
             half = self.sigma * 3**0.5  # uniform on [−a, a] has std a/√3
             xi.uniform_(generator=generator).mul_(2 * half).sub_(half)
         return xi.to(device, non_blocking=True)
-
-    def mirror_batch(self, batch: int, positions: int) -> int:
-        """Noise images in one synapse's mirror batch: ``batch``, or as many more as it takes to
-        give ``sleep_events`` co-activations per weight when one image gives ``positions``."""
-        return max(batch, -(-self.sleep_events // positions))
 
     def respond(self, drive: torch.Tensor) -> torch.Tensor:
         """The postsynaptic response to the noise drive ``Wξ``."""

@@ -16,6 +16,7 @@ import attrs
 
 from neurosim.common.errors import UserError
 from neurosim.data import DATASETS, folder_root
+from neurosim.models.registry import MODELS
 
 
 def option(key: str) -> str:
@@ -108,9 +109,10 @@ class Applies:
 
     ``data``: the kinds of dataset (``data_kind``) that read it; ``data_dir``: only data read
     from ``--data-dir`` (``reads_data_dir``); ``held``: True where the data is held in memory
-    only, False where a folder is read from disk as the run trains only; ``model``: ``"mlp"`` or
-    ``"resnet"`` only; ``several``: under torchrun with several processes only; ``needs``: a
-    field that must be set (not 0, not empty) for this one to be read. None or False: no
+    only, False where a folder is read from disk as the run trains only; ``model``: ``"mlp"``,
+    models of the mlp family only, or ``"resnet"``, models of the others (their families are
+    declared in ``neurosim.models.registry``); ``several``: under torchrun with several processes
+    only; ``needs``: a field that must be set (not 0, not empty) for this one to be read. None or False: no
     condition. ``why`` says what the setting does where it applies; ``instead``, for a setting
     of one kind of model, what the other kind does instead (formatted with the configuration's
     fields)."""
@@ -129,10 +131,11 @@ class Applies:
         None if it does. ``streamed``: whether its folder is read from disk, once known (None: as
         far as ``cfg`` says)."""
         opt, kind, why = option(key), data_kind(cfg.data), self.why
-        if self.model == "mlp" and cfg.model != "mlp":
+        mlp = MODELS[cfg.model].is_mlp if cfg.model in MODELS else cfg.model == "mlp"
+        if self.model == "mlp" and not mlp:
             return (f"{opt} applies to MLPs only and {name} is a {cfg.model} ({self.instead}); for an MLP use a preset "
                     f"such as {cfg.rule}_mlp_digits")
-        if self.model == "resnet" and cfg.model == "mlp":
+        if self.model == "resnet" and mlp:
             instead = self.instead.format(**{k: shown(v) for k, v in attrs.asdict(cfg).items()})
             return f"{opt} applies to ResNets only; {name} is an MLP: {instead}"
         if self.data is not None and kind not in self.data:

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from neurosim.common.errors import UserError
-from neurosim.models import IMAGENET_RESNETS, RESNETS
+from neurosim.models.registry import FAMILIES, MODEL_NAMES, RECIPE_NAMES, recipes
+from neurosim.models.registry import MODELS as _DECLARED_MODELS
 from neurosim.rules import RULES
 from neurosim.training.applies import (
     Applies,
@@ -24,7 +25,8 @@ from neurosim.training.applies import (
     within_training_images,
 )
 
-MODELS = ("mlp", *RESNETS, *IMAGENET_RESNETS)
+# The declared model names (neurosim.models.registry), read afresh on every use.
+MODELS = MODEL_NAMES
 
 
 def rule_names() -> tuple[str, ...]:
@@ -145,6 +147,11 @@ def _registered(inst, att, value):
         raise ValueError(f"unknown rule {value!r}; registered rules: {', '.join(RULES)}")
 
 
+def _declared_model(inst, att, value):
+    if value not in MODEL_NAMES:
+        raise ValueError(f"'model' must be in {tuple(MODEL_NAMES)!r} (got {value!r})")
+
+
 def _seed(inst, att, value):
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
         raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}, got {value}")
@@ -178,7 +185,7 @@ class RunConfig:
     # The rule's own settings (its attrs fields), e.g. {"decay": 0.01}; on the command line
     # and in presets they are "<rule>_<field>" (--kp-decay).
     rule_params: dict = attrs.field(factory=dict, converter=dict)
-    model: str = attrs.field(default="mlp", validator=_v.in_(MODELS), metadata=_about(
+    model: str = attrs.field(default="mlp", validator=_declared_model, metadata=_about(
         "model", "circuit architecture; fixed by the preset"))
     # data
     data: str = attrs.field(default="digits", metadata=_about(
@@ -355,50 +362,27 @@ def _migrate(d: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: <rule>_<model>. Each is a documented set of overrides of RunConfig's defaults.
-
-_DIGITS = dict(model="mlp", data="digits", hidden=(128, 64), activation="relu", epochs=30,
-               batch_size=32, lr=0.05, momentum=0.9, monitor_every=20)
-
-# The weight-mirror authors' NumPy experiments (MLP, MNIST/CIFAR-10): sigmoid units, sigmoid
-# cross-entropy, plain SGD on batch 128 without shuffling, N(0, 1/(n_in+n_out)) init, 400 epochs.
-# Hidden width 1000 is their CIFAR-10 network; use --hidden 500 for their MNIST one.
-_ORIGINAL = dict(model="mlp", data="cifar10", hidden=(1000,), activation="sigmoid", init="xavier_sum",
-                 loss="sigmoid_bce", normalize="unit", shuffle=False, epochs=400, batch_size=128,
-                 momentum=0.0)
-
-# Standard CIFAR-100 ResNet recipe: SGD momentum 0.9, lr 0.1 at batch 128, weight decay 5e-4,
-# 200 epochs, lr ×0.2 at epochs 60/120/160, random crop (pad 4) + horizontal flip.
-_RESNET = dict(data="cifar100", init="kaiming_normal", epochs=200, batch_size=128, lr=0.1, momentum=0.9,
-               weight_decay=5e-4, milestones=(60, 120, 160), lr_gamma=0.2, crop_padding=4, flip=True)
-
-# The ImageNet recipe of the weight-mirror paper's era (Goyal et al. 2017): 90 epochs of SGD with
-# momentum 0.9 and weight decay 1e-4, lr 0.1 per 256 images scaled linearly to the global batch
-# (lr_batch), ×0.1 at epochs 30/60/80. ImageNet's folder streams (stream "auto" streams its train/ +
-# val/ layout; a small dataset such as synthetic, for a smoke run, stays on the device); the loader crops
-# (random-resized, image_size) and flips each image itself: no crop_padding or flip here.
-_IMAGENET = dict(data="imagenet", image_size=224, init="kaiming_normal", epochs=90, batch_size=256,
-                 lr=0.1, lr_batch=256, momentum=0.9, weight_decay=1e-4, milestones=(30, 60, 80), lr_gamma=0.1,
-                 monitor_every=500)
+# Presets: <rule>_<recipe>. Each model declares its recipes (neurosim.models.registry); each is a
+# documented set of overrides of RunConfig's defaults.
 
 
 def presets() -> dict[str, dict]:
-    """Every preset ``<rule>_<model>`` of every registered rule, as command-line fields: the
-    model family's recipe with the settings the rule's file declares for that family.
+    """Every preset ``<rule>_<recipe>`` of every registered rule and every declared model's
+    recipe, as command-line fields: the recipe's settings, then the settings the rule's file
+    declares for the model's family (``FAMILIES``) and for the recipe by name.
 
     A rule's ``"resnet"`` settings apply to every ResNet, CIFAR and ImageNet alike: they are
     about the architecture (WM's sleep schedule, sized for convolutions), not the data. Its
     ``"imagenet"`` settings, if it declares any, apply to the ImageNet presets on top of those."""
     out = {}
+    declared = recipes()
     for rule, cls in RULES.items():
         own = cls.presets
-        out[f"{rule}_mlp_digits"] = dict(_DIGITS, **own.get("mlp_digits", {}), rule=rule)
-        out[f"{rule}_mlp_original"] = dict(_ORIGINAL, **own.get("mlp_original", {}), rule=rule)
-        for model in RESNETS:
-            out[f"{rule}_{model}"] = dict(_RESNET, **own.get("resnet", {}), rule=rule, model=model)
-        for model in IMAGENET_RESNETS:
-            settings = {**own.get("resnet", {}), **own.get("imagenet", {})}
-            out[f"{rule}_{model}"] = dict(_IMAGENET, **settings, rule=rule, model=model)
+        for name, (model, recipe) in declared.items():
+            settings = {}
+            for key in (*FAMILIES[model.family], name):
+                settings.update(own.get(key, {}))
+            out[f"{rule}_{name}"] = dict(recipe.settings, **settings, rule=rule, model=model.name)
     return out
 
 
@@ -452,7 +436,8 @@ def preset(name: str, **overrides) -> RunConfig:
     return cfg
 
 
-MODEL_FAMILIES = ("mlp_digits", "mlp_original", *RESNETS, *IMAGENET_RESNETS)
+# The declared recipe names, the <model> of a preset <rule>_<model>, read afresh on every use.
+MODEL_FAMILIES = RECIPE_NAMES
 
 
 def unknown_preset(name: str) -> str:
@@ -494,10 +479,9 @@ def _check_overrides(name: str, overrides: dict) -> None:
                        f"{', '.join(MODEL_FAMILIES)})")
         elif want_model == model:
             instead = f"use the preset {want_rule}_{family} instead"
-        elif want_model == "mlp":
-            instead = f"use the preset {want_rule}_mlp_digits or {want_rule}_mlp_original instead"
         else:
-            instead = f"use the preset {want_rule}_{want_model} instead"
+            instead = "use the preset " + " or ".join(
+                f"{want_rule}_{r}" for r in _DECLARED_MODELS[want_model].recipes) + " instead"
         raise UserError(f"the preset {name} fixes {key} {base[key]!r}, so {_option(key)} {overrides[key]} "
                         f"cannot change it (the run would be named {name}); {instead}")
 
@@ -692,11 +676,7 @@ def presets_markdown() -> str:
     for alias, rule in rule_aliases().items():
         lines += [f"`{alias}` is another name of the rule `{rule}`: a preset `{alias}_<model>` has the settings",
                   f"of `{rule}_<model>` below, and a run started as `{alias}_<model>` keeps that name.", ""]
-    families = [("mlp_digits", "8×8 digits MLP (64-128-64-10, ReLU)"),
-                ("mlp_original", "the weight-mirror authors' NumPy MLP experiments"),
-                *[(m, f"CIFAR {m}, standard CIFAR-100 recipe") for m in RESNETS],
-                *[(m, f"ImageNet {m.removesuffix('_imagenet')} (torchvision's layout), 90-epoch ImageNet recipe")
-                  for m in IMAGENET_RESNETS]]
+    families = [(name, recipe.title) for name, (_, recipe) in recipes().items()]
     for model, title in families:
         lines += [f"## `*_{model}`: {title}", "", "| preset | settings |", "| --- | --- |"]
         for rule in RULE_NAMES:

@@ -26,7 +26,7 @@ from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, writ
 from neurosim.training.config import RunConfig
 from neurosim.training.evaluation import evaluate_stream, evaluation_result, evaluation_totals
 from neurosim.training.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
-from neurosim.training.step import engaged_step, sleep_steps
+from neurosim.training.step import engaged_step, sleep_plan, sleep_steps
 
 
 class RunInterrupted(UserError):
@@ -174,9 +174,8 @@ class Run:
         self.loss_fn = loss_function(cfg.loss)
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        sleepers = self.circuit.sleep_parameters()
-        self.sleep_optimizer = torch.optim.SGD(sleepers, lr=self.circuit.rule.lr) if sleepers else None
-        self.schedule = self.circuit.rule.schedule if self.sleep_optimizer else None
+        # Each sleeping synapse's own rule says how it sleeps (rate, schedule, mirror batch).
+        self.sleep_optimizer, self.schedule = sleep_plan(self.circuit)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
         self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.monitor = None
@@ -484,7 +483,7 @@ class Run:
     def _finish_sleep(self) -> None:
         """The mirror batches of the current sleep still to do (``sleep_left``), then its end
         (the callbacks' ``after_sleep``); ``RunInterrupted`` if a stop is asked on the way."""
-        bs = self.circuit.rule.sleep_batch_size or self.cfg.batch_size
+        bs = self.cfg.batch_size  # each synapse's phase may ask for another (Circuit.sleep)
         todo = self.sleep_left
         # The sleep before training can take minutes: its progress is shown like an evaluation's.
         what = "sleeping before training" if not self.slept_before and todo > 1 else None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from neurosim.common.errors import UserError
 from neurosim.core.reference import reference_backward
+from neurosim.rules.base import SleepSchedule
 from neurosim.training.distributed import derive_feedback_updates
 
 
@@ -46,6 +48,42 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
             derive_feedback_updates(circuit)
     optimizer.step()
     return loss, out
+
+
+def sleep_plan(circuit) -> tuple[torch.optim.Optimizer | None, SleepSchedule | None]:
+    """The sleep optimizer and the schedule of ``circuit``'s sleeping synapses, from each one's
+    own rule (its ``sleep_phase``), never the circuit's default rule; ``(None, None)`` when none
+    sleeps.
+
+    The optimizer is plain SGD with one parameter group per distinct rate, in the order the
+    rates first appear among the synapses (a circuit whose sleeping synapses share one rate has
+    one group, as the checkpoints written before there were several hold). All sleeping synapses
+    sleep together, in one schedule: sleeping rules whose schedules differ are refused
+    (``UserError``), since one sleep's position (``sleep_left`` in the checkpoint) could not say
+    which of several sleeps a stop fell in."""
+    sleepers = circuit.sleeping_synapses()
+    if not sleepers:
+        return None, None
+    names = {id(s): n for n, s in circuit.synapses.items()}
+    phases = {}
+    for s in sleepers:
+        phase = s.rule.sleep_phase
+        if phase is None:
+            raise TypeError(f"{type(s.rule).__name__} learns its feedback in sleep but declares no sleep_phase")
+        phases[names[id(s)]] = phase
+    schedules = {}
+    for name, phase in phases.items():
+        schedules.setdefault(phase.schedule, []).append(name)
+    if len(schedules) > 1:
+        each = "; ".join(f"{', '.join(ns)}: {sch}" for sch, ns in schedules.items())
+        raise UserError(f"the sleeping synapses keep different sleep schedules ({each}); every sleeping "
+                        f"rule of one circuit must sleep on the same schedule (before, every, batches)")
+    groups: dict[float, list] = {}
+    for s in sleepers:
+        groups.setdefault(phases[names[id(s)]].rate, []).append(s.feedback)
+    rates = list(groups)
+    optimizer = torch.optim.SGD([{"params": ps, "lr": r} for r, ps in groups.items()], lr=rates[0])
+    return optimizer, next(iter(schedules))
 
 
 def sleep_steps(circuit, sleep_optimizer: torch.optim.Optimizer, batches: int, batch_size: int,

@@ -218,11 +218,10 @@ def _sleep_bytes(cfg, circuit) -> float:
     sleepers = circuit.sleeping_synapses()
     if not sleepers:
         return 0
-    size = getattr(circuit.rule, "sleep_batch_size", 0) or cfg.batch_size
     largest = 0
     for s in sleepers:
         pre, post = circuit.populations[s.pre].shape, circuit.populations[s.post].shape
-        n = s.rule.mirror_batch(size, s.kind.positions(pre))
+        n = s.rule.mirror_batch(s.rule.sleep_phase.batch_size or cfg.batch_size, s.kind.positions(pre))
         largest = max(largest, n * (math.prod(pre) + math.prod(post)) * 4)
     return largest
 

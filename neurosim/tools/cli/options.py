@@ -20,6 +20,7 @@ from pathlib import Path
 import attrs
 
 from neurosim.common.errors import UserError
+from neurosim.models.registry import MODELS
 from neurosim.training.config import (
     MODEL_FAMILIES,
     PRESETS,
@@ -199,7 +200,11 @@ def build_parser(prog: str = "run_circuit.py", name: str | None = None) -> argpa
         f"Defaults below are those of {name}." if name else
         f"Defaults below are the base ones; a preset sets some otherwise ({prog} PRESET --help shows its own).",
     ])
-    epilog = "\n".join(textwrap.wrap("presets: " + " ".join(sorted(PRESETS)), 100, subsequent_indent="  "))
+    models = [line for name, model in MODELS.items()
+              for line in textwrap.wrap(f"{name}: {model.about} (presets {', '.join(f'*_{r}' for r in model.recipes)})",
+                                        100, initial_indent="  ", subsequent_indent="    ")]
+    epilog = "\n".join(["models, and the presets each brings", *models, "",
+                        *textwrap.wrap("presets: " + " ".join(sorted(PRESETS)), 100, subsequent_indent="  ")])
     parser = _Parser(prog=prog, usage=_usage(prog), description=description, epilog=epilog, add_help=False,
                      allow_abbrev=False, formatter_class=_Formatter)
     groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}

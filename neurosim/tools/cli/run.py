@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 
 from neurosim.common.errors import UserError
+from neurosim.models.registry import MODELS
 from neurosim.tools.cli.checks import check_budget, check_device, check_out_dir, unique_run_dir
 from neurosim.tools.cli.entry import loading
 from neurosim.tools.cli.options import RunRequest, parse_run_args
@@ -125,7 +126,7 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
                    if run.cfg.lr_batch else " (as given; --lr-batch N scales it with the global batch)"))
     if run.device.type == "cpu":
         log.slow_hint = (f"{run.cfg.preset} at these settings is a job for a GPU; to try it on this CPU, shrink it "
-                         f"(e.g. --epochs 2 --train-limit 5000{' --width 0.25' if run.cfg.model != 'mlp' else ''})")
+                         f"(e.g. --epochs 2 --train-limit 5000{'' if MODELS[run.cfg.model].is_mlp else ' --width 0.25'})")
 
     # SIGTERM (a scheduler's or torchrun's stop) and SIGHUP (the terminal closed) stop the run as
     # a first Ctrl-C does: after the step or mirror batch under way, with a checkpoint. A signal
