@@ -18,7 +18,7 @@ from neurosim.common.files import DirectoryLock, write_atomic
 from neurosim.core.circuit import Circuit
 from neurosim.core.sync_bn import sync_batch_norm
 from neurosim.data import BatchStream, ImageData, load_dataset, stream
-from neurosim.models import build_mlp, build_resnet
+from neurosim.models.registry import MODELS
 from neurosim.observe.monitors import Monitor, MonitorConfig, probe_batch
 from neurosim.training import distributed
 from neurosim.training.callbacks import Callback, MonitorCallback
@@ -73,11 +73,9 @@ def set_determinism(deterministic: bool, cuda: bool) -> None:
 
 
 def build_circuit(cfg: RunConfig, image_shape, num_classes: int) -> Circuit:
-    """The circuit a configuration describes, for data of the given shape."""
-    rule = cfg.make_rule()
-    if cfg.model == "mlp":
-        return build_mlp(rule, image_shape, cfg.hidden, num_classes, cfg.activation, cfg.init, cfg.seed)
-    return build_resnet(cfg.model, rule, num_classes, image_shape, cfg.width, cfg.seed)
+    """The circuit a configuration describes, for data of the given shape: built by the function
+    its model declares (``neurosim.models.registry``)."""
+    return MODELS[cfg.model].build(cfg, cfg.make_rule(), image_shape, num_classes)
 
 
 def compiled_with_dynamic_batch(module, backend: str = "inductor"):
@@ -130,7 +128,7 @@ class Run:
                             "torchrun use the compiled execution (the default)")
         cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
-        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and cfg.model != "mlp")
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and not MODELS[cfg.model].is_mlp)
         set_determinism(cfg.deterministic, cuda)
         # Every random stream of a run derives from its seed; the process-wide generators too
         # (a new process draws their seed at random), for anything that draws from them.

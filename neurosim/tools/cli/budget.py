@@ -40,6 +40,7 @@ from pathlib import Path
 import attrs
 
 from neurosim.common.errors import UserError
+from neurosim.models.registry import MODELS
 from neurosim.training import config
 from neurosim.training.applies import data_kind, processes
 
@@ -312,9 +313,9 @@ def _too_large(cfg, given, worst: Part, part: float, need: float, have: int, whe
 def _drives(cfg, key: str) -> bool:
     """Whether setting ``key`` sizes anything in ``cfg``'s run (``--hidden`` does not in a ResNet)."""
     if key == "hidden":
-        return cfg.model == "mlp"
+        return MODELS[cfg.model].is_mlp
     if key == "width":
-        return cfg.model != "mlp"
+        return not MODELS[cfg.model].is_mlp
     if key == "image_size":
         return data_kind(cfg.data) == "folder"
     if key in ("synthetic_train", "synthetic_test"):
