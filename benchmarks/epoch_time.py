@@ -11,7 +11,7 @@ Each *variant* trains for ``--epochs`` epochs (default 2) on the same device-res
   128), its monitor (a record every 200 steps with a 128-image probe), the divergence watch,
   an evaluation of the test split, the alignment angles and the checkpoint (``last.pt`` and,
   when the accuracy improved, ``best.pt``) at every epoch's end; WM sleeps on its schedule.
-- ``native``: the same ResNet (``neurosim.models.native``: CIFAR stem, torchvision-style
+- ``native``: the same ResNet (``benchmarks/native.py``: CIFAR stem, torchvision-style
   blocks; ``tests/test_native_baseline.py`` checks it computes what the circuit computes) in an
   ordinary PyTorch loop: ``zero_grad``, forward and cross-entropy under the same autocast,
   ``backward``, ``torch.optim.SGD`` with the preset's recipe, ``MultiStepLR``; the same batch
@@ -186,13 +186,13 @@ def make_run(cfg, run_dir: Path, data, backend: str):
 
 
 class NativeLoop:
-    """An ordinary PyTorch training loop of ``neurosim.models.native.NativeResNet`` with a preset's
+    """An ordinary PyTorch training loop of ``native.NativeResNet`` (``benchmarks/native.py``) with a preset's
     recipe: the baseline the presets are measured against. Its streams are built as
     ``neurosim.training.run.Run`` builds them, so both see the same batches."""
 
     def __init__(self, cfg, run_dir: Path, data, backend: str):
         from neurosim.data import BatchStream
-        from neurosim.models.native import native_resnet
+        from native import native_resnet
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

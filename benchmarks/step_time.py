@@ -4,7 +4,7 @@
         --channels-last --rules native,bp,fa,ss,kp,wm --json results.json
 
 Each *variant* is one way to train the same architecture: ``native`` is
-``neurosim.models.native.native_resnet`` under ordinary autograd; ``bp``, ``fa``, ``ss``, ``kp``
+``native.native_resnet`` (``benchmarks/native.py``) under ordinary autograd; ``bp``, ``fa``, ``ss``, ``kp``
 and ``wm`` are ``neurosim.models.build_resnet`` circuits under those rules (compiled execution:
 custom autograd functions whose backward sends errors through the rule's feedback matrix and
 writes local updates into ``.grad``). ``--monitors`` adds ``<rule>+mon`` variants that also run a
@@ -88,7 +88,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from neurosim.models import RESNETS, build_resnet  # noqa: E402
-from neurosim.models.native import native_resnet  # noqa: E402
+from native import native_resnet  # noqa: E402
 from neurosim.rules import RULES as _REGISTRY  # noqa: E402
 from neurosim.training.step import engaged_step, sleep_steps  # noqa: E402
 

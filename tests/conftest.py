@@ -2,6 +2,8 @@
 ``slow`` marker: ``pytest`` runs the quick suite, ``pytest --runslow`` every test."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,10 @@ import torch
 # (tests/test_cuda.py) need it fixed; no test that runs earlier in the session may start cuBLAS
 # without it. It changes nothing on the CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# The plain-PyTorch twin of the ResNets (benchmarks/native.py) serves the benchmarks and the tests
+# from outside the library: the tests import it as ``benchmarks.native``.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def pytest_addoption(parser):

@@ -7,7 +7,7 @@ import torchvision
 
 import neurosim
 from neurosim.models.convert import ConversionError, convert, copy_weights
-from neurosim.models.native import native_resnet
+from benchmarks.native import native_resnet
 from neurosim.rules import Backprop
 
 pytestmark = pytest.mark.usefixtures("one_thread")

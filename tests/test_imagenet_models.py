@@ -16,7 +16,7 @@ from neurosim.common.errors import UserError
 from neurosim.core.circuit import Circuit
 from neurosim.core.reference import reference_backward
 from neurosim.models import IMAGENET_RESNETS, build_resnet
-from neurosim.models.native import circuit_names, copy_from_circuit, native_resnet
+from benchmarks.native import circuit_names, copy_from_circuit, native_resnet
 from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop
 from neurosim.training.config import PRESETS, RULE_NAMES, preset

@@ -1,7 +1,7 @@
 """The native ResNet baseline does exactly the work of a circuit under backprop.
 
 The step-time benchmark (``benchmarks/step_time.py``) reports circuits' speed as a ratio to
-``neurosim.models.native``; that ratio means something only if the two compute the same
+``benchmarks/native.py``; that ratio means something only if the two compute the same
 function and the same gradients. Checked here in float64, train mode (batch norm on batch
 statistics), for a basic-block and a bottleneck ResNet.
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from neurosim.models import build_resnet
-from neurosim.models.native import circuit_names, copy_from_circuit, native_resnet
+from benchmarks.native import circuit_names, copy_from_circuit, native_resnet
 from neurosim.rules import Backprop, FeedbackAlignment
 
 WIDTH = 0.0625
@@ -92,3 +92,13 @@ def test_native_init_draws_what_build_resnet_draws(depth):
     for name, t in native.state_dict().items():
         module, leaf = name.rsplit(".", 1)
         assert torch.equal(t, theirs[f"{mapping[module]}.{leaf}"]), name
+
+
+def test_the_native_twin_lives_beside_the_benchmarks_not_in_the_library():
+    """What only the benchmarks and the tests use is no part of the installed package."""
+    import importlib.util
+
+    import benchmarks.native
+
+    assert importlib.util.find_spec("neurosim.models.native") is None
+    assert benchmarks.native.native_resnet is native_resnet

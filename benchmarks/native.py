@@ -1,5 +1,9 @@
 """Plain PyTorch ResNets: the native baseline that compiled circuits are measured against.
 
+It serves the benchmarks and the tests only, so it lives beside the benchmarks, outside the
+library (``from native import native_resnet`` in a benchmark, ``from benchmarks.native import
+native_resnet`` from the repository root).
+
 ``native_resnet(depth, ...)`` builds the *same* network as ``neurosim.models.build_resnet`` —
 CIFAR stem (3×3, stride 1, no max-pool) or, for the ``*_imagenet`` models, torchvision's
 ImageNet stem (7×7 stride-2 convolution, batch norm, ReLU, 3×3 stride-2 max-pool);
