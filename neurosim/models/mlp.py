@@ -23,6 +23,6 @@ def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activati
         pre = f"h{i}"
     c.population("y", num_classes)
     c.dense(pre, "y", init=init)
-    if getattr(rule, "direct_feedback", False):
+    if rule.direct_feedback:
         c.add_direct_feedback()  # the output error straight to every synapse's post population
     return c

@@ -88,7 +88,7 @@ def build_resnet(depth: str, rule: PlasticityRule, num_classes: int | None = Non
     c.identity(pre, "pool")
     c.population("logits", (num_classes,))
     c.dense("pool", "logits", name="fc")
-    if getattr(rule, "direct_feedback", False):
+    if rule.direct_feedback:
         c.add_direct_feedback()  # the output error straight to every synapse's post population
     return c
 
