@@ -17,7 +17,6 @@ from neurosim.rules import RULES, KolenPollack, PlasticityRule, SleepPhase, Slee
 from neurosim.rules.sign_concordant import BatchRandomSignConcordant
 from neurosim.training.config import preset
 from neurosim.training.run_dir import open_run
-from neurosim.training.step import sleep_plan
 
 
 def mixed_builder(classifier_rules, hidden_rule=None):

@@ -91,3 +91,24 @@ def test_a_restored_run_watches_divergence_from_its_own_first_step(tmp_path):
     warmed.engaged_step(x, y)
     fresh.engaged_step(x, y)
     assert warmed.first_loss == fresh.first_loss
+
+
+def test_a_resume_at_an_epochs_last_step_gives_no_scheduler_warning(tmp_path, recwarn):
+    """Stopped after an epoch's last step, a resume ends that epoch at once: the learning-rate
+    schedule steps before this process's optimizer has, which PyTorch would warn about though the
+    optimizer's steps were taken (before the checkpoint)."""
+    from neurosim.training.config import preset
+    from neurosim.training.run import RunInterrupted
+    from neurosim.training.run_dir import open_run, resume_run
+
+    cfg = preset("kp_mlp_digits", epochs=2, train_limit=96, batch_size=32, hidden=(8,), device="cpu",
+                 monitor_every=0)
+    run = open_run(tmp_path / "run", cfg, quiet=True)
+    steps = len(run.train_stream)
+    with pytest.raises(RunInterrupted):
+        run.train(on_step=lambda r: setattr(r, "stop_requested", r.step == steps))
+    run.close()
+    resumed = resume_run(tmp_path / "run", quiet=True)
+    resumed.train()
+    resumed.close()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]

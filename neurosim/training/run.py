@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import attrs
@@ -611,7 +612,11 @@ class Run:
             [*self.stats.tolist(), self.seen]
         elapsed = time.perf_counter() - t0
         self.epoch, self.batch = self.epoch + 1, 0
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # A resume stopped after an epoch's last step ends that epoch at once: the schedule
+            # steps before this process's optimizer has, though the optimizer's steps were taken.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
         m = self._epoch_metrics(self.epoch, elapsed, train)
         self._reset_stats()
         improved = m["test_acc"] > self.best
