@@ -224,6 +224,8 @@ def in_process(*args, capsys):
     (["mlp_digits", "extra"], "unexpected argument 'extra'"),
     (["--epochs", "3"], "give the MODEL first"),
     (["mlp_digits", "--out", "a", "--resume", "b"], "--out and --resume cannot go together"),
+    (["mlp_digits", "--lr", "1", "--lr", "2"], "option --lr is given twice; give it once"),
+    (["mlp_digits", "--rules", "bp", "--rules", "fa"], "option --rules is given twice; give it once"),
 ])
 def test_bad_input_is_one_message_and_status_2(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -104,9 +104,14 @@ def parse_request(argv: list[str], prog: str = "compare_rules.py") -> Request:
     rules = out = resume = None
     quiet = inside = False
     options: dict[str, str] = {}
+    given: set[str] = set()
     i = 0
     while i < len(rest):
         token = rest[i]
+        name = "--" + token.removeprefix("--").replace("_", "-")
+        if token.startswith("--") and name in given:
+            raise UserError(f"option {name} is given twice; give it once")
+        given.add(name)
         if token in ("--quiet", "--in-process"):
             quiet, inside = quiet or token == "--quiet", inside or token == "--in-process"
             i += 1
@@ -133,7 +138,6 @@ def parse_request(argv: list[str], prog: str = "compare_rules.py") -> Request:
                 if str(e).startswith("unknown option"):
                     raise UserError(f"{e}; and the study's own: {' '.join(STUDY_OPTIONS)}") from None
                 raise
-            options.pop(key, None)  # the last one given counts, in its place
             options[key] = value
         i += 2
     return Request(model=model, rules=rules, out=out, resume=resume, quiet=quiet, inside=inside, options=options)
