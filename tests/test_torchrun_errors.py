@@ -44,6 +44,21 @@ def assert_no_traceback_of_ours(stderr: str):
     assert not ours, stderr[-3000:]
 
 
+def hold_lock(run: Path) -> subprocess.Popen:
+    """Another process holding the run's lock, as a run still training does; it lets go when its
+    stdin is closed."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from neurosim.common.files import DirectoryLock
+        lock = DirectoryLock(Path({str(run)!r}))
+        print("held", flush=True)
+        sys.stdin.read()
+        """)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 @pytest.mark.slow
 def test_an_invalid_setting_is_said_once_by_rank_0(tmp_path):
     """Every rank parses the same command line and meets the error before joining the process group."""
@@ -66,17 +81,8 @@ def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
                     "--train-limit", "64", "--device", "cpu", "--quiet", "--out", str(run)],
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
-    # Another process holds the run's lock, as a run still training does.
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from neurosim.common.files import DirectoryLock
-        lock = DirectoryLock(Path({str(run)!r}))
-        print("held", flush=True)
-        sys.stdin.read()
-        """)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         done = torchrun(ROOT / "experiments" / "run_circuit.py", "--resume", str(run))
     finally:
         holder.stdin.close()
@@ -195,16 +201,8 @@ def test_nproc_per_node_ends_as_a_command_should(tmp_path):
                           timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes on cpu" in done.stderr and "Traceback" not in done.stderr
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        from pathlib import Path
-        from neurosim.common.files import DirectoryLock
-        lock = DirectoryLock(Path({str(run)!r}))
-        print("held", flush=True)
-        sys.stdin.read()
-        """)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         refused = subprocess.run([*neurosim, "--resume", str(run), "--epochs", "2", "--nproc-per-node", "2"], cwd=ROOT,
                                  capture_output=True, text=True, timeout=180)
     finally:
