@@ -211,7 +211,7 @@ def _imports(path: Path):
 
 
 def test_data_imports_nothing_of_circuits_or_training():
-    allowed = ("neurosim.common.errors", "neurosim.common.files", "neurosim.common.console", "neurosim.data")
+    allowed = ("neurosim.common", "neurosim.data")
     for path in sorted(PACKAGE.glob("*.py")):
         for module, _ in _imports(path):
             if module == "neurosim" or module.startswith("neurosim."):

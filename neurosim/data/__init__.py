@@ -5,8 +5,7 @@ and size by `images`), either decoded once into memory (`load_dataset` → `Imag
 `BatchStream` in `batches`) or streamed from disk as a run trains (`stream`: whether a run
 streams, and its splits; `folder_stream`: `FolderStream`). The two meet in one public seam: the
 streamed side imports only public names of the others, and both give the same splits and
-training order for a folder. This package may import `neurosim.common.errors`, `neurosim.common.files` and
-`neurosim.common.console` and nothing else of neurosim: data knows nothing of circuits or training.
+training order for a folder. This package may import `neurosim.common` and nothing else of neurosim: data knows nothing of circuits or training.
 
 The names below are loaded on first use, so ``import neurosim.data`` and the registry
 (``DATASETS``, ``DATASET_NAMES``) do not load PyTorch.

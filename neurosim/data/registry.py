@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import attrs
 
 from neurosim.common.errors import DataError
+from neurosim.common.names import LiveNames
 
 __all__ = ["DATASETS", "DATASET_NAMES", "Dataset", "Request", "Splits", "check_data", "dataset_names",
            "folder_root", "register_dataset"]
@@ -116,35 +117,8 @@ def dataset_names(folders: bool = False) -> tuple[str, ...]:
     return tuple(name for name, d in DATASETS.items() if folders or not d.is_folder)
 
 
-class _DatasetNames(Sequence):
-    """``DATASET_NAMES``: a read-only view of ``dataset_names()`` (the datasets loaded into
-    memory), read afresh on every use so that a dataset declared later counts. It compares equal
-    to the tuple it shows."""
-
-    def __getitem__(self, i):
-        return dataset_names()[i]
-
-    def __len__(self):
-        return len(dataset_names())
-
-    def __iter__(self):
-        return iter(dataset_names())
-
-    def __contains__(self, name):
-        return name in dataset_names()
-
-    def __eq__(self, other):
-        if isinstance(other, (Sequence, tuple, list)) and not isinstance(other, str):
-            return dataset_names() == tuple(other)
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self):
-        return repr(dataset_names())
-
-
-DATASET_NAMES = _DatasetNames()
+# The datasets loaded into memory, read afresh on every use.
+DATASET_NAMES = LiveNames(dataset_names)
 
 _NAME = re.compile(r"[a-z][a-z0-9_-]*")
 

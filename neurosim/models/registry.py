@@ -15,10 +15,12 @@ configurations, help texts and option checks can list the models cheaply.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import attrs
+
+from neurosim.common.names import LiveNames
 
 __all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "RECIPE_NAMES", "Model", "Recipe", "model_family",
            "model_names", "recipe_names", "recipes", "register_model"]
@@ -108,38 +110,8 @@ def model_family(name: str) -> str | None:
     return None if model is None else model.family
 
 
-class _Names(Sequence):
-    """A read-only view of a tuple of names read afresh on every use, so that a model declared
-    later counts. It compares equal to the tuple it shows."""
-
-    def __init__(self, names: Callable[[], tuple[str, ...]]):
-        self._names = names
-
-    def __getitem__(self, i):
-        return self._names()[i]
-
-    def __len__(self):
-        return len(self._names())
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __contains__(self, name):
-        return name in self._names()
-
-    def __eq__(self, other):
-        if isinstance(other, (Sequence, tuple, list)) and not isinstance(other, str):
-            return self._names() == tuple(other)
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self):
-        return repr(self._names())
-
-
-MODEL_NAMES = _Names(model_names)
-RECIPE_NAMES = _Names(recipe_names)
+MODEL_NAMES = LiveNames(model_names)
+RECIPE_NAMES = LiveNames(recipe_names)
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 

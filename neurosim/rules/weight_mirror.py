@@ -9,8 +9,16 @@ import attrs
 if TYPE_CHECKING:  # rule modules load torch only where they compute (see neurosim.rules)
     import torch
 
-from neurosim.rules.base import (SLEEP_COUNT_MAX, PlasticityRule, SleepPhase, SleepSchedule,  # noqa: F401
-                                 _count, random_feedback, register_rule)
+from neurosim.rules.base import (  # noqa: F401
+    SLEEP_COUNT_MAX,
+    PlasticityRule,
+    SleepPhase,
+    SleepSchedule,
+    _count,
+    random_feedback,
+    register_rule,
+)
+
 
 @register_rule
 @attrs.frozen

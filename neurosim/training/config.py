@@ -7,11 +7,12 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import attrs
 
 from neurosim.common.errors import UserError
+from neurosim.common.names import LiveNames
 from neurosim.models.registry import FAMILIES, MODEL_NAMES, RECIPE_NAMES, recipes
 from neurosim.models.registry import MODELS as _DECLARED_MODELS
 from neurosim.rules import RULES
@@ -46,35 +47,9 @@ def rules_listed() -> str:
                      for name in rule_names())
 
 
-class _RuleNames(Sequence):
-    """``RULE_NAMES``: a read-only view of ``rule_names()``, read afresh on every use so that a
-    rule registered later counts. It compares equal to the tuple it shows. Membership is by the
-    rules' own names; ``name in RULES`` accepts aliases as well."""
-
-    def __getitem__(self, i):
-        return rule_names()[i]
-
-    def __len__(self):
-        return len(rule_names())
-
-    def __iter__(self):
-        return iter(rule_names())
-
-    def __contains__(self, name):
-        return name in rule_names()
-
-    def __eq__(self, other):
-        if isinstance(other, (Sequence, tuple, list)) and not isinstance(other, str):
-            return rule_names() == tuple(other)
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self):
-        return repr(rule_names())
-
-
-RULE_NAMES = _RuleNames()
+# The rules registered now, read afresh on every use; membership is by their own names
+# (``name in RULES`` accepts aliases as well).
+RULE_NAMES = LiveNames(rule_names)
 
 
 def rule_settings() -> dict[str, tuple[str, "attrs.Attribute"]]:

@@ -90,8 +90,8 @@ def evaluate(argv: list[str], prog: str = "evaluate.py") -> int:
         from neurosim.data import stream as streaming
         from neurosim.training.checkpoint import load_checkpoint
         from neurosim.training.config import RunConfig
-        from neurosim.training.run import build_circuit, loss_function, resolve_device
         from neurosim.training.evaluation import evaluate_stream
+        from neurosim.training.run import build_circuit, loss_function, resolve_device
     if argv[0].startswith("--"):
         raise UserError(f"the first argument is the run directory, not the option {argv[0]}; {prog} --help lists "
                         f"the options")
