@@ -262,15 +262,15 @@ def test_no_host_sync_in_training_steps(tmp_path, name):
                  synthetic_test=16, batch_size=16, monitor_every=2, monitor_probe=8,
                  **_wm_sleep(name, sleep_before=0, sleep_every=1, sleep_batch_size=8))
     run = Run(cfg, tmp_path, quiet=True)
-    assert run.monitor is not None and (run.schedule is not None) == (name.startswith("wm"))
+    assert run.monitor is not None and bool(run.sleep_groups) == (name.startswith("wm"))
 
     def step(index):  # what Run._train_epoch does for one batch
         x, y = run.train_stream.batch(0, index)
         run.engaged_step(x, y)
         run.monitor.after_step(run.step)
-        if run.schedule is not None:
-            due = run.schedule.due(run.step)
-            if due:
+        if run.sleep_groups:
+            due = [g.schedule.due(run.step) for g in run.sleep_groups]
+            if any(due):
                 run.sleep(due)
 
     for i in range(2):  # first use: allocations, cuDNN's algorithm search

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import neurosim.training.run as run_module
-from neurosim.common.errors import UserError
 from neurosim.core.circuit import Circuit
 from neurosim.rules import RULES, KolenPollack, PlasticityRule, SleepPhase, SleepSchedule, WeightMirror
 from neurosim.rules.sign_concordant import BatchRandomSignConcordant
 from neurosim.training.config import preset
-from neurosim.training.run_dir import open_run
+from neurosim.training.checkpoint import load_checkpoint
+from neurosim.training.run_dir import open_run, resume_run
 
 
 def mixed_builder(classifier_rules, hidden_rule=None):
@@ -46,7 +46,7 @@ def test_a_circuit_mixing_kp_and_wm_trains_and_sleeps_by_each_synapses_rule(tmp_
     kp, wm1, wm2 = run.circuit.synapses.values()
     assert isinstance(kp.rule, KolenPollack) and wm1.rule is WM and run.circuit.rule == kp.rule
     # The sleep optimizer holds the WM synapses alone, at WM's rate; the schedule is WM's.
-    assert run.schedule == WM.schedule
+    assert [(g.schedule, g.names) for g in run.sleep_groups] == [(WM.schedule, ("h1->h2", "h2->y"))]
     groups = run.sleep_optimizer.param_groups
     assert len(groups) == 1 and groups[0]["lr"] == 0.3
     assert [id(p) for p in groups[0]["params"]] == [id(wm1.feedback), id(wm2.feedback)]
@@ -79,7 +79,7 @@ def test_a_circuit_mixing_kp_and_wm_trains_and_sleeps_by_each_synapses_rule(tmp_
     monkeypatch.setattr(run, "sleep", lambda n: (sleeps.append((run.step, n)), real(n)))
     run.train()
     steps = run.step
-    assert sleeps == [(0, 2)] + [(s, 1) for s in range(3, steps + 1, 3)]
+    assert sleeps == [(0, [2])] + [(s, [1]) for s in range(3, steps + 1, 3)]
     assert all(torch.isfinite(p).all() for p in run.circuit.parameters())
 
 
@@ -102,11 +102,49 @@ def test_sleeping_rules_with_their_own_rates_and_batch_sizes_or_schedules(tmp_pa
     assert drawn == [32, 32, 7]
     assert all(not torch.equal(s.feedback.detach(), b) for s, b in zip((s1, s2, s3), before))
 
-    # Two sleeping rules on different schedules are refused, naming the synapses.
-    other = WeightMirror(sleep_every=2)
-    monkeypatch.setattr(run_module, "build_circuit", mixed_builder((WM, other)))
-    with pytest.raises(UserError, match="different sleep schedules"):
-        open_run(tmp_path / "r3", cfg, quiet=True)
+
+
+def test_sleeping_rules_with_different_schedules_each_sleep_on_their_own(tmp_path, monkeypatch):
+    """WM in the hidden synapses on one schedule, another WM in the classifier on its own: each
+    group sleeps when its schedule says, one after the other when both are due, and a stop
+    inside the second group's sleep resumes to the run that was never stopped."""
+    other = WeightMirror(sigma=0.5, lr=0.1, sleep_before=1, sleep_every=2, sleep_batches=2)
+    monkeypatch.setattr(run_module, "build_circuit", mixed_builder((WM, other), hidden_rule=WM))
+    cfg = preset("kp_mlp_digits", epochs=2, device="cpu", monitor_every=0, train_limit=256, batch_size=32)
+    run = open_run(tmp_path / "whole", cfg, quiet=True)
+    assert [(g.schedule, g.names) for g in run.sleep_groups] == [
+        (WM.schedule, ("x->h1", "h1->h2")), (other.schedule, ("h2->y",))]
+    slept = []
+    real = run.circuit.sleep
+    monkeypatch.setattr(run.circuit, "sleep", lambda *a, synapses=None, **k: (
+        slept.append((run.step, synapses)), real(*a, synapses=synapses, **k))[1])
+    run.train()
+    expected = [(0, ("x->h1", "h1->h2"))] * 2 + [(0, ("h2->y",))]
+    for step in range(1, run.step + 1):
+        expected += [(step, ("x->h1", "h1->h2"))] * (step % 3 == 0)
+        expected += [(step, ("h2->y",))] * 2 * (step % 2 == 0)
+    assert slept == expected
+
+    # Stopped after the first of the classifier's two mirror batches at step 6 (where both groups sleep).
+    part = open_run(tmp_path / "part", cfg, quiet=True)
+    calls = []
+    real_part = part.circuit.sleep
+
+    def sleep_then_stop(*a, synapses=None, **k):
+        real_part(*a, synapses=synapses, **k)
+        calls.append((part.step, synapses))
+        if calls.count((6, ("h2->y",))) == 1 and calls[-1] == (6, ("h2->y",)):
+            part.stop_requested = True
+
+    monkeypatch.setattr(part.circuit, "sleep", sleep_then_stop)
+    with pytest.raises(run_module.RunInterrupted, match=r"in the sleep after it \(1 of its mirror batches"):
+        part.train()
+    saved = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert (saved["step"], saved["sleep_left"]) == (6, [0, 1])
+    resumed = resume_run(tmp_path / "part", quiet=True)
+    resumed.train()
+    for (k, a), b in zip(run.circuit.state_dict().items(), resumed.circuit.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_redraw_and_direct_feedback_are_declared_hooks():
@@ -195,7 +233,7 @@ def test_a_rule_with_its_own_sleep_phase_is_one_file(tanh_mirror, tmp_path):
                  batch_size=32, hidden=(16,), tanhmirror_rate=0.04)
     run = open_run(tmp_path / "r", cfg, quiet=True)
     assert all(isinstance(s.rule, tanh_mirror) for s in run.circuit.synapses.values())
-    assert run.schedule == SleepSchedule(3, 2, 2)
+    assert [g.schedule for g in run.sleep_groups] == [SleepSchedule(3, 2, 2)]
     assert [g["lr"] for g in run.sleep_optimizer.param_groups] == [0.04]
     sizes = []
     real = tanh_mirror.draw_noise
@@ -208,9 +246,143 @@ def test_a_rule_with_its_own_sleep_phase_is_one_file(tanh_mirror, tmp_path):
         run.train()
     finally:
         tanh_mirror.draw_noise = real
-    assert sleeps == [(0, 3)] + [(s, 2) for s in range(2, run.step + 1, 2)]
+    assert sleeps == [(0, [3])] + [(s, [2]) for s in range(2, run.step + 1, 2)]
     assert set(sizes) == {5}  # its own mirror batch, not --batch-size
     assert len(sizes) == 2 * (3 + 2 * len(sleeps[1:]))  # two synapses per mirror batch
     for s, b in zip(run.circuit.synapses.values(), before):
         assert not torch.equal(s.feedback.detach(), b)
         assert torch.isfinite(s.feedback).all()
+
+
+REPLAY_RULE_FILE = textwrap.dedent('''
+    """Replay mirror: feedback learns in a sleep that replays the circuit's own activity on the
+    batch it was just trained on, instead of noise (a rule written for a test)."""
+
+    from typing import ClassVar
+
+    import attrs
+
+    from neurosim.rules import PlasticityRule, SleepPhase, SleepSchedule, register_rule
+    from neurosim.rules.base import random_feedback
+
+
+    @register_rule
+    @attrs.frozen
+    class ReplayMirror(PlasticityRule):
+        name: ClassVar[str] = "replaymirror"
+        feedback_learns: ClassVar[str] = "sleep"
+        backward_reads_weight: ClassVar[bool] = False
+        presets: ClassVar[dict] = {"mlp_digits": {"lr": 0.05}}
+        rate: float = attrs.field(default=0.02, validator=attrs.validators.gt(0.0))
+        decay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0.0))
+
+        @property
+        def sleep_phase(self):
+            return SleepPhase(SleepSchedule(before=1, every=2, batches=2), rate=self.rate, drive="data")
+
+        def init_feedback(self, w, init, generator):
+            return random_feedback(w, init, generator)
+
+        def feedback_matrix(self, w, feedback):
+            return feedback
+
+        def sleep_update(self, s):
+            return s.product().mul(-1.0 / s.pre.shape[0]).add_(s.own, alpha=self.decay)
+''')
+
+
+@pytest.fixture
+def replay_mirror(tmp_path):
+    path = tmp_path / "replay_mirror.py"
+    path.write_text(REPLAY_RULE_FILE)
+    spec = importlib.util.spec_from_file_location("replay_mirror", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replay_mirror"] = module
+    spec.loader.exec_module(module)
+    try:
+        yield module.ReplayMirror
+    finally:
+        RULES.pop("replaymirror", None)
+        sys.modules.pop("replay_mirror", None)
+
+
+def test_a_sleep_driven_by_data_is_one_file(replay_mirror, tmp_path, monkeypatch):
+    cfg = preset("replaymirror_mlp_digits", epochs=2, device="cpu", monitor_every=0, train_limit=128,
+                 batch_size=32, hidden=(16,))
+    run = open_run(tmp_path / "one", cfg, quiet=True)
+    assert [g.replays for g in run.sleep_groups] == [True]
+    # One sleep after one step: each synapse replays its presynaptic population's activity on
+    # that step's batch (batch norm frozen, no gradients), not noise.
+    x, y = run.train_stream.batch(0, 0)
+    run.engaged_step(x, y)
+    acts = run.circuit.activities(x, ["x", "h1"])
+    assert torch.equal(acts["x"], x) and acts["h1"].shape == (32, 16) and not acts["h1"].requires_grad
+    expected = {}
+    for name, syn in run.circuit.synapses.items():
+        b = syn.feedback.detach()
+        drive = acts[syn.pre].reshape(32, -1) @ syn.weight.detach().T
+        update = -(drive.T @ acts[syn.pre].reshape(32, -1)) / 32 + 0.1 * b
+        expected[name] = b - 0.02 * update
+    monkeypatch.setattr(replay_mirror, "draw_noise", lambda *a, **k: pytest.fail("a data-driven sleep drew noise"))
+    run.sleep(1)
+    for name, syn in run.circuit.synapses.items():
+        torch.testing.assert_close(syn.feedback.detach(), expected[name], rtol=1e-5, atol=1e-6)
+
+    # Through the training loop: every sleep replays the batch of the step it follows (the
+    # first batch before training), and the feedback aligns.
+    whole = open_run(tmp_path / "whole", cfg, quiet=True)
+    seen, replayed = {0: whole.train_stream.batch(0, 0)[0]}, []
+    step = whole.engaged_step
+    monkeypatch.setattr(whole, "engaged_step", lambda x, y: (step(x, y), seen.__setitem__(whole.step, x)))
+    sleep = whole.circuit.sleep
+    monkeypatch.setattr(whole.circuit, "sleep", lambda *a, data=None, **k: (
+        replayed.append((whole.step, data)), sleep(*a, data=data, **k))[1])
+    before = [s.feedback.detach().clone() for s in whole.circuit.synapses.values()]
+    whole.train()
+    assert [s for s, _ in replayed] == [0] + [s for s in range(2, whole.step + 1, 2) for _ in range(2)]
+    assert torch.equal(replayed[0][1], seen[0])  # read from the stream: no step has been taken
+    assert all(data is seen[s] for s, data in replayed[1:])  # the step's own batch, not a copy
+    assert all(not torch.equal(s.feedback.detach(), b) for s, b in zip(whole.circuit.synapses.values(), before))
+    angles = [r["mean_angle"] for r in whole.records]
+    assert angles[0] > 85 and angles[2] < angles[1] < angles[0] - 2  # the replay aligns B with W
+
+    # Stopped between the two mirror batches after step 4 (the last of epoch 1): the resumed run
+    # reads that step's batch again from the stream and ends as the unbroken one.
+    part = open_run(tmp_path / "part", cfg, quiet=True)
+    sleep_part = part.circuit.sleep
+
+    def stop_at_step_4(*a, **k):
+        sleep_part(*a, **k)
+        part.stop_requested = part.stop_requested or part.step == 4
+
+    monkeypatch.setattr(part.circuit, "sleep", stop_at_step_4)
+    with pytest.raises(run_module.RunInterrupted, match="epoch 1, batch 4/4, in the sleep after it"):
+        part.train()
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["sleep_left"] == [1]
+    resumed = resume_run(tmp_path / "part", quiet=True)
+    resumed.train()
+    for (k, a), b in zip(whole.circuit.state_dict().items(), resumed.circuit.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_data_driven_phase_replays_its_batch_whole_and_asks_for_a_known_drive():
+    with pytest.raises(ValueError, match="replays the training batch"):
+        SleepPhase(drive="data", batch_size=5)
+    with pytest.raises(ValueError, match="drive"):
+        SleepPhase(drive="dreams")
+    c = Circuit(rule=KolenPollack(), seed=0)
+    c.input("x", (2, 6, 6))
+    c.population("h", (3, 6, 6), activation="relu", norm="batch")
+    c.conv("x", "h", 3, padding=1)
+    c.population("y", 3, pool="global_avg")
+    c.identity("h", "y")
+    norm = c.populations["h"].norm
+    stats = [t.clone() for t in norm.buffers()]
+    x = torch.randn(5, 2, 6, 6)
+    acts = c.activities(x, ["h"])
+    assert c.mode == "engaged" and all(torch.equal(a, b) for a, b in zip(stats, norm.buffers()))
+    c.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(acts["h"].mean((2, 3)), c(x))  # frozen batch norm, as in eval
+    with pytest.raises(KeyError, match="no population 'z'"):
+        c.activities(x, ["z"])

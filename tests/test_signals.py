@@ -93,7 +93,7 @@ def test_a_stop_inside_the_sleep_before_training_resumes_bit_for_bit(tmp_path):
     assert said == (f"interrupted in the sleep before training (23 of its mirror batches still to do); "
                     f"checkpoint saved. Continue with --resume {tmp_path / 'part'}")
     saved = load_checkpoint(tmp_path / "part" / "last.pt")
-    assert (saved["step"], saved["slept_before"], saved["sleep_left"]) == (0, False, 23)
+    assert (saved["step"], saved["slept_before"], saved["sleep_left"]) == (0, False, [23])
     _resume_and_compare(tmp_path)
 
 
@@ -108,7 +108,7 @@ def test_a_stop_inside_a_sleep_between_steps_resumes_bit_for_bit(tmp_path, stop_
     assert said.startswith(f"interrupted at epoch {epoch + 1}, batch {batch}/4, in the sleep after it "
                            f"(3 of its mirror batches still to do); checkpoint saved")
     saved = load_checkpoint(tmp_path / "part" / "last.pt")
-    assert (saved["epoch"], saved["batch"], saved["step"], saved["sleep_left"]) == (epoch, batch, step, 3)
+    assert (saved["epoch"], saved["batch"], saved["step"], saved["sleep_left"]) == (epoch, batch, step, [3])
     _resume_and_compare(tmp_path)
 
 
@@ -160,7 +160,7 @@ def test_ranks_agree_on_the_mirror_batch_to_stop_at(tmp_path):
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
-    assert r0["left"] == r1["left"] == 100 - 32
+    assert r0["left"] == r1["left"] == [100 - 32]
     assert load_checkpoint(tmp_path / "stopped" / "last.pt")["epoch"] == 1
     for k in r0["straight"]:
         assert torch.equal(r0["resumed"][k], r0["straight"][k]), k
@@ -187,7 +187,7 @@ def test_a_signal_stops_a_long_sleep_before_training(tmp_path, sig):
         proc.kill()
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (saved["step"], saved["slept_before"]) == (0, False)
-    left = saved["sleep_left"]
+    (left,) = saved["sleep_left"]
     assert 0 < left < 100_000_000
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"interrupted in the sleep before training ({left:,} of its mirror batches "

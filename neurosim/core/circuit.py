@@ -351,21 +351,55 @@ class Circuit(nn.Module):
     def sleeping_synapses(self) -> list[Synapse]:
         return [s for s in self.synapses.values() if s.rule.sleeps]
 
-    def sleep(self, batch: int, generator: torch.Generator | None = None, literal: bool = False) -> None:
-        """One mirror batch for every synapse whose rule sleeps: writes feedback ``.grad``.
+    @torch.no_grad()
+    def activities(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        """The activities of the populations ``names`` when the circuit sees ``x``: one forward
+        without gradients and with batch norm frozen (running statistics used, none updated),
+        so asking changes nothing in the circuit. The input population's activity is ``x``."""
+        names = set(names)
+        unknown = names - set(self.populations)
+        if unknown:
+            raise KeyError(f"no population {sorted(unknown)[0]!r} in the circuit")
+        kept = {self.input_name: x} if self.input_name in names else {}
+        hooks = [self.populations[n].register_forward_hook(
+            lambda module, inputs, out, n=n: kept.__setitem__(n, out)) for n in names if n != self.input_name]
+        mode = self.mode
+        try:
+            self.set_mode("eval")
+            self(x)
+        finally:
+            self.set_mode(mode)
+            for h in hooks:
+                h.remove()
+        return kept
 
-        No data and no forward pass through the circuit: each synapse's presynaptic population
-        fires noise and its feedback weight learns from that noise and the response it drives,
-        all as the synapse's own rule says (its ``sleep_phase``, ``draw_noise``, ``respond``,
-        ``sleep_update``). Each synapse's mirror batch holds its phase's ``batch_size`` noise
-        images, or ``batch`` where that is 0 (and more where its ``events`` ask). The noise comes
-        from ``generator`` (``None``: the default generator of the circuit's device), synapse by
-        synapse in construction order, and always lands on the circuit's device; a generator on
-        that device is fastest.
+    def sleep(self, batch: int, generator: torch.Generator | None = None, literal: bool = False,
+              synapses=None, data: torch.Tensor | None = None) -> None:
+        """One mirror batch for every synapse whose rule sleeps (or for the sleeping synapses
+        named in ``synapses``): writes feedback ``.grad``.
+
+        No forward pass through the circuit for a rule whose sleep is driven by noise: each
+        synapse's presynaptic population fires noise and its feedback weight learns from that
+        noise and the response it drives, all as the synapse's own rule says (its
+        ``sleep_phase``, ``draw_noise``, ``respond``, ``sleep_update``). Each synapse's mirror
+        batch holds its phase's ``batch_size`` noise images, or ``batch`` where that is 0 (and
+        more where its ``events`` ask). The noise comes from ``generator`` (``None``: the default
+        generator of the circuit's device), synapse by synapse in construction order, and always
+        lands on the circuit's device; a generator on that device is fastest. A rule whose phase
+        is driven by data (``SleepPhase.drive``) replays instead its presynaptic population's
+        activity on the input batch ``data`` (``activities``).
         """
-        for syn in self.sleeping_synapses():
+        sleepers = self.sleeping_synapses()
+        if synapses is not None:
+            wanted = set(synapses)
+            sleepers = [s for n, s in self.synapses.items() if n in wanted and s.rule.sleeps]
+        replay = {s.pre for s in sleepers if s.rule.sleep_phase.drive == "data"}
+        if replay and data is None:
+            raise ValueError("a sleep driven by data needs the input batch it replays: pass data=")
+        acts = self.activities(data, replay) if replay else {}
+        for syn in sleepers:
             size = syn.rule.sleep_phase.batch_size or batch
-            g = syn.sleep_update(self.populations[syn.pre].shape, size, generator, literal)
+            g = syn.sleep_update(self.populations[syn.pre].shape, size, generator, literal, acts.get(syn.pre))
             syn.feedback.grad = g if syn.feedback.grad is None else syn.feedback.grad + g
 
     # -- parameters ---------------------------------------------------------------------------

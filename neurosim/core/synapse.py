@@ -163,15 +163,20 @@ class Synapse(nn.Module):
         return gw, gb, gfb
 
     # -- sleep -------------------------------------------------------------------------------
-    def sleep_update(self, pre_shape, batch: int, generator: torch.Generator, literal: bool = False):
-        """One mirror batch: noise at the presynaptic side, the response it drives, and the
-        feedback weight's Hebbian update from those two signals alone."""
+    def sleep_update(self, pre_shape, batch: int, generator: torch.Generator, literal: bool = False,
+                     activity: torch.Tensor | None = None):
+        """One mirror batch: noise at the presynaptic side (or, for a sleep driven by data, the
+        presynaptic ``activity`` replayed), the response it drives, and the feedback weight's
+        Hebbian update from those two signals alone."""
         w = self.weight.detach()
-        batch = self.rule.mirror_batch(batch, self.kind.positions(pre_shape))
         # Noise in the weights' layout (channels_last circuits), so the update arrives in it too.
         channels_last = w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
-        xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype,
-                                  torch.channels_last if channels_last else torch.contiguous_format)
+        if activity is not None:
+            xi = activity.detach().to(w.dtype)
+        else:
+            batch = self.rule.mirror_batch(batch, self.kind.positions(pre_shape))
+            xi = self.rule.draw_noise((batch, *pre_shape), generator, w.device, w.dtype,
+                                      torch.channels_last if channels_last else torch.contiguous_format)
         if literal:
             r = self.rule.respond(self.kind.ref_forward(xi, w, None))
             return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach()))

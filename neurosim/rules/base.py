@@ -77,19 +77,34 @@ class SleepSchedule:
         return self.batches if step % self.every == 0 else 0
 
 
+SLEEP_DRIVES = ("noise", "data")
+
+
 @attrs.frozen
 class SleepPhase:
     """How a rule sleeps: its ``schedule`` (``SleepSchedule``), the sleep optimizer's ``rate``
     for its feedback weights, the noise images per mirror batch (``batch_size``; 0: the training
     batch size) and the co-activations per weight each synapse's mirror batch holds at least
     (``events``; 0: no minimum). Every sleeping synapse is asked for its own rule's phase: the
-    training loop gives each distinct rate its own group in the sleep optimizer, and each synapse
-    its own mirror batch."""
+    training loop gives each distinct rate its own group in the sleep optimizer, each distinct
+    schedule its own sleeps, and each synapse its own mirror batch.
+
+    ``drive`` says what the presynaptic population fires in sleep: ``"noise"`` (the rule's
+    ``draw_noise``) or ``"data"`` — its activity on the training batch of the engaged step the
+    sleep follows (the first batch of the first epoch for the sleep before training), with the
+    circuit's batch norm frozen (``Circuit.activities``), so a sleep replays what the circuit
+    saw. A data-driven mirror batch is that batch: ``batch_size`` and ``events`` stay 0."""
 
     schedule: SleepSchedule = attrs.field(factory=SleepSchedule)
     rate: float = attrs.field(default=0.05, validator=attrs.validators.gt(0.0))
     batch_size: int = attrs.field(default=0, validator=_count(0, "noise images", per_batch=True))
     events: int = attrs.field(default=0, validator=_count(0, "co-activations", per_batch=True))
+    drive: str = attrs.field(default="noise", validator=attrs.validators.in_(SLEEP_DRIVES))
+
+    def __attrs_post_init__(self):
+        if self.drive == "data" and (self.batch_size or self.events):
+            raise ValueError("a sleep driven by data replays the training batch: its batch_size and events "
+                             f"must be 0, got {self.batch_size} and {self.events}")
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, writ
 from neurosim.training.config import RunConfig
 from neurosim.training.evaluation import evaluate_stream, evaluation_result, evaluation_totals
 from neurosim.training.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
-from neurosim.training.step import engaged_step, sleep_plan, sleep_steps
+from neurosim.training.step import batch_at, engaged_step, sleep_plan, sleep_steps
 
 
 class RunInterrupted(UserError):
@@ -173,8 +173,11 @@ class Run:
         self.loss_fn = loss_function(cfg.loss)
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        # Each sleeping synapse's own rule says how it sleeps (rate, schedule, mirror batch).
-        self.sleep_optimizer, self.schedule = sleep_plan(self.circuit)
+        # Each sleeping synapse's own rule says how it sleeps (rate, schedule, mirror batch, drive);
+        # synapses sharing a schedule sleep as one group.
+        self.sleep_optimizer, self.sleep_groups = sleep_plan(self.circuit)
+        self._replays = any(g.replays for g in self.sleep_groups)
+        self._sleep_data = None  # the batch of the last engaged step, for sleeps that replay data
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(cfg.milestones), cfg.lr_gamma)
         self.sleep_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.monitor = None
@@ -195,9 +198,10 @@ class Run:
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
         self.slept_before = False  # the sleep before training is done
-        # Mirror batches of the current sleep still to do: a stop request is honoured between
-        # mirror batches, and the checkpoint keeps how many are left for a resume to do first.
-        self.sleep_left = 0
+        # Mirror batches of the current sleep still to do, per sleep group: a stop request is
+        # honoured between mirror batches, and the checkpoint keeps how many are left for a
+        # resume to do first.
+        self.sleep_left = [0] * len(self.sleep_groups)
         self.best = -math.inf
         # The metrics record of every epoch so far (epoch 0: before training), kept in the
         # checkpoint so that a resume can rebuild metrics.jsonl; None: restored from a
@@ -275,7 +279,7 @@ class Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sleep_optimizer": self.sleep_optimizer.state_dict() if self.sleep_optimizer else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "slept_before": self.slept_before,
-            "sleep_left": self.sleep_left,
+            "sleep_left": list(self.sleep_left),
             # Each rank's share of the epoch's running statistics: on resume each rank takes its
             # own back, so the epoch's end sums them exactly as if the run had never stopped.
             "best": self.best, "stats": rank_stats[:, :2].clone(),
@@ -296,7 +300,9 @@ class Run:
             self.sleep_optimizer.load_state_dict(state["sleep_optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.slept_before, self.best = state["slept_before"], state["best"]
-        self.sleep_left = state.get("sleep_left", 0)  # (earlier checkpoints were never taken inside a sleep)
+        # Per sleep group; a number in checkpoints of one group's runs (earlier ones: no sleep_left).
+        left = state.get("sleep_left", 0)
+        self.sleep_left = list(left) if isinstance(left, list) else [left] + [0] * (len(self.sleep_groups) - 1)
         stats, seen = state["stats"], state["seen"]
         if stats.dim() == 2:
             # A row per rank of the run that saved it (world sizes match: ``resume_run``).
@@ -413,6 +419,8 @@ class Run:
         self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
         self.seen += n
         self.step += 1
+        if self._replays:
+            self._sleep_data = x
         self._recent[self._unwatched].copy_(loss.detach())
         self._unwatched += 1
         if self._unwatched == WATCH_STEPS or self.first_loss is None:
@@ -463,46 +471,63 @@ class Run:
         return (f"training diverged at step {step} (epoch {self.epoch + 1}): {what}{first_bad}. {kept} "
                 f"Lower --lr (now {self.cfg.lr:g}) and start again.")
 
-    def sleep(self, batches: int) -> None:
-        """A sleep of ``batches`` mirror batches for every sleeping synapse: noise in, feedback
-        updates out, no data.
+    def sleep(self, batches) -> None:
+        """A sleep: ``batches[i]`` mirror batches for sleep group ``i`` (``sleep_groups``; an int:
+        as many for each), group after group, each as its synapses' rules say.
 
-        A stop request is honoured between mirror batches, not only between engaged steps: a
-        sleep can be long (the one before training is an epoch's worth in wm_mlp_original, or
-        whatever --wm-sleep-before asks). ``RunInterrupted`` is raised with the mirror batches
-        still to do in ``sleep_left``, which the checkpoint keeps, and a resumed run does them
-        before anything else (``_finish_sleep``): every mirror batch draws from the checkpointed
-        noise stream and updates through the checkpointed sleep optimizer, so the run goes on
-        bit for bit as if the sleep had never been broken."""
+        A stop request is honoured between mirror batches (a sleep can be long: the one before
+        training is an epoch's worth in wm_mlp_original). ``RunInterrupted`` is raised with the
+        mirror batches still to do in ``sleep_left``, which the checkpoint keeps, and a resumed
+        run does them first (``_finish_sleep``): each mirror batch draws from the checkpointed
+        noise stream (or replays the batch at the checkpointed position) and updates through the
+        checkpointed sleep optimizer, so the run goes on bit for bit as if never broken."""
+        if isinstance(batches, int):
+            batches = [batches] * len(self.sleep_groups)
         for callback in self.callbacks:
             callback.before_sleep(self.step)
-        self.sleep_left = batches
+        self.sleep_left = list(batches)
         self._finish_sleep()
 
+    def _replayed_batch(self) -> torch.Tensor:
+        """The input batch a data-driven sleep replays: the last engaged step's (the first batch
+        of the first epoch before training); after a resume, read again at that position."""
+        if self._sleep_data is None:
+            at = (self.epoch, self.batch - 1) if self.slept_before else (0, 0)
+            self._sleep_data = batch_at(self.train_stream, *at)
+        return self._sleep_data
+
     def _finish_sleep(self) -> None:
-        """The mirror batches of the current sleep still to do (``sleep_left``), then its end
-        (the callbacks' ``after_sleep``); ``RunInterrupted`` if a stop is asked on the way."""
+        """The mirror batches of the current sleep still to do (``sleep_left``), group by group,
+        then its end (the callbacks' ``after_sleep``); ``RunInterrupted`` if a stop is asked on
+        the way."""
         bs = self.cfg.batch_size  # each synapse's phase may ask for another (Circuit.sleep)
-        todo = self.sleep_left
+        total = sum(self.sleep_left)
         # The sleep before training can take minutes: its progress is shown like an evaluation's.
-        what = "sleeping before training" if not self.slept_before and todo > 1 else None
+        what = "sleeping before training" if not self.slept_before and total > 1 else None
+        for i, group in enumerate(self.sleep_groups):
+            todo = self.sleep_left[i]
+            if not todo:
+                continue
+            so_far = total - sum(self.sleep_left)
 
-        def stop(done: int) -> bool:
-            if what is not None:
-                self.log.report(what, done, todo, " mirror batches")
-            return self._stop_asked_in_sleep(done)
+            def stop(done: int, so_far=so_far) -> bool:
+                if what is not None:
+                    self.log.report(what, so_far + done, total, " mirror batches")
+                return self._stop_asked_in_sleep(done)
 
-        done = sleep_steps(self.circuit, self.sleep_optimizer, todo, bs, self.sleep_generator,
-                           literal=self.cfg.execution == "reference", stop=stop)
-        self.sleep_left = todo - done
-        if self.sleep_left:
-            left = f"{self.sleep_left:,} of its mirror batches still to do"
-            where = (f"in the sleep before training ({left})" if not self.slept_before else
-                     f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}, in the sleep "
-                     f"after it ({left})")
-            raise RunInterrupted(f"interrupted {where}; checkpoint saved. Continue with --resume {self.run_dir}")
+            data = self._replayed_batch() if group.replays else None
+            done = sleep_steps(self.circuit, self.sleep_optimizer, todo, bs, self.sleep_generator,
+                               literal=self.cfg.execution == "reference", stop=stop, synapses=group.names,
+                               data=data)
+            self.sleep_left[i] = todo - done
+            if self.sleep_left[i]:
+                left = f"{sum(self.sleep_left):,} of its mirror batches still to do"
+                where = (f"in the sleep before training ({left})" if not self.slept_before else
+                         f"at epoch {self.epoch + 1}, batch {self.batch}/{len(self.train_stream)}, in the sleep "
+                         f"after it ({left})")
+                raise RunInterrupted(f"interrupted {where}; checkpoint saved. Continue with --resume {self.run_dir}")
         if what is not None:
-            self.log.report(what, todo, todo, " mirror batches")
+            self.log.report(what, total, total, " mirror batches")
         for callback in self.callbacks:
             callback.after_sleep(self.step)
 
@@ -541,7 +566,7 @@ class Run:
         try:
             metrics_path = self.run_dir / "metrics.jsonl"
             # Not fresh either: a run stopped inside the sleep before training (its epoch-0 record is kept).
-            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before and not self.sleep_left
+            fresh = self.epoch == 0 and self.batch == 0 and not self.slept_before and not any(self.sleep_left)
             if writer:
                 self.flush()  # a checkpoint saved before train() would write the file rewritten here
                 if not fresh:
@@ -554,10 +579,9 @@ class Run:
             last = None
             try:
                 if not self.slept_before:
-                    if self.schedule is not None and fresh:
-                        before = len(self.train_stream) if self.schedule.before == -1 else self.schedule.before
-                        self.sleep(before)
-                    elif self.schedule is not None:
+                    if self.sleep_groups and fresh:
+                        self.sleep([g.before(len(self.train_stream)) for g in self.sleep_groups])
+                    elif self.sleep_groups:
                         self._finish_sleep()  # the rest of a sleep before training that was stopped
                     self.slept_before = True
                 self.circuit.set_mode("engaged")
@@ -586,16 +610,16 @@ class Run:
         total = len(stream)
         t0 = time.perf_counter()
         self.log.start_epoch(self.batch, t0)
-        if self.sleep_left:
+        if any(self.sleep_left):
             self._finish_sleep()  # the rest of the sleep after the last step before a stop
         for x, y in stream.epoch(self.epoch, start=self.batch):
             self.engaged_step(x, y)
             for callback in self.callbacks:
                 callback.after_step(self.step)
             self.batch += 1  # before the sleep: a stop inside it saves the position after this step
-            if self.schedule is not None:
-                due = self.schedule.due(self.step)
-                if due:
+            if self.sleep_groups:
+                due = [g.schedule.due(self.step) for g in self.sleep_groups]
+                if any(due):
                     self.sleep(due)
             if self.step % WATCH_STEPS == 0 and self.world.writer:
                 self._check_directory()  # a few stat calls: a vanished directory is noticed within as many steps

@@ -7,9 +7,9 @@ step-time benchmark both step through these functions.
 
 from __future__ import annotations
 
+import attrs
 import torch
 
-from neurosim.common.errors import UserError
 from neurosim.core.reference import reference_backward
 from neurosim.rules.base import SleepSchedule
 from neurosim.training.distributed import derive_feedback_updates
@@ -50,20 +50,34 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss, out
 
 
-def sleep_plan(circuit) -> tuple[torch.optim.Optimizer | None, SleepSchedule | None]:
-    """The sleep optimizer and the schedule of ``circuit``'s sleeping synapses, from each one's
-    own rule (its ``sleep_phase``), never the circuit's default rule; ``(None, None)`` when none
-    sleeps.
+@attrs.frozen
+class SleepGroup:
+    """Sleeping synapses that share one schedule: ``names`` (in construction order), the
+    ``schedule``, and whether any of them replays data (``SleepPhase.drive``)."""
+
+    schedule: SleepSchedule
+    names: tuple[str, ...]
+    replays: bool = False
+
+    def before(self, epoch_batches: int) -> int:
+        """Mirror batches of the sleep before training (-1 in the schedule: an epoch's batches)."""
+        return epoch_batches if self.schedule.before == -1 else self.schedule.before
+
+
+def sleep_plan(circuit) -> tuple[torch.optim.Optimizer | None, tuple[SleepGroup, ...]]:
+    """The sleep optimizer and the sleep groups of ``circuit``'s sleeping synapses, from each
+    one's own rule (its ``sleep_phase``), never the circuit's default rule; ``(None, ())`` when
+    none sleeps.
 
     The optimizer is plain SGD with one parameter group per distinct rate, in the order the
     rates first appear among the synapses (a circuit whose sleeping synapses share one rate has
-    one group, as the checkpoints written before there were several hold). All sleeping synapses
-    sleep together, in one schedule: sleeping rules whose schedules differ are refused
-    (``UserError``), since one sleep's position (``sleep_left`` in the checkpoint) could not say
-    which of several sleeps a stop fell in."""
+    one group, as the checkpoints written before there were several hold). Synapses sleep in
+    groups, one per distinct schedule, in the order the schedules first appear: each group
+    sleeps on its own schedule, and when several are due after the same step they sleep one
+    after the other, in that order (``Run.sleep``)."""
     sleepers = circuit.sleeping_synapses()
     if not sleepers:
-        return None, None
+        return None, ()
     names = {id(s): n for n, s in circuit.synapses.items()}
     phases = {}
     for s in sleepers:
@@ -71,34 +85,47 @@ def sleep_plan(circuit) -> tuple[torch.optim.Optimizer | None, SleepSchedule | N
         if phase is None:
             raise TypeError(f"{type(s.rule).__name__} learns its feedback in sleep but declares no sleep_phase")
         phases[names[id(s)]] = phase
-    schedules = {}
+    by_schedule: dict[SleepSchedule, list[str]] = {}
     for name, phase in phases.items():
-        schedules.setdefault(phase.schedule, []).append(name)
-    if len(schedules) > 1:
-        each = "; ".join(f"{', '.join(ns)}: {sch}" for sch, ns in schedules.items())
-        raise UserError(f"the sleeping synapses keep different sleep schedules ({each}); every sleeping "
-                        f"rule of one circuit must sleep on the same schedule (before, every, batches)")
-    groups: dict[float, list] = {}
+        by_schedule.setdefault(phase.schedule, []).append(name)
+    groups = tuple(SleepGroup(sch, tuple(ns), any(phases[n].drive == "data" for n in ns))
+                   for sch, ns in by_schedule.items())
+    rates: dict[float, list] = {}
     for s in sleepers:
-        groups.setdefault(phases[names[id(s)]].rate, []).append(s.feedback)
-    rates = list(groups)
-    optimizer = torch.optim.SGD([{"params": ps, "lr": r} for r, ps in groups.items()], lr=rates[0])
-    return optimizer, next(iter(schedules))
+        rates.setdefault(phases[names[id(s)]].rate, []).append(s.feedback)
+    first = next(iter(rates))
+    optimizer = torch.optim.SGD([{"params": ps, "lr": r} for r, ps in rates.items()], lr=first)
+    return optimizer, groups
 
 
 def sleep_steps(circuit, sleep_optimizer: torch.optim.Optimizer, batches: int, batch_size: int,
-                generator: torch.Generator | None, literal: bool = False, stop=None) -> int:
-    """``batches`` mirror batches for every sleeping synapse: noise in, feedback updates out.
+                generator: torch.Generator | None, literal: bool = False, stop=None, synapses=None,
+                data: torch.Tensor | None = None) -> int:
+    """``batches`` mirror batches for every sleeping synapse (or those named in ``synapses``):
+    noise (or the replayed ``data``) in, feedback updates out.
 
     ``stop(done)``, if given, is asked after each mirror batch but the last (``done`` of them so
     far); True ends the stretch there. Returns the mirror batches done: ``batches`` unless
-    stopped. Each mirror batch depends only on the weights, the noise stream and the sleep
-    optimizer, so a stretch stopped after ``done`` and continued with ``batches - done`` more
-    draws and updates exactly what one unbroken stretch would."""
+    stopped. Each mirror batch depends only on the weights, the noise stream (or the data), and
+    the sleep optimizer, so a stretch stopped after ``done`` and continued with ``batches - done``
+    more draws and updates exactly what one unbroken stretch would. Synapses not asked to sleep
+    keep ``.grad`` None and the optimizer passes them by."""
     for done in range(1, batches + 1):
         sleep_optimizer.zero_grad(set_to_none=True)
-        circuit.sleep(batch_size, generator, literal=literal)
+        circuit.sleep(batch_size, generator, literal=literal, synapses=synapses, data=data)
         sleep_optimizer.step()
         if stop is not None and done < batches and stop(done):
             return done
     return batches
+
+
+def batch_at(stream, epoch: int, index: int) -> torch.Tensor:
+    """The input batch number ``index`` of ``stream``'s epoch ``epoch`` (streams repeat an
+    epoch's batches exactly, which is how a run resumes mid-epoch)."""
+    batches = stream.epoch(epoch, start=index)
+    try:
+        return next(iter(batches))[0]
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # a streamed epoch's loader workers end here
