@@ -4,7 +4,8 @@ says of it, drawn into ``report.md`` and its figures.
 ``read_study``/``write_study`` read and write ``study.json``; ``run_state`` tells from a run's files
 how far it went; ``collect`` gathers each rule's ``RuleResult`` from its metrics, monitor file and
 attempts; ``write_report(study_dir)`` draws the report of a study from its files at any time, while
-it trains or long after. Below it: ``neurosim.tools.study.figures`` alone.
+it trains or long after, with a robustness table where ``evaluate.py RUN --attack ...`` has
+written a run's ``robustness.json``. Below it: ``neurosim.tools.study.figures`` alone.
 """
 
 from __future__ import annotations
@@ -307,6 +308,7 @@ def report_markdown(study_dir: Path, data: dict, results: list[RuleResult], figu
     if unfinished:
         lines += ["", f"Not finished: {', '.join(unfinished)}; `compare_rules.py --resume {study_dir}` continues "
                       f"the study."]
+    lines += _robustness_lines(study_dir, results)
     with_angles = [r for r in results if r.final is not None]
     if with_angles:
         names = list(dict.fromkeys(s for r in with_angles for s in r.final["angles"]))
@@ -344,6 +346,54 @@ def report_markdown(study_dir: Path, data: dict, results: list[RuleResult], figu
         lines.append(shlex.join(r.command) if r.command else f"# {r.rule}: not started")
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _robustness_lines(study_dir: Path, results: list[RuleResult]) -> list[str]:
+    """``## Robustness``: what ``evaluate.py RUN --attack ...`` wrote into each rule's run directory
+    (``robustness.json``) on the run's own data and test split; nothing when no run has one."""
+    from neurosim.training.attack import ROBUSTNESS_FILE, Attack, read_robustness
+
+    rows, columns, notes = {}, {}, []
+    for r in results:
+        run_dir = Path(study_dir) / r.rule
+        try:
+            own = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("data")
+            entries = read_robustness(run_dir / ROBUSTNESS_FILE)
+        except UserError as e:
+            notes.append(f"- {r.rule}: {_md_inline(e)}")
+            continue
+        except (OSError, ValueError, AttributeError):
+            continue
+        for e in entries:
+            if e.get("split") != "test" or e.get("data") != own:
+                continue
+            try:
+                label = Attack(e["attack"], e["steps"], e["step_size"], e["random_start"], e["seed"] or 0).label()
+                cells = [((label, c["eps"]), f"{label} {c['eps_text']}", float(c["top1"])) for c in e["eps"]]
+                clean, key = float(e["clean"]["top1"]), (r.rule, str(e["checkpoint"]), e["epoch"])
+            except (KeyError, TypeError, ValueError):
+                continue  # not written by evaluate.py: left out
+            row = rows.setdefault(key, {"clean": clean})
+            for column, title, top1 in cells:
+                columns.setdefault(column, title)
+                row[column] = top1
+    if not rows and not notes:
+        return []
+    keys = sorted(columns)
+    lines = ["", "## Robustness (test top-1, %)", "",
+             "Clean and under attack, as `evaluate.py RUN --attack fgsm|pgd --eps ...` wrote into each run's "
+             f"`{ROBUSTNESS_FILE}`: eps in pixel units (the image's range is [0, 1]); the attack's input gradients "
+             "are true backprop's through the forward weights, whatever rule trained the circuit.", ""]
+    if rows:
+        lines += ["| rule | checkpoint | clean | " + " | ".join(columns[k] for k in keys) + " |",
+                  "| --- | --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+        for (rule, which, epoch), row in rows.items():
+            cells = [f"**{rule}**", f"{which} (epoch {epoch})", f"{row['clean']:.2f}",
+                     *(f"{row[k]:.2f}" if k in row else "—" for k in keys)]
+            lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Robustness files that could not be read:", "", *notes]
+    return lines
 
 
 def _budget(study_dir: Path, data: dict) -> str:
