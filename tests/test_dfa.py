@@ -15,29 +15,35 @@ import torch.nn.functional as F
 
 from neurosim.core.circuit import Circuit
 from neurosim.core.pathways import FeedbackPathway
+from neurosim.core.pathways import __doc__ as pathways_doc
 from neurosim.core.reference import reference_backward
+from neurosim.core.synapse import weight_init
 from neurosim.models import build_mlp, build_resnet
 from neurosim.rules import Backprop, FeedbackAlignment, KolenPollack, SignSymmetry
 from neurosim.rules.direct_feedback_alignment import DirectFeedbackAlignment
 from tests.test_equivalence import grads, random_circuit
 
 
-def dfa_circuit(kind, seed=0, bias=True):
-    c = random_circuit(DirectFeedbackAlignment(), seed, bias, kind)
+def dfa_circuit(kind, seed=0, bias=True, per_unit=False):
+    c = random_circuit(DirectFeedbackAlignment(per_unit=per_unit), seed, bias, kind)
     c.add_direct_feedback()
     return c
 
 
 # -- the two executions agree ----------------------------------------------------------------
 
+@pytest.mark.parametrize("per_unit", [False, True])
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_compiled_equals_reference(kind, bias, seed):
-    compiled = dfa_circuit(kind, seed, bias)
+def test_compiled_equals_reference(kind, bias, seed, per_unit):
+    compiled = dfa_circuit(kind, seed, bias, per_unit)
     targets = {p.target for p in compiled.feedback_pathways.values()}
     assert targets == ({"c1", "c2", "c3"} if kind == "conv" else {"h1", "h2"})  # not pool, not y
     assert all(p.feedback.dtype == torch.float64 for p in compiled.feedback_pathways.values())
+    for p in compiled.feedback_pathways.values():  # one row per unit, or per channel of a spatial target
+        rows = math.prod(p.target_shape) if per_unit else p.target_shape[0]
+        assert tuple(p.feedback.shape) == (rows, 4) and p.per_unit == (per_unit and kind == "conv")
     literal = copy.deepcopy(compiled)
     x = torch.randn(6, *compiled.populations["x"].shape, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed + 10))
@@ -230,6 +236,201 @@ def test_pathway_compiled_and_literal_delivery_agree():
         got, ref = p(e), p.ref_feedback(e)
         assert got.shape == ref.shape == (7, *shape)
         torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-15)
+
+
+# -- per unit (Nøkland's form) and per channel (neurosim's default) ---------------------------
+
+def small_conv(rule, seed=0):
+    """x (2, 6, 6) → c1 (3, 6, 6) ReLU → c2 (4, 3, 3) tanh → y (3): no identity pathway, so the
+    only error a hidden activity receives is the one its feedback pathway delivers."""
+    c = Circuit(rule=rule, seed=seed)
+    c.input("x", (2, 6, 6))
+    c.population("c1", (3, 6, 6), activation="relu")
+    c.conv("x", "c1", 3, padding=1)
+    c.population("c2", (4, 3, 3), activation="tanh")
+    c.conv("c1", "c2", 3, stride=2, padding=1)
+    c.population("y", 3)
+    c.dense("c2", "y")
+    c.add_direct_feedback()
+    return c.double()
+
+
+def small_mlp(rule, seed=0):
+    c = Circuit(rule=rule, seed=seed)
+    c.input("x", 5)
+    c.population("h1", 6, activation="relu")
+    c.dense("x", "h1")
+    c.population("h2", 7, activation="tanh")
+    c.dense("h1", "h2")
+    c.population("y", 3)
+    c.dense("h2", "y")
+    c.add_direct_feedback()
+    return c.double()
+
+
+def per_unit_rows(b, shape):
+    """``B`` with one row per unit written out unit by unit: row of the unit at ``(c, h, w)``."""
+    c_, h_, w_ = shape
+    rows = {(c, h, w): b[(c * h_ + h) * w_ + w] for c in range(c_) for h in range(h_) for w in range(w_)}
+    return torch.stack([rows[(c, h, w)] for c in range(c_) for h in range(h_) for w in range(w_)])
+
+
+def literal_updates(c, x, t):
+    """Every update of a DFA circuit from the formulas, in float64: the output error
+    ``e = (softmax − onehot)/N``; at each hidden population the delivered error ``e B_lᵀ`` (one
+    row of ``B_l`` per unit, reshaped to the population) times its derivative is ``δ``;
+    ``ΔW = δ ⊗ x`` summed over samples (and positions: unfold), ``Δb = Σ δ``."""
+    syn = dict(c.synapses)
+    acts, pres = {"x": x}, {}
+    with torch.no_grad():
+        for name in c.order()[1:]:
+            (s,) = [s for s in syn.values() if s.post == name]
+            pres[name] = acts[s.pre]
+            u = s.ref_forward(acts[s.pre])
+            acts[name] = c.populations[name].respond(u)
+        n = x.shape[0]
+        e = (torch.softmax(acts["y"], 1) - F.one_hot(t, acts["y"].shape[1])) / n
+        delivered, deltas = {}, {"y": e}
+        for p in c.feedback_pathways.values():
+            shape = p.target_shape
+            b = per_unit_rows(p.feedback, shape) if len(shape) == 3 and p.per_unit else p.feedback
+            d = e @ b.t()
+            if len(shape) == 3:
+                d = d.reshape(n, *shape) if p.per_unit else d[:, :, None, None].expand(n, *shape)
+            delivered[p.target] = d
+            a = acts[p.target]
+            act = c.populations[p.target].activation
+            deltas[p.target] = d * ((a > 0).double() if act == "relu" else 1 - a**2)
+        want = {}
+        for s in syn.values():
+            delta, pre = deltas[s.post], pres[s.post]
+            if delta.dim() == 4:
+                k = s.weight.shape[-1]
+                cols = F.unfold(pre, k, padding=s.kind.padding, stride=s.kind.stride)
+                gw = torch.einsum("nol,nil->oi", delta.flatten(2), cols).reshape(s.weight.shape)
+                gb = delta.sum((0, 2, 3))
+            else:
+                gw, gb = delta.t() @ pre.flatten(1), delta.sum(0)
+            want[f"synapses.{s.name}.weight"], want[f"synapses.{s.name}.bias"] = gw, gb
+    return delivered, want
+
+
+@pytest.mark.parametrize("build", [small_mlp, small_conv])
+@pytest.mark.parametrize("per_unit", [False, True])
+def test_delivered_error_and_updates_are_the_literal_matrix_products(build, per_unit):
+    """Per unit: the error at each target is ``e @ B_lᵀ`` reshaped, ``B_l`` with one row per unit
+    (``C·H·W × K``), each unit its own; per channel: one row per channel, broadcast over space.
+    Both executions, float64, against the formulas."""
+    c = build(DirectFeedbackAlignment(per_unit=per_unit), seed=2)
+    for p in c.feedback_pathways.values():
+        spatial = len(p.target_shape) == 3
+        rows = math.prod(p.target_shape) if per_unit and spatial else p.target_shape[0]
+        assert tuple(p.feedback.shape) == (rows, 3) and p.per_unit == (per_unit and spatial)
+    literal = copy.deepcopy(c)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, *c.populations["x"].shape, dtype=torch.float64, generator=g)
+    t = torch.tensor([0, 2, 1, 2])
+    got = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        got[module.name] = out
+
+    for name in (p.target for p in c.feedback_pathways.values()):
+        c.populations[name].register_forward_hook(keep)
+    F.cross_entropy(c(x), t).backward()
+    reference_backward(literal, x, lambda out: F.cross_entropy(out, t))
+    delivered, want = literal_updates(c, x, t)
+
+    assert got.keys() == delivered.keys() and len(got) == 2
+    for name, d in delivered.items():
+        torch.testing.assert_close(got[name].grad, d, rtol=1e-12, atol=1e-15)
+        if len(d.shape) == 4:  # per unit, positions of one channel receive different errors
+            assert torch.equal(d, d[:, :, :1, :1].expand_as(d)) != per_unit
+    a, b = grads(c), grads(literal)
+    assert a.keys() == b.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(a[n], want[n], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(b[n], want[n], rtol=1e-10, atol=1e-13)
+
+
+def test_per_channel_is_unchanged():
+    """``per_unit=False`` (the default) is the form neurosim had: ``B_l`` of ``C × K`` drawn in
+    the same order from the circuit's generator, its error broadcast over space bit for bit, and
+    the same updates as a circuit whose pathways are added per channel explicitly."""
+    default, explicit = DirectFeedbackAlignment(), DirectFeedbackAlignment(per_unit=False)
+    assert default == explicit and not default.per_unit
+    c = small_conv(default, seed=1)
+    # The old draw, replayed: the synapses' weights, then each pathway's U(±1/√K) of C × K.
+    bare = Circuit(rule=default, seed=1)
+    for name, shape in [("x", (2, 6, 6)), ("c1", (3, 6, 6)), ("c2", (4, 3, 3)), ("y", (3,))]:
+        (bare.input if name == "x" else bare.population)(name, shape)
+    bare.conv("x", "c1", 3, padding=1)
+    bare.conv("c1", "c2", 3, stride=2, padding=1)
+    bare.dense("c2", "y")
+    for p in c.feedback_pathways.values():
+        drawn = FeedbackAlignment().init_feedback(torch.empty(p.target_shape[0], 3), weight_init("default", 3, p.target_shape[0]),
+                                                  bare._generator)
+        assert torch.equal(p.feedback, drawn.double()), p.name
+        e = torch.randn(5, 3, dtype=torch.float64)
+        assert torch.equal(p(e), e.mm(p.feedback.t())[:, :, None, None].expand(5, *p.target_shape))
+        assert "per channel, broadcast over" in p.describe()
+    other = copy.deepcopy(c)
+    other.feedback_pathways.clear()
+    other.add_direct_feedback(per_unit=False)  # draws on from other's generator: copy B over
+    for n, p in other.feedback_pathways.items():
+        p.feedback.copy_(c.feedback_pathways[n].feedback)
+    x, t = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    for circuit in (c, other):
+        F.cross_entropy(circuit(x), t).backward()
+    a, b = grads(c), grads(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_checkpoints_keep_their_shapes():
+    """A per-channel state (every run before per-unit existed) loads into a per-channel circuit;
+    a per-unit one has the same names, larger ``B``, and is refused by a per-channel circuit."""
+    old = build_resnet("resnet18", DirectFeedbackAlignment(), 10, (3, 8, 8), width=0.125)
+    state = old.state_dict()
+    assert tuple(state["feedback_pathways.logits=>stem.feedback"].shape) == (8, 10)
+    fresh = build_resnet("resnet18", DirectFeedbackAlignment(), 10, (3, 8, 8), width=0.125, seed=1)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.feedback_pathways["logits=>stem"].feedback, state["feedback_pathways.logits=>stem.feedback"])
+    unit = build_resnet("resnet18", DirectFeedbackAlignment(per_unit=True), 10, (3, 8, 8), width=0.125)
+    assert unit.state_dict().keys() == state.keys()
+    stem = unit.feedback_pathways["logits=>stem"]
+    assert tuple(stem.feedback.shape) == (8 * 8 * 8, 10) and "per unit, 8x8 positions" in stem.describe()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        unit.load_state_dict(state)
+
+
+def test_per_unit_is_a_rule_setting_and_an_option():
+    from neurosim.tools.cli.options import parse_run_args
+    from neurosim.training.config import preset
+
+    assert DirectFeedbackAlignment.example().per_unit  # what the rule-generic tests run
+    assert preset("dfa_resnet18").make_rule() == DirectFeedbackAlignment()
+    assert preset("dfa_resnet18", dfa_per_unit=True).make_rule() == DirectFeedbackAlignment(per_unit=True)
+    for argv, want in ((["--dfa-per-unit"], True), (["--dfa-per-unit", "false"], False)):
+        request = parse_run_args(["dfa_resnet18", *argv])
+        assert request.overrides["dfa_per_unit"] is want
+    with pytest.raises(TypeError):
+        DirectFeedbackAlignment(per_unit="yes")
+
+
+def test_per_unit_memory_figure_in_the_docstrings():
+    """ResNet-18, width 1, CIFAR-100: the numbers of floats the docstrings state (built on meta)."""
+    with torch.device("meta"):
+        per_unit = build_resnet("resnet18", DirectFeedbackAlignment(per_unit=True), 100, (3, 32, 32))
+        per_channel = build_resnet("resnet18", DirectFeedbackAlignment(), 100, (3, 32, 32))
+    count = lambda c: sum(p.feedback.numel() for p in c.feedback_pathways.values())
+    units = sum(math.prod(p.target_shape) for p in per_unit.feedback_pathways.values())
+    assert (len(per_unit.feedback_pathways), units, count(per_unit), count(per_channel)) == (20, 614_400, 61_440_000,
+                                                                                             480_000)
+    assert round(sum(p.numel() for p in per_unit.parameters()) / 1e6, 1) == 11.2
+    for doc in (DirectFeedbackAlignment.__doc__, pathways_doc):
+        flat = " ".join(doc.split())
+        assert "614,400" in flat and "61,440,000 floats" in flat and "480,000 floats" in flat
 
 
 # -- torch.compile and autocast: tests/test_compile.py runs its one-graph, compiled-equals-eager
