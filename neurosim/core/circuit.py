@@ -150,12 +150,13 @@ class Circuit(nn.Module):
         self._relower()
 
     def feedback_pathway(self, source: str, target: str, rule: PlasticityRule | None = None,
-                         init: str = "default", name: str | None = None) -> FeedbackPathway:
+                         init: str = "default", name: str | None = None, per_unit: bool = False) -> FeedbackPathway:
         """A feedback pathway from ``source``'s error to ``target``'s activity (``B e``).
 
         ``source`` must be the output population (its error is the loss's gradient, ``e``);
         ``rule`` is the pathway's own (default ``FeedbackAlignment()``: a fixed random ``B``
-        drawn from the circuit's seeded generator); see ``neurosim.core.pathways``."""
+        drawn from the circuit's seeded generator); ``per_unit`` gives a spatial target one row
+        of ``B`` per unit instead of one per channel; see ``neurosim.core.pathways``."""
         src, dst = self._pop(source), self._pop(target)
         if source != self.output_name:
             raise ValueError(f"a feedback pathway carries the output error: source must be the output "
@@ -165,7 +166,7 @@ class Circuit(nn.Module):
                              f"population {target!r}")
         if any(p.target == target for p in self.feedback_pathways.values()):
             raise ValueError(f"population {target!r} already receives a feedback pathway")
-        pathway = FeedbackPathway(source, target, src.shape, dst.shape, rule, self._generator, init, name)
+        pathway = FeedbackPathway(source, target, src.shape, dst.shape, rule, self._generator, init, name, per_unit)
         like = next((s.weight for s in self.synapses.values()), None)
         if like is not None:  # drawn on the CPU in float32, like every weight; then where the circuit is
             pathway.to(like.device, like.dtype)
@@ -175,16 +176,22 @@ class Circuit(nn.Module):
         self._relower()
         return pathway
 
-    def add_direct_feedback(self, rule: PlasticityRule | None = None, init: str = "default") -> list[FeedbackPathway]:
+    def add_direct_feedback(self, rule: PlasticityRule | None = None, init: str = "default",
+                            per_unit: bool | None = None) -> list[FeedbackPathway]:
         """Direct feedback: a pathway from the output to every hidden population that is the post
         of a plastic synapse (and has no pathway yet), in the order populations were added.
 
         Populations that no synapse drives (residual sums, pooling) receive no direct error;
         identity pathways still carry whatever error their post population has — under direct
-        feedback alignment, whose synapses send nothing back, none."""
-        posts = {s.post for s in self.synapses.values()}
+        feedback alignment, whose synapses send nothing back, none. ``per_unit`` (None: as the
+        rules of the synapses into the target say, ``DirectFeedbackAlignment(per_unit=True)``)
+        gives a spatial target one row of ``B`` per unit instead of one per channel."""
+        posts = {}
+        for s in self.synapses.values():
+            posts[s.post] = posts.get(s.post, False) or bool(getattr(s.rule, "per_unit", False))
         have = {p.target for p in self.feedback_pathways.values()}
-        return [self.feedback_pathway(self.output_name, n, rule=rule, init=init) for n in self.populations
+        return [self.feedback_pathway(self.output_name, n, rule=rule, init=init,
+                                      per_unit=posts[n] if per_unit is None else per_unit) for n in self.populations
                 if n in posts and n not in have and n not in (self.input_name, self.output_name)]
 
     @contextlib.contextmanager
