@@ -19,7 +19,7 @@ _HOMES = {
     "WeightMirror": "neurosim.rules", "SleepSchedule": "neurosim.rules", "SleepPhase": "neurosim.rules",
     "DirectFeedbackAlignment": "neurosim.rules.direct_feedback_alignment",
     "reference_backward": "neurosim.core.reference", "UserError": "neurosim.common.errors", "DataError": "neurosim.common.errors",
-    "convert": "neurosim.models.convert", "copy_weights": "neurosim.models.convert", "ConversionError": "neurosim.models.convert",
+    "convert": "neurosim.models.convert", "copy_weights": "neurosim.models.convert", "export_weights": "neurosim.models.convert", "ConversionError": "neurosim.models.convert",
 }
 
 __all__ = list(_HOMES)

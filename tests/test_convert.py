@@ -6,9 +6,10 @@ import torch.nn as nn
 import torchvision
 
 import neurosim
+from neurosim.models import build_resnet, export_weights
 from neurosim.models.convert import ConversionError, convert, copy_weights
 from benchmarks.native import native_resnet
-from neurosim.rules import Backprop
+from neurosim.rules import Backprop, FeedbackAlignment, UniformSignConcordant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,3 +191,71 @@ def test_unsupported_models_refused():
     circular = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"))
     with pytest.raises(ConversionError, match="padding_mode"):
         convert(circular, Backprop(), example_input=torch.zeros(1, 3, 8, 8))
+
+
+# -- copy_weights / export_weights and build_resnet circuits -------------------------------------
+
+def test_export_weights_gives_a_trained_circuit_to_torchvision():
+    """A resnet18_imagenet circuit, trained one step (weights and batch-norm statistics moved),
+    exported into a fresh torchvision resnet18: the same outputs in eval mode."""
+    circuit = build_resnet("resnet18_imagenet", FeedbackAlignment(), seed=1).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    drawn = circuit.synapses["layer3_0_conv2"].weight.detach().clone()
+    opt = torch.optim.SGD(circuit.parameters(), lr=0.5)
+    nn.functional.cross_entropy(circuit(x), torch.tensor([3, 500, 999])).backward()
+    opt.step()
+    assert not torch.equal(circuit.synapses["layer3_0_conv2"].weight, drawn)
+    model = torchvision.models.resnet18().double()
+    assert export_weights(circuit, model) is model
+    assert neurosim.export_weights is export_weights
+    circuit.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), circuit(x), rtol=1e-10, atol=1e-12)
+    assert torch.equal(model.layer2[0].downsample[1].running_var,
+                       circuit.populations["layer2_0_sc"].norm.running_var)
+
+
+def test_export_weights_refuses_a_different_width_naming_the_tensor():
+    circuit = build_resnet("resnet18_imagenet", Backprop(), width=0.5)
+    model = torchvision.models.resnet18()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    with pytest.raises(ConversionError, match=r"model conv1\.weight \(64, 3, 7, 7\) does not match circuit "
+                                              r"synapses\.conv1\.weight \(32, 3, 7, 7\)"):
+        export_weights(circuit, model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())  # nothing copied
+
+
+def test_copy_and_export_refuse_whatever_is_left_unpaired():
+    circuit = build_resnet("resnet18_imagenet", Backprop(), num_classes=10, in_shape=(3, 32, 32))
+    with pytest.raises(ConversionError, match=r"model layer1\.2\.conv1\.weight has no counterpart"):
+        export_weights(circuit, torchvision.models.resnet34(num_classes=10))
+    with pytest.raises(ConversionError, match=r"model has no module 'conv1' \(circuit synapses\.conv1\)"):
+        copy_weights(nn.Sequential(nn.Linear(2, 2)), circuit)
+    headless = torchvision.models.resnet18()
+    headless.fc = nn.Identity()
+    circuit.converted_from = {k: v for k, v in circuit.converted_from.items() if k != "fc"}
+    with pytest.raises(ConversionError, match=r"circuit synapses\.fc\.weight has no counterpart in the model"):
+        copy_weights(headless, circuit)
+    del circuit.converted_from
+    with pytest.raises(ConversionError, match="no module mapping"):
+        export_weights(circuit, headless)
+
+
+def test_copy_weights_from_torchvision_into_a_build_resnet_circuit():
+    """torchvision's resnet18 into build_resnet's resnet18_imagenet: the same function, and the
+    rule's derived feedback state (uSF's scale) measured again from the copied weights."""
+    model = torchvision.models.resnet18(num_classes=10).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics other than the initial ones
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    circuit = build_resnet("resnet18_imagenet", UniformSignConcordant(), num_classes=10, in_shape=(3, 32, 32)).double()
+    assert copy_weights(model, circuit) is circuit
+    syn = circuit.synapses["layer4_1_conv2"]
+    torch.testing.assert_close(syn.weight, model.layer4[1].conv2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(syn.feedback, syn.weight.detach().pow(2).mean().sqrt().expand_as(syn.feedback))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    _same(model, circuit, x, None, train=False)

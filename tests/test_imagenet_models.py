@@ -15,8 +15,8 @@ import torchvision
 from neurosim.common.errors import UserError
 from neurosim.core.circuit import Circuit
 from neurosim.core.reference import reference_backward
-from neurosim.models import IMAGENET_RESNETS, build_resnet
-from benchmarks.native import circuit_names, copy_from_circuit, native_resnet
+from neurosim.models import IMAGENET_RESNETS, build_resnet, export_weights
+from benchmarks.native import native_resnet
 from neurosim.rules import RULES as REGISTRY
 from neurosim.rules import Backprop
 from neurosim.training.config import PRESETS, RULE_NAMES, preset
@@ -138,7 +138,7 @@ def test_imagenet_resnets_have_torchvisions_parameters_and_names(depth, synapses
     assert c.synapses["conv1"].kind.describe() == "conv7x7 3->64 stride=2 pad=3"
     assert c.populations["stem_pool"].shape == (64, 56, 56) and c.populations["logits"].shape == (1000,)
     # Every torchvision module with state has its circuit counterpart, and the reverse.
-    mapping = circuit_names(tv)
+    mapping = c.converted_from
     assert {m for m, mod in tv.named_modules() if list(mod.parameters(recurse=False))} == set(mapping)
     assert {n.rsplit(".", 1)[0] for n in dict(c.named_parameters())} == {v for v in mapping.values()}
     native = native_resnet(f"{depth}_imagenet")
@@ -150,7 +150,7 @@ def test_imagenet_circuit_equals_torchvision_under_backprop(depth):
     """Full width, torchvision's own model, float64, train mode: same outputs, same gradients of
     every weight, same batch-norm statistics."""
     circuit = build_resnet(f"{depth}_imagenet", Backprop(), seed=3).double()
-    tv = copy_from_circuit(getattr(torchvision.models, depth)().double(), circuit)
+    tv = export_weights(circuit, getattr(torchvision.models, depth)().double())
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=g)
     y = torch.tensor([7, 993])
@@ -158,7 +158,7 @@ def test_imagenet_circuit_equals_torchvision_under_backprop(depth):
     torch.testing.assert_close(out_c, out_t, rtol=1e-10, atol=1e-12)
     F.cross_entropy(out_c, y).backward()
     F.cross_entropy(out_t, y).backward()
-    mapping, theirs = circuit_names(tv), dict(circuit.named_parameters())
+    mapping, theirs = circuit.converted_from, dict(circuit.named_parameters())
     for name, p in tv.named_parameters():
         module, leaf = name.rsplit(".", 1)
         torch.testing.assert_close(theirs[f"{mapping[module]}.{leaf}"].grad, p.grad, rtol=1e-9, atol=1e-12,
@@ -171,15 +171,6 @@ def test_imagenet_circuit_equals_torchvision_under_backprop(depth):
     tv.eval()
     with torch.no_grad():
         torch.testing.assert_close(circuit(x), tv(x), rtol=1e-10, atol=1e-12)
-
-
-def test_native_imagenet_resnet_draws_what_build_resnet_draws():
-    circuit = build_resnet("resnet50_imagenet", Backprop(), 5, (3, 32, 32), width=0.0625, seed=4)
-    native = native_resnet("resnet50_imagenet", 5, (3, 32, 32), 0.0625, seed=4)
-    mapping, theirs = circuit_names(native), circuit.state_dict()
-    for name, t in native.state_dict().items():
-        module, leaf = name.rsplit(".", 1)
-        assert torch.equal(t, theirs[f"{mapping[module]}.{leaf}"]), name
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))

@@ -19,7 +19,10 @@ graph onto populations, plastic synapses and identity pathways:
 Anything else (dropout, concatenation, dilated convolutions or max-pools, ``ceil_mode``, …) is
 refused with a ``ConversionError`` naming the module or graph node.
 ``copy_weights(model, circuit)`` copies the forward weights, biases and batch-norm parameters
-and statistics, so that a trained model can go on learning under another rule.
+and statistics, so that a trained model can go on learning under another rule;
+``export_weights(circuit, model)`` copies them back, so that a trained circuit can be evaluated
+or deployed as a plain model. Both walk ``circuit.converted_from`` (model module path → circuit
+state prefix), which ``convert`` and ``build_resnet`` (with torchvision's names) set.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from neurosim.core.circuit import Circuit
 from neurosim.core.kinds import Conv2d, Dense
 from neurosim.rules.base import PlasticityRule
 
-__all__ = ["convert", "copy_weights", "ConversionError"]
+__all__ = ["convert", "copy_weights", "export_weights", "ConversionError"]
 
 
 class ConversionError(UserError, ValueError):
@@ -503,29 +506,73 @@ def convert(model: nn.Module, rule: PlasticityRule, example_input: torch.Tensor 
     return circuit
 
 
+def _pairs(model: nn.Module, circuit: Circuit) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(model tensor, circuit tensor)`` for every tensor with state, paired along
+    ``circuit.converted_from`` (model module path → circuit state prefix). Raises
+    ``ConversionError`` naming the first module or tensor that has no counterpart of the same
+    shape: every tensor of the model's ``state_dict`` and every forward tensor of the circuit's
+    (feedback weights, which a plain model has none of, excepted) must be paired."""
+    mapping = getattr(circuit, "converted_from", None)
+    if mapping is None:
+        raise ConversionError("the circuit has no module mapping (converted_from) to copy along: make it with "
+                              "neurosim.models.convert or build_resnet")
+    theirs = dict(circuit.state_dict(keep_vars=True))
+    modules = dict(model.named_modules())
+    pairs, mine_done, theirs_done = [], set(), set()
+    for path, prefix in mapping.items():
+        if path not in modules:
+            raise ConversionError(f"model has no module {path!r} (circuit {prefix}); not the model the circuit "
+                                  f"was made from")
+        for key, t in modules[path].state_dict(keep_vars=True).items():
+            name, other = f"{path}.{key}" if path else key, f"{prefix}.{key}"
+            dst = theirs.get(other)
+            if dst is None:
+                raise ConversionError(f"model {name} has no counterpart {other} in the circuit; not the model the "
+                                      f"circuit was made from")
+            if t.shape != dst.shape:
+                raise ConversionError(f"model {name} {tuple(t.shape)} does not match circuit {other} "
+                                      f"{tuple(dst.shape)}; not the model the circuit was made from (same depth, "
+                                      f"width and classes?)")
+            pairs.append((t, dst))
+            mine_done.add(name)
+            theirs_done.add(other)
+    left = [k for k in model.state_dict(keep_vars=True) if k not in mine_done]
+    if left:
+        raise ConversionError(f"model {left[0]} has no counterpart in the circuit ({len(left)} model tensors "
+                              f"left unpaired); not the model the circuit was made from")
+    left = [k for k in theirs if k not in theirs_done and not k.endswith(".feedback")]
+    if left:
+        raise ConversionError(f"circuit {left[0]} has no counterpart in the model ({len(left)} circuit tensors "
+                              f"left unpaired); not the model the circuit was made from")
+    return pairs
+
+
 @torch.no_grad()
 def copy_weights(model: nn.Module, circuit: Circuit) -> Circuit:
     """Copy ``model``'s conv/linear weights and biases and its batch norms' affine parameters and
-    running statistics into the circuit ``convert`` made of it. Feedback weights drawn
-    independently of ``W`` are left as they are; feedback state a rule derives from ``W`` (uSF's
-    scale) is derived again from the copied weights (``PlasticityRule.weight_replaced``). Raises
-    ``ConversionError`` if the two do not match. Returns ``circuit``."""
-    mapping = getattr(circuit, "converted_from", None)
-    if mapping is None:
-        raise ConversionError("the circuit was not made by neurosim.models.convert: no module mapping to copy along")
-    theirs = dict(circuit.state_dict(keep_vars=True))
-    modules = dict(model.named_modules())
-    for path, prefix in mapping.items():
-        if path not in modules:
-            raise ConversionError(f"model has no module {path!r}; not the model the circuit was made from")
-        for key, t in modules[path].state_dict(keep_vars=True).items():
-            dst = theirs.get(f"{prefix}.{key}")
-            if t is None and dst is None:
-                continue
-            if t is None or dst is None or t.shape != dst.shape:
-                raise ConversionError(f"model {path}.{key} does not match circuit {prefix}.{key}; "
-                                      f"not the model the circuit was made from")
-            dst.copy_(t)
+    running statistics into ``circuit``, one that ``convert`` made of it or a ``build_resnet``
+    circuit and a torchvision ResNet of the same layout (``torchvision.models.resnet18()`` into
+    ``build_resnet("resnet18_imagenet", rule)``), along ``circuit.converted_from``. Feedback
+    weights drawn independently of ``W`` are left as they are; feedback state a rule derives from
+    ``W`` (uSF's scale) is derived again from the copied weights
+    (``PlasticityRule.weight_replaced``). Raises ``ConversionError`` naming the first tensor that
+    does not match, before copying anything. Returns ``circuit``."""
+    for mine, theirs in _pairs(model, circuit):
+        theirs.copy_(mine)
     for syn in circuit.synapses.values():
         syn.rule.weight_replaced(syn.weight.detach(), syn.feedback)
     return circuit
+
+
+@torch.no_grad()
+def export_weights(circuit: Circuit, model: nn.Module) -> nn.Module:
+    """The reverse of ``copy_weights``: copy a (trained) circuit's forward weights, biases and
+    batch-norm parameters and running statistics into ``model``, a plain PyTorch model of the
+    same layout — the one ``convert`` made the circuit of, or for a ``build_resnet`` circuit a
+    torchvision ResNet (``export_weights(circuit, torchvision.models.resnet18())`` for
+    ``resnet18_imagenet``) — e.g. to evaluate or deploy it with ordinary PyTorch code. Feedback
+    weights have no counterpart in the model and are left out. Raises ``ConversionError`` naming
+    the first tensor that does not match, before copying anything. Returns ``model``."""
+    for mine, theirs in _pairs(model, circuit):
+        mine.copy_(theirs)
+    return model
