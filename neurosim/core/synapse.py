@@ -69,7 +69,12 @@ class _SynapseFunction(torch.autograd.Function):
             need_x, m = False, w if w is not None else grad_y.new_zeros(()).expand(ctx.weight_shape)
         gx, product, gb = kind.fused_backward(grad_y, x, m, need_x, need_w or need_fb, need_b)
         gw = rule.forward_update(LocalSignals(kind, x, grad_y, w, product)) if need_w else None
-        gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product)) if need_fb else None
+        gfb = None
+        if need_fb:
+            reads = rule.feedback_reads
+            drive = kind.forward(x, w, None) if "drive" in reads else None
+            gfb = rule.feedback_update(LocalSignals(kind, x, grad_y, feedback, product, drive,
+                                                    w if "weight" in reads else None))
         if gfb is not None and gfb is gw:
             # Two parameters must not share one gradient tensor: accumulation would double up.
             gfb = gfb.clone()
@@ -159,7 +164,10 @@ class Synapse(nn.Module):
             gb = self.kind.ref_bias_sum(post_error)
         gfb = None
         if self.rule.feedback_learns == "engaged":
-            gfb = self.rule.feedback_update(LocalSignals(self.kind, pre, post_error, self.feedback))
+            reads, w = self.rule.feedback_reads, self.weight.detach()
+            drive = self.kind.ref_forward(pre, w, None) if "drive" in reads else None
+            gfb = self.rule.feedback_update(LocalSignals(self.kind, pre, post_error, self.feedback, None, drive,
+                                                         w if "weight" in reads else None, literal=True))
         return gw, gb, gfb
 
     # -- sleep -------------------------------------------------------------------------------
@@ -179,7 +187,7 @@ class Synapse(nn.Module):
                                       torch.channels_last if channels_last else torch.contiguous_format)
         if literal:
             r = self.rule.respond(self.kind.ref_forward(xi, w, None))
-            return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach()))
+            return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach(), literal=True))
         r = self.rule.respond(self.kind.forward(xi, w, None))
         return self.rule.sleep_update(LocalSignals(self.kind, xi, r, self.feedback.detach(), self.kind.product(r, xi)))
 

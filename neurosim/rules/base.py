@@ -25,6 +25,12 @@ class LocalSignals:
     compiled execution it arrives already formed (by the same backward call that forms the
     feedback drive) and is shared by every update that needs it; in the reference execution it
     is recomputed literally on every call, so each update is visibly built from its own signals.
+
+    A feedback update gets two more signals where its rule names them in ``feedback_reads``:
+    ``drive``, the forward projection ``W·pre`` of the same input (without bias) — what the
+    feedback synapse receives from the neurons it starts at, local to it — and ``weight``, ``W``
+    itself: weight transport to the feedback synapse, which a rule that asks for it must say.
+    ``literal`` is True in the reference execution (updates formed with the kinds' literal ops).
     """
 
     kind: object
@@ -32,6 +38,9 @@ class LocalSignals:
     post: torch.Tensor
     own: torch.Tensor | None
     formed: torch.Tensor | None = None
+    drive: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    literal: bool = False
 
     def product(self) -> torch.Tensor:
         if self.formed is not None:
@@ -139,6 +148,9 @@ class PlasticityRule:
     # compiled execution then runs the synapse under native autograd; the reference one is
     # unchanged, and the tests compare the two as for every rule.
     native_backward: ClassVar[bool] = False
+    # Signals the engaged feedback update reads besides pre, post and its own weight (see
+    # ``LocalSignals``): "drive" (``W·pre``, local) and/or "weight" (``W``: weight transport).
+    feedback_reads: ClassVar[tuple[str, ...]] = ()
     # Whether circuit builders (``build_mlp``, ``build_resnet``) give the circuit direct feedback
     # pathways from the output to every synapse's post population (``Circuit.add_direct_feedback``).
     direct_feedback: ClassVar[bool] = False
