@@ -173,8 +173,7 @@ class Run:
         self.loss_fn = loss_function(cfg.loss)
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        # Each sleeping synapse's own rule says how it sleeps (rate, schedule, mirror batch, drive);
-        # synapses sharing a schedule sleep as one group.
+        # Each sleeping synapse's own rule says how it sleeps; synapses sharing a schedule form a group.
         self.sleep_optimizer, self.sleep_groups = sleep_plan(self.circuit)
         self._replays = any(g.replays for g in self.sleep_groups)
         self._sleep_data = None  # the batch of the last engaged step, for sleeps that replay data
@@ -198,9 +197,8 @@ class Run:
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed
         self.slept_before = False  # the sleep before training is done
-        # Mirror batches of the current sleep still to do, per sleep group: a stop request is
-        # honoured between mirror batches, and the checkpoint keeps how many are left for a
-        # resume to do first.
+        # Mirror batches of the current sleep still to do, per sleep group: a stop is honoured
+        # between mirror batches, and the checkpoint keeps what is left for a resume to do first.
         self.sleep_left = [0] * len(self.sleep_groups)
         self.best = -math.inf
         # The metrics record of every epoch so far (epoch 0: before training), kept in the
@@ -419,8 +417,7 @@ class Run:
         self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
         self.seen += n
         self.step += 1
-        if self._replays:
-            self._sleep_data = x
+        self._sleep_data = x if self._replays else None
         self._recent[self._unwatched].copy_(loss.detach())
         self._unwatched += 1
         if self._unwatched == WATCH_STEPS or self.first_loss is None:
