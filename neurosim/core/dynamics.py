@@ -1,0 +1,271 @@
+"""Circuits in time: activities, errors and weights as coupled first-order dynamics.
+
+The discrete executions make one step of a circuit instantaneous: a forward pass, an error, an
+update. Here the same circuit objects run in time, in steps of ``dt`` (``TimeSettings``):
+
+- a stimulus ``x`` is presented to the input population for ``duration`` (then it is 0);
+- every population's activity relaxes toward its response to its summed drive,
+  ``τ da/dt = −a + f(Σ W a_pre)`` (pooling included; ``τ = dt``: it follows at once);
+- while the stimulus is on, the output's error ``e = ∂L/∂a_out`` is the teaching signal; it
+  travels back through each synapse's feedback matrix (the rule's: ``Wᵀ`` for backprop, ``B`` for
+  the others) or through the circuit's direct pathways, every hop taking ``delay``; the error at a
+  population relaxes like its activity, ``τ dε/dt = −ε + (what arrives)``, and a population's
+  local derivative turns it into the error at its drive, ``δ = f'(u) ⊙ ε``, at the present time;
+- every synapse's plasticity integrates the update its rule forms from the signals present at it
+  at that time, ``τ_w dW/dt = −ΔW(x̄_pre(t), δ_post(t))`` (the rule's ``ref_updates``: KP's
+  feedback weight learns alike), optionally with ``x̄`` a presynaptic eligibility trace
+  (``τ_e dx̄/dt = −x̄ + x``) and a decay ``−W/τ_decay``.
+
+Within a step the populations are updated in topological order from this step's new values
+(``update="ordered"``: propagation faster than ``dt``, the limit in which the discrete rules are
+recovered) or all from the previous step's (``"synchronous"``: every synaptic hop takes one
+``dt``, so delays accumulate with depth).
+
+The limit, exactly: with ``τ = dt``, ordered updates, no delay and ``τ_w = duration``, every step
+sees the discrete step's signals and the integrated update is the discrete one, for every rule
+(``tests/test_dynamics.py``, float64, dense and conv). The weight mirror's sleep in time
+(``sleep_in_time``) likewise gives its discrete sleep update.
+
+This is the literal execution (synapse by synapse, like ``neurosim.core.reference``); batch norm
+has no meaning in time here and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from neurosim.core.reference import _pool, _unpool
+from neurosim.rules.base import LocalSignals
+
+UPDATES = ("ordered", "synchronous")
+
+
+def _positive_or_none(inst, att, value):
+    if value is not None and not value > 0:
+        raise ValueError(f"{att.name} must be positive or None, got {value}")
+
+
+@attrs.frozen
+class TimeSettings:
+    """Time constants of a circuit run in time (all in the same unit as ``dt``).
+
+    ``tau``: the populations' time constant for activities and errors (None: ``dt``, they follow
+    their drive at once); ``tau_plasticity``: the synapses' (None: ``duration``, so that in the
+    limit one presentation gives the discrete update); ``tau_decay``: weight decay (None: none);
+    ``tau_eligibility``: the presynaptic trace's (None: no trace, the activity itself);
+    ``delay``: the transmission delay of every feedback hop (a multiple of ``dt``); ``settle``:
+    time simulated after the stimulus ends (None: as long as the error from the stimulus's last
+    step takes to reach the population the most hops away; 0 with no delay and ordered updates)."""
+
+    dt: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
+    duration: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
+    tau: float | None = attrs.field(default=None, validator=_positive_or_none)
+    tau_plasticity: float | None = attrs.field(default=None, validator=_positive_or_none)
+    tau_decay: float | None = attrs.field(default=None, validator=_positive_or_none)
+    tau_eligibility: float | None = attrs.field(default=None, validator=_positive_or_none)
+    delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    settle: float | None = attrs.field(default=None)
+    update: str = attrs.field(default="ordered", validator=attrs.validators.in_(UPDATES))
+
+    def __attrs_post_init__(self):
+        for name in ("duration", "delay"):
+            steps = getattr(self, name) / self.dt
+            if abs(steps - round(steps)) > 1e-9:
+                raise ValueError(f"{name} {getattr(self, name)} is not a whole number of steps of dt {self.dt}")
+        if self.tau is not None and self.tau < self.dt:
+            raise ValueError(f"tau {self.tau} is shorter than dt {self.dt}: the Euler step would overshoot")
+
+    def steps(self, what: float) -> int:
+        return round(what / self.dt)
+
+    def rate(self, tau: float | None) -> float:
+        """The Euler factor ``dt/τ`` of a leaky variable (1: it follows its target at once)."""
+        return 1.0 if tau is None else self.dt / tau
+
+
+def feedback_hops(circuit) -> int:
+    """The most feedback hops an error takes from the output to any population (a direct
+    pathway is one hop), which with ``delay`` sets how long an error needs to arrive."""
+    hops = {circuit.output_name: 0}
+    for name in reversed(circuit.order()):
+        if name not in hops:
+            continue
+        for syn, pre in circuit.incoming(name):
+            hops[pre] = max(hops.get(pre, 0), hops[name] + 1)
+    for p in circuit.feedback_pathways.values():
+        hops[p.target] = max(hops.get(p.target, 0), 1)
+    return max(hops.values())
+
+
+def _check(circuit) -> None:
+    normed = [n for n, p in circuit.populations.items() if p.norm is not None]
+    if normed:
+        raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
+                         f"build the circuit without norm")
+
+
+class _History:
+    """The last values of a per-population signal, one dict per step, so a hop that takes
+    ``lag`` steps reads what was sent that many steps before (None before anything was)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.past = keep, []
+
+    def push(self, value: dict) -> None:
+        self.past.append(value)
+        if len(self.past) > self.keep:
+            self.past.pop(0)
+
+    def ago(self, name: str, steps: int):
+        """The value pushed ``steps`` pushes before the last one (0: the last)."""
+        return self.past[-1 - steps].get(name) if len(self.past) > steps else None
+
+
+def _add(into: dict, name: str, value) -> None:
+    if value is not None:
+        into[name] = value if name not in into else into[name] + value
+
+
+def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, trace=None) -> torch.Tensor:
+    """Present ``x`` to ``circuit`` in time and write every synapse's integrated update into ``.grad``.
+
+    ``loss_fn(output_activity) -> scalar`` gives the teaching signal while the stimulus is on.
+    ``trace(step, state)``, if given, is called after every step with the step's signals
+    (``state["pre"]``, ``["drive_error"]``, ``["activity"]``, ``["error"]`` per population, the
+    running ``["update"]`` per synapse). Returns the loss at the stimulus's last step (detached).
+    Gradients accumulate as ``reference_backward``'s do, so the same optimizer applies them.
+    """
+    _check(circuit)
+    s = settings
+    order = circuit.order()
+    inp, out = circuit.input_name, circuit.output_name
+    t_on = s.steps(s.duration)
+    # A feedback hop takes ``delay``, and under synchronous updates one step more.
+    lag = s.steps(s.delay) + (s.update == "synchronous")
+    total = t_on + (s.steps(s.settle) if s.settle is not None else lag * feedback_hops(circuit))
+    k_act, k_err, k_w = s.rate(s.tau), s.rate(s.tau), s.dt / (s.tau_plasticity or s.duration)
+    k_tr = s.rate(s.tau_eligibility)
+    acts = {n: None for n in order}
+    errs: dict[str, torch.Tensor] = {}
+    traces: dict[str, torch.Tensor] = {}
+    sent = _History(lag + 1)  # per population: the error at its drive, as sent back at each step
+    sent_out = _History(lag + 1)  # the output error, as the direct pathways send it
+    grads: dict[int, list] = {}
+    last_loss = None
+
+    def leak(old, target, k):
+        if old is None:
+            return target * k if k != 1.0 else target
+        return target if k == 1.0 else old + k * (target - old)
+
+    for step in range(total):
+        on = step < t_on
+        source = acts if s.update == "ordered" else dict(acts)
+        new = {inp: x.detach() if on else torch.zeros_like(x)}
+        drives, winners = {}, {}
+        with torch.no_grad():
+            for name in order[1:]:
+                pop = circuit.populations[name]
+                drive = None
+                for syn, pre in circuit.incoming(name):
+                    a = new[pre] if s.update == "ordered" and pre in new else source[pre]
+                    if a is None:
+                        a = torch.zeros((x.shape[0], *circuit.populations[pre].shape), dtype=x.dtype)
+                    d = a if syn is None else syn.ref_forward(a)
+                    drive = d if drive is None else drive + d
+                pooled, winners[name] = _pool(pop, drive)
+                drives[name] = pooled
+                new[name] = leak(acts[name], pop.respond(pooled), k_act)
+        acts.update(new)
+        # The teaching signal, while the stimulus is on.
+        with torch.enable_grad():
+            a = acts[out].detach().requires_grad_(True)
+            loss = loss_fn(a)
+            e_out = torch.autograd.grad(loss, a)[0] if on else torch.zeros_like(a)
+        if on:
+            last_loss = loss.detach()
+        sent_out.push({out: e_out})
+        # Errors, from the output down.
+        arriving: dict[str, torch.Tensor] = {out: e_out}
+        if circuit.pathways_enabled:
+            e_late = sent_out.ago(out, lag)
+            for p in circuit.feedback_pathways.values():
+                if e_late is not None:
+                    with torch.no_grad():
+                        _add(arriving, p.target, p.ref_feedback(e_late))
+        drive_errors: dict[str, torch.Tensor] = {}
+        now = {}
+        for name in reversed(order[1:]):
+            pop = circuit.populations[name]
+            if name != out:
+                # What the consumers of ``name`` send back, ``delay`` steps late (synchronous: one more).
+                for syn_name, syn in circuit.synapses.items():
+                    if syn.pre != name:
+                        continue
+                    g = sent.ago(syn.post, lag - 1) if lag else drive_errors.get(syn.post)
+                    if g is not None and syn.feedback_matrix() is not None:
+                        with torch.no_grad():
+                            _add(arriving, name, syn.ref_feedback(g, (x.shape[0], *pop.shape)))
+                for pre, post in circuit.identities:
+                    if pre != name:
+                        continue
+                    g = sent.ago(post, lag - 1) if lag else drive_errors.get(post)
+                    _add(arriving, name, g)
+            target = arriving.get(name)
+            if target is None:
+                target = torch.zeros_like(acts[name])
+            errs[name] = leak(errs.get(name), target, k_err)
+            u = drives[name].detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g_u,) = torch.autograd.grad(pop.respond(u), u, errs[name])
+            with torch.no_grad():
+                drive_errors[name] = _unpool(pop, g_u, winners[name])
+            now[name] = drive_errors[name]
+        sent.push(now)
+        # Plasticity: each synapse's rule on the signals present at it now.
+        with torch.no_grad():
+            for syn in circuit.synapses.values():
+                pre = acts[syn.pre] if syn.pre in acts and acts[syn.pre] is not None else None
+                if pre is None:
+                    continue
+                traces[syn.pre] = pre if k_tr == 1.0 else leak(traces.get(syn.pre), pre, k_tr)
+                gw, gb, gfb = syn.ref_updates(traces[syn.pre], drive_errors[syn.post])
+                acc = grads.setdefault(id(syn), [syn, None, None, None])
+                for i, g in enumerate((gw, gb, gfb), start=1):
+                    if g is not None:
+                        acc[i] = k_w * g if acc[i] is None else acc[i] + k_w * g
+                if s.tau_decay is not None:
+                    acc[1] = acc[1] + (s.dt / s.tau_decay) * syn.weight
+        if trace is not None:
+            trace(step, {"pre": traces, "drive_error": drive_errors, "activity": acts, "error": errs,
+                         "update": {n: grads.get(id(sy), [None, None])[1] for n, sy in circuit.synapses.items()}})
+    for syn, gw, gb, gfb in grads.values():
+        for p, g in ((syn.weight, gw), (syn.bias, gb), (syn.feedback, gfb)):
+            if p is None or g is None or not p.requires_grad:
+                continue
+            p.grad = g.detach().clone() if p.grad is None else p.grad + g
+    return last_loss if last_loss is not None else torch.tensor(math.nan)
+
+
+def sleep_in_time(circuit, noise: dict, settings: TimeSettings) -> None:
+    """The weight mirror's sleep in time: each sleeping synapse's presynaptic population holds
+    the noise ``noise[synapse name]`` for ``duration``; its postsynaptic response relaxes toward
+    ``respond(Wξ)`` (``τ``) and its feedback weight integrates the rule's sleep update on the
+    signals present (``τ_w``). Writes feedback ``.grad``; in the limit (``τ = dt``,
+    ``τ_w = duration``) the discrete sleep update."""
+    s = settings
+    k_act, k_w = s.rate(s.tau), s.dt / (s.tau_plasticity or s.duration)
+    with torch.no_grad():
+        for name, syn in circuit.synapses.items():
+            if not syn.rule.sleeps or name not in noise:
+                continue
+            xi, w, r, acc = noise[name], syn.weight.detach(), None, None
+            target = syn.rule.respond(syn.kind.ref_forward(xi, w, None))
+            for _ in range(s.steps(s.duration)):
+                r = target if r is None and k_act == 1.0 else (target * k_act if r is None else r + k_act * (target - r))
+                g = syn.rule.sleep_update(LocalSignals(syn.kind, xi, r, syn.feedback.detach(), literal=True))
+                acc = k_w * g if acc is None else acc + k_w * g
+            syn.feedback.grad = acc if syn.feedback.grad is None else syn.feedback.grad + acc
