@@ -350,6 +350,7 @@ class Monitor:
         self.records = RecordBuffer(len(self.names), self.k, self.n_scatter, cfg.snapshots, self.has_sleep,
                                     record_rows(cfg.every, total_steps), self.device)
         self._plan = snapshot_plan(cfg.snapshots, self.total_steps)
+        self.restored_rows = 0
         self.after_step(0)
 
     def _set_indices(self, trace_index: torch.Tensor, scatter_index: torch.Tensor) -> None:
@@ -495,13 +496,15 @@ class Monitor:
             trace_index={n: [int(i) for i in row if i >= 0]
                          for n, row in zip(self.names, self.trace_index.tolist())})
 
-    def flush(self, run_dir, create: bool = True) -> None:
-        """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically.
+    def flush(self, run_dir, create: bool = True) -> dict[str, np.ndarray]:
+        """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically; returns
+        the arrays written.
 
         ``create``: make ``run_dir`` if it is missing. A run passes False: its directory exists,
         and one that vanished must not come back holding the monitor files alone."""
         arrays = self.arrays()
         write_monitor(run_dir, arrays, self.index(arrays), create=create)
+        return arrays
 
     # -- resuming ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -522,4 +525,5 @@ class Monitor:
                             f"({theirs[0]}, {theirs[2]} traces) than this configuration "
                             f"({mine[0]}, {mine[2]} traces); resume with the run's own monitor settings")
         self.records.load_state_dict(state)
+        self.restored_rows = len(self.steps)  # rows recorded before the checkpoint, by an earlier process
         self._set_indices(state["trace_index"].clone(), state["scatter_index"].clone())

@@ -192,7 +192,7 @@ class Run:
                     whole.close()
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
                                    self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
-        self.callbacks: list[Callback] = [MonitorCallback(self.monitor)] if self.monitor is not None else []
+        self.callbacks: list[Callback] = [MonitorCallback(self.monitor, self.log)] if self.monitor is not None else []
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch
         self.step = 0  # engaged steps completed

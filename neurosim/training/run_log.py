@@ -32,6 +32,11 @@ def _null_for_non_finite(value):
     return value
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
 def _undefined(constant: str) -> None:
     """``NaN`` (or ``Infinity``) in a file written before undefined values were ``null``."""
     return None
@@ -187,17 +192,31 @@ class RunLog:
         half-written line is never left, and a full disk names the file."""
         text = "".join(metrics_line(r) for r in (*earlier, m))
         write_atomic(path, text.encode(), what="metrics")
-        writer = self.tensorboard()
-        if writer is not None:
+        def scalars(writer):
             for key, value in m.items():
                 if isinstance(value, float):
                     writer.add_scalar(key, value, m["epoch"])
             for name, angle in m["angles"].items():
                 writer.add_scalar(f"angle/{name}", angle, m["epoch"])
-            writer.flush()
+
+        self.to_tensorboard(scalars)
+
+    def tensorboard_available(self) -> bool:
+        """Whether this process writes TensorBoard records (tensorboard installed, the writer
+        rank, and no failure so far); does not open the writer."""
+        if self._writer_opened:
+            return self._writer is not None
+        if not self.console.writer:
+            return False
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
     def tensorboard(self):
-        """A TensorBoard writer into the run directory when tensorboard is installed, else None."""
+        """A TensorBoard writer into ``run_dir/tensorboard`` when tensorboard is installed, else None
+        (also after a failure to open or write it, which ``to_tensorboard`` says once)."""
         if not self._writer_opened:
             self._writer_opened = True
             try:
@@ -205,8 +224,36 @@ class RunLog:
             except ImportError:
                 pass
             else:
-                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                try:
+                    self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except Exception as e:  # an unwritable place: the run goes on without TensorBoard
+                    self._tensorboard_failed(e)
         return self._writer
+
+    def to_tensorboard(self, write) -> bool:
+        """Call ``write(writer)`` and flush, if TensorBoard records are written; returns whether
+        they were. A failure (a full disk, an unwritable folder, the writer's thread gone) is said
+        in one line and ends the run's TensorBoard records; the run goes on."""
+        writer = self.tensorboard()
+        if writer is None:
+            return False
+        try:
+            write(writer)
+            writer.flush()
+        except Exception as e:
+            self._tensorboard_failed(e)
+            return False
+        return True
+
+    def _tensorboard_failed(self, e: Exception) -> None:
+        writer, self._writer = self._writer, None
+        self.say(f"warning: cannot write TensorBoard records into {self.run_dir / 'tensorboard'} "
+                 f"({type(e).__name__}: {_first_line(e)}); the run goes on without them")
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
 
     def start_epoch(self, start: int, t0: float) -> None:
         """An epoch (re)starts at batch ``start`` at time ``t0``."""
