@@ -7,7 +7,7 @@ from pathlib import Path
 
 from neurosim.common.errors import UserError
 
-USAGE = """usage: plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR]
+USAGE = """usage: plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR] [--html]
 
 Draw the figures of each run into its own directory (accuracy and W–Bᵀ angle per epoch; with
 monitor files also per-step angles, delta angles, synapse traces, W-vs-Bᵀ scatter and sleep
@@ -17,6 +17,11 @@ the current directory.
   --out DIR    draw every figure into DIR instead, and nothing into the runs' directories
                (a read-only run, say): one run's into DIR, several runs' each into
                DIR/RUN_NAME/ beside the side-by-side figure
+  --html       instead of the PNG figures, write one self-contained HTML dashboard
+               (dashboard.html: epoch curves, per-synapse heat-maps, a synapse picker
+               with its curves, traced pairs and W-vs-Bᵀ scatter, the runs' facts) into
+               the run's directory, or into DIR; several runs, or a study directory,
+               are overlaid in one page (in the study's directory, or in the current one)
   -h, --help   this help
 """
 
@@ -31,19 +36,24 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
         return 0 if argv else 2
     from neurosim.tools.figures import plot_compare, read_metrics
     from neurosim.tools.figures import plot_run as plot_one
-    dirs, out, i = [], None, 0
+    dirs, out, html, i = [], None, False, 0
     while i < len(argv):
-        if argv[i] == "--out":
+        if argv[i] == "--html":
+            html, i = True, i + 1
+        elif argv[i] == "--out":
             if i + 1 >= len(argv) or not argv[i + 1]:
                 raise UserError("option --out needs a directory")
             out, i = Path(argv[i + 1]), i + 2
         elif argv[i].startswith("--"):
-            raise UserError(f"unknown option {argv[i]}; options: --out DIR")
+            raise UserError(f"unknown option {argv[i]}; options: --out DIR, --html")
         else:
             dirs.append(Path(argv[i]))
             i += 1
     if not dirs:
         raise UserError("give at least one run directory")
+    if html:
+        print(f"wrote {write_html(dirs, out)}", file=sys.stderr)
+        return 0
     for d in dirs:  # check every run before drawing anything
         read_metrics(d)
     places = [None] * len(dirs)  # where each run's figures go: None, its own directory
@@ -69,6 +79,31 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
     if len(dirs) > 1:
         print(f"wrote {plot_compare(dirs, out)}", file=sys.stderr)
     return 0
+
+
+def write_html(dirs: list[Path], out: Path | None) -> Path:
+    """The dashboard of ``dirs`` (runs, or one study directory) written into ``out``, the run's
+    or study's own directory, or (several runs) the current directory; returns its path."""
+    from neurosim.tools.dashboard import FILE, study_runs, write_dashboard
+    from neurosim.tools.figures import read_metrics
+
+    title = None
+    if len(dirs) == 1 and not (dirs[0] / "metrics.jsonl").exists():
+        found = study_runs(dirs[0]) if dirs[0].is_dir() else None
+        if found is not None:
+            out, (dirs, title) = out or dirs[0], found
+    for d in dirs:  # every run checked before anything is written
+        read_metrics(d)
+    if out is None:
+        out = dirs[0] if len(dirs) == 1 else Path(".")
+    folder = out.parent if out.suffix == ".html" else out
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; give a directory for {FILE}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make {folder}: {e.strerror or e}") from None
+    return write_dashboard(dirs, out, title=title)
 
 
 def _folder_names(dirs: list[Path]) -> list[str]:

@@ -90,6 +90,7 @@ def read_config(path: Path):
 
 def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     with loading():
+        from neurosim.tools.dashboard import DashboardCallback, draw_dashboard
         from neurosim.tools.figures import plot_run
         from neurosim.training import distributed
         from neurosim.training.run import RunInterrupted
@@ -116,6 +117,7 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     log = run.log
     if world.writer:
         record_start(run, argv)
+        run.callbacks.append(DashboardCallback(run, lambda line: draw_failed(log, line)))
     log.say(run_header(run))
     if request.verbose:
         log.say(str(run.circuit))
@@ -168,10 +170,21 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     figures = plot_run(run.run_dir)
     if figures:
         log.say(f"wrote {len(figures)} figures into {run.run_dir}: {', '.join(p.name for p in figures)}")
+    page = draw_dashboard(run.run_dir, lambda line: draw_failed(log, line))
+    if page is not None:
+        log.say(f"wrote {page}")
     if m is not None:
         log.say(f"final: test top-1 {m['test_acc']:.2f}%  top-5 {m['test_top5']:.2f}%  "
                 f"mean W-Bᵀ angle {_degrees(m['mean_angle'])}  ({run.run_dir})", stream=sys.stdout)
     return 0
+
+
+def draw_failed(log, line: str) -> None:
+    """A dashboard that could not be drawn: one line on stderr and in the log (never a stop)."""
+    try:
+        log.say(line)
+    except OSError:  # a closed terminal: the log keeps it
+        log.keep(line)
 
 
 def _is_terminal(fd: int) -> bool:

@@ -402,6 +402,9 @@ def _train(study_dir: Path, plan: Plan, data: dict, train, quiet: bool, inside: 
                 break
         report = write_report(study_dir)
     print(f"report: {report}", file=sys.stderr)
+    page = study_dashboard(study_dir)
+    if page is not None:
+        print(f"dashboard: {page}", file=sys.stderr)
     again = shlex.join([*_self_command(), "--resume", str(study_dir)])
     if runner.stop is not None or stopped_in is not None:
         left = [r for r in train if run_state(study_dir / r, plan.configs[r].epochs) != "done"]
@@ -435,3 +438,17 @@ def _result_line(run_dir: Path) -> str:
     angle = _degrees(m.get("mean_angle"))
     return (f"top-1 {m['test_acc']:.2f}%  top-5 {m['test_top5']:.2f}%  mean W–Bᵀ angle "
             f"{angle + '°' if angle != 'n/a' else 'n/a (no feedback matrix)'}")
+
+
+def study_dashboard(study_dir: Path) -> Path | None:
+    """Write ``STUDY/dashboard.html`` (every run overlaid); a failure is one line, never the
+    study's end."""
+    try:
+        from neurosim.tools.dashboard import write_study_dashboard
+
+        return write_study_dashboard(study_dir)
+    except Exception as e:  # noqa: BLE001 - the page is an extra: the study's results stand without it
+        text = str(e).strip().splitlines()
+        print(f"note: dashboard not written: {text[0][:300] if text and text[0] else type(e).__name__}",
+              file=sys.stderr)
+        return None
