@@ -48,13 +48,13 @@ def test_monitored_run_writes_files_and_every_figure(runs):
     assert rec.has_probe and rec.has_sleep
     written = plot_run(wm)
     names = {p.name for p in written}
-    assert names == {"angles_by_epoch.png", "accuracy.png", "sleep_effect.png"} | MONITOR_FIGURES
+    assert names == {"angles_by_epoch.png", "accuracy.png", "loss_lr.png", "sleep_effect.png"} | MONITOR_FIGURES
     assert all(p.parent == wm and is_png(p) for p in written)
 
 
 def test_run_without_monitor_keeps_the_epoch_figures(runs):
     _, kp = runs
-    assert {p.name for p in plot_run(kp)} == {"angles_by_epoch.png", "accuracy.png"}
+    assert {p.name for p in plot_run(kp)} == {"angles_by_epoch.png", "accuracy.png", "loss_lr.png"}
 
 
 def test_deep_circuit_figures_without_sleep(tmp_path):
@@ -190,7 +190,7 @@ def test_partial_last_metrics_line_is_ignored(runs, tmp_path):
 def test_unreadable_config_keeps_the_directory_name_as_title(runs, tmp_path):
     run = copy_run(runs[1], tmp_path)
     (run / "config.json").write_text("{not json")
-    assert {p.name for p in plot_run(run)} == {"angles_by_epoch.png", "accuracy.png"}
+    assert {p.name for p in plot_run(run)} == {"angles_by_epoch.png", "accuracy.png", "loss_lr.png"}
 
 
 def test_unwritable_figure_leaves_no_temporary_file(runs, tmp_path, capsys):
@@ -250,3 +250,119 @@ def test_compared_runs_of_one_preset_are_told_apart(tmp_path):
             run(tmp_path / "s" / "wm", "wm_resnet99", {**own, "lr": 0.02})]
     assert compare_labels(dirs) == ["wm_resnet18", "wm_resnet18 wm_lr=0.02", "wm_resnet18 wm_noise=uniform",
                                     "wm_resnet99"]
+
+
+# -- figures that never mislead -------------------------------------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each figure saved shows: per file, its axes' x labels, x tick labels, texts and lines."""
+    from neurosim.tools import figures
+
+    seen = {}
+    real = figures.save_figure
+
+    def save(fig, out, *args, **kwargs):
+        fig.canvas.draw()
+        seen[Path(out).name] = [
+            {"xlabel": ax.get_xlabel(), "xticks": [t.get_text() for t in ax.get_xticklabels() if t.get_text()],
+             "texts": [t.get_text() for t in ax.texts], "lines": list(ax.get_lines()), "patches": list(ax.patches)}
+            for ax in fig.axes]
+        return real(fig, out, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "save_figure", save)
+    return seen
+
+
+def test_every_epoch_axis_has_integer_ticks(runs, tmp_path, drawn):
+    plot_run(runs[0], tmp_path)
+    plot_compare(runs, tmp_path / "cmp.png")
+    epoch_axes = {name: [ax for ax in axes if ax["xlabel"] == "epoch"] for name, axes in drawn.items()}
+    for name in ("accuracy.png", "angles_by_epoch.png", "loss_lr.png", "cmp.png"):
+        assert epoch_axes[name], name
+        for ax in epoch_axes[name]:
+            labels = ax["xticks"]
+            assert labels and all(t.lstrip("−-").isdigit() for t in labels), (name, labels)  # not 0.2, 0.4, …
+    assert len(epoch_axes["cmp.png"]) == 2
+
+
+def test_loss_and_learning_rate_figure(runs, tmp_path, drawn):
+    written = plot_run(runs[1], tmp_path)
+    assert tmp_path / "loss_lr.png" in written and is_png(tmp_path / "loss_lr.png")
+    loss, lr = drawn["loss_lr.png"]
+    records = read_metrics(runs[1])
+    test_line, train_line = loss["lines"]
+    assert list(test_line.get_ydata()) == [r["test_loss"] for r in records]
+    assert list(train_line.get_ydata()) == [r["train_loss"] for r in records if "train_loss" in r]
+    (rates,) = [p for p in lr["patches"] if hasattr(p, "get_data")]  # the rate of each epoch, over it
+    assert list(rates.get_data().values) == [records[0]["lr"]] and list(rates.get_data().edges) == [0, 1]
+
+
+def one_record_monitor(tmp_path, every=10):
+    from neurosim.training.run import build_circuit
+
+    c = build_circuit(preset("kp_mlp_digits", hidden=(16,), device="cpu"), (1, 8, 8), 10)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    m = Monitor(c, MonitorConfig(every=every, probe=16, snapshots=1), 5, (x, y), F.cross_entropy)
+    m.flush(tmp_path)  # step 0 only
+    return load_monitor(tmp_path)
+
+
+def test_a_single_record_says_so_with_a_visible_marker(tmp_path, drawn):
+    rec = one_record_monitor(tmp_path)
+    assert rec.steps.tolist() == [0]
+    written = plot_monitor(tmp_path)
+    assert {"angle_w_bt_by_step.png", "norm_ratio_by_step.png", "delta_angle_by_step.png",
+            "synapse_traces.png"} <= {p.name for p in written}
+    for name in ("angle_w_bt_by_step.png", "norm_ratio_by_step.png", "delta_angle_by_step.png",
+                 "synapse_traces.png"):
+        for ax in [a for a in drawn[name] if a["lines"]]:
+            texts = [t for t in ax["texts"] if t.startswith("one record (step 0): ")]
+            assert texts, (name, ax["texts"])
+            shown = [ln for ln in ax["lines"] if len(ln.get_xdata()) == 1]
+            assert shown and all(ln.get_marker() == "o" and ln.get_markersize() >= 6 for ln in shown), name
+    text = next(t for ax in drawn["angle_w_bt_by_step.png"] for t in ax["texts"])
+    assert text == "one record (step 0): " + ", ".join(f"{n} {v:.3g}°" for n, v in zip(rec.synapses, rec.angle[0]))
+
+
+def test_a_figure_without_records_says_none(tmp_path, drawn):
+    from neurosim.tools.figures import plot_delta_angle_by_step
+
+    rec = one_record_monitor(tmp_path)
+    arrays = {k: v for k, v in rec.arrays.items()}
+    arrays["delta_angle"] = np.full_like(arrays["delta_angle"], np.nan)
+    none = attrs_evolve(rec, arrays=arrays)
+    plot_delta_angle_by_step(tmp_path, none, tmp_path / "d.png")
+    assert "no records with a value" in drawn["d.png"][0]["texts"]
+
+
+def attrs_evolve(record, **changes):
+    import attrs
+
+    return attrs.evolve(record, **changes)
+
+
+@pytest.mark.parametrize("fmt, header", [("pdf", (b"%PDF",)), ("svg", (b"<?xml", b"<svg"))])
+def test_figures_in_pdf_and_svg(runs, tmp_path, fmt, header):
+    (tmp_path / fmt).mkdir()
+    written = plot_run(runs[0], tmp_path / fmt, fmt=fmt)
+    assert {p.name for p in written} == {n.replace(".png", f".{fmt}") for n in (
+        "angles_by_epoch.png", "accuracy.png", "loss_lr.png", "sleep_effect.png", *MONITOR_FIGURES)}
+    for p in written:
+        assert p.suffix == f".{fmt}" and p.read_bytes().startswith(header) and p.stat().st_size > 1000, p
+    if fmt == "svg":
+        assert all(b"<svg" in p.read_bytes()[:2000] for p in written)
+    out = plot_compare(runs, tmp_path / f"compare.{fmt}")
+    assert out == tmp_path / f"compare.{fmt}" and out.read_bytes().startswith(header)
+    assert not list((tmp_path / fmt).glob("*.png"))
+
+
+def test_an_unknown_format_is_refused_naming_the_choices(runs, tmp_path):
+    from neurosim.tools.figures import plot_accuracy
+
+    for call in (lambda: plot_run(runs[0], tmp_path, fmt="jpg"), lambda: plot_monitor(runs[0], tmp_path, fmt="PNG"),
+                 lambda: plot_accuracy(runs[0], fmt="eps")):
+        with pytest.raises(ValueError, match="choose one of png, pdf, svg"):
+            call()
+    assert not list(tmp_path.iterdir())  # refused before anything was drawn

@@ -1,10 +1,14 @@
 """Figures of a run, drawn from its files with matplotlib (no display needed).
 
-Per epoch (``metrics.jsonl``): ``accuracy.png``, ``angles_by_epoch.png``. From the monitor files
+Per epoch (``metrics.jsonl``): ``accuracy.png``, ``loss_lr.png``, ``angles_by_epoch.png``. From the monitor files
 when the run has them (``neurosim.observe.monitors``): ``angle_w_bt_by_step.png``,
 ``norm_ratio_by_step.png``, ``delta_angle_by_step.png``, ``synapse_traces.png``,
 ``w_vs_bt_scatter.png`` and, for runs that sleep, ``sleep_effect.png``. Across runs:
 ``plot_compare`` → ``compare_accuracy_angle.png``.
+
+Every function that draws takes ``fmt``: ``"png"`` (the default), ``"pdf"`` or ``"svg"``, the
+files' format and suffix (``plot_compare`` takes it from its ``out``'s suffix). Every by-epoch
+axis has integer ticks; a by-step figure of a single record says so on the figure.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ from neurosim.common.files import describe_os_error  # noqa: E402
 from neurosim.observe.monitors import MonitorRecord, load_monitor  # noqa: E402
 from neurosim.training.config import preset  # noqa: E402
 from neurosim.training.run_log import epoch_list, merged_records, metrics_records, nan_for_null  # noqa: E402
+
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` if it is one of ``FORMATS``, else a ``ValueError`` naming them."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown figure format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _epoch_axis(ax) -> None:
+    """An axis of epochs: whole numbers only (no epoch 0.5)."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -104,7 +124,7 @@ def save_figure(fig, out: Path, dpi: int = 120) -> Path:
     return out
 
 
-def plot_epoch_angles(run_dir: Path, out: Path | None = None) -> Path:
+def plot_epoch_angles(run_dir: Path, out: Path | None = None, fmt: str = "png") -> Path:
     """Per-synapse angle between W and Bᵀ (degrees) at the end of every epoch."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -114,16 +134,16 @@ def plot_epoch_angles(run_dir: Path, out: Path | None = None) -> Path:
     epochs = [r["epoch"] for r in records]
     for name, colour in zip(names, colours):
         ax.plot(epochs, [r["angles"][name] for r in records], color=colour, label=name, marker=".")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("angle between W and Bᵀ (degrees)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{_title(run_dir)}: forward/feedback alignment per synapse")
     ax.grid(alpha=0.3)
     _depth_legend(fig, ax, names, colours)
-    return save_figure(fig, out or run_dir / "angles_by_epoch.png")
+    return save_figure(fig, out or run_dir / f"angles_by_epoch.{check_format(fmt)}")
 
 
-def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
+def plot_accuracy(run_dir: Path, out: Path | None = None, fmt: str = "png") -> Path:
     """Train and test top-1 accuracy (percent) per epoch."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
@@ -131,12 +151,41 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path:
     ax.plot([r["epoch"] for r in records], [r["test_acc"] for r in records], marker=".", label="test top-1")
     tr = [r for r in records if "train_acc" in r]
     ax.plot([r["epoch"] for r in tr], [r["train_acc"] for r in tr], marker=".", label="train top-1 (running)")
-    ax.set_xlabel("epoch")
+    _epoch_axis(ax)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{_title(run_dir)}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    return save_figure(fig, out or run_dir / "accuracy.png")
+    return save_figure(fig, out or run_dir / f"accuracy.{check_format(fmt)}")
+
+
+def plot_loss_lr(run_dir: Path, out: Path | None = None, fmt: str = "png") -> Path:
+    """Train (running) and test loss per epoch (top) and the learning rate of each epoch (bottom)."""
+    run_dir = Path(run_dir)
+    check_format(fmt)
+    records = read_metrics(run_dir)
+    fig, (loss, lr) = plt.subplots(2, 1, figsize=(6, 5.6), sharex=True, height_ratios=(2, 1), layout="constrained")
+    tr = [r for r in records if "train_loss" in r]
+    loss.plot([r["epoch"] for r in records], [r.get("test_loss", np.nan) for r in records], marker=".",
+              label="test loss")
+    loss.plot([r["epoch"] for r in tr], [r["train_loss"] for r in tr], marker=".", label="train loss (running)")
+    loss.set_ylabel("loss")
+    loss.set_title(f"{_title(run_dir)}: loss and learning rate")
+    loss.grid(alpha=0.3)
+    loss.legend()
+    # The rate epoch e trained with (from epoch e − 1 to e on the axis) is the one recorded at
+    # the end of the epoch before it; the last record's is for an epoch not trained yet.
+    rates = [(r["epoch"], float(r["lr"])) for r in records if isinstance(r.get("lr"), (int, float))]
+    if len(rates) > 1:
+        lr.stairs([v for _, v in rates[:-1]], [e for e, _ in rates], color="tab:green", lw=1.5, baseline=None)
+        lr.set_ylabel("learning rate of each epoch")
+    elif rates:
+        lr.plot([rates[0][0]], [rates[0][1]], marker="o", ms=7, color="tab:green")
+        lr.set_ylabel("learning rate (for epoch 1)")
+    lr.grid(alpha=0.3)
+    _plain_log_axis(lr, np.asarray([v for _, v in rates[:-1] or rates], dtype=float))
+    _epoch_axis(lr)  # the loss panel shares its axis
+    return save_figure(fig, out or run_dir / f"loss_lr.{fmt}")
 
 
 def _title(run_dir: Path) -> str:
@@ -174,17 +223,20 @@ def _rule_settings(run_dir: Path) -> str:
         return ""
 
 
-def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+def plot_run(run_dir: Path, out_dir: Path | None = None, fmt: str = "png") -> list[Path]:
     """Every figure of one run, written into ``out_dir`` (default: the run's own directory,
-    which is then the only place written to); returns the files written."""
+    which is then the only place written to) as ``fmt`` files (png, pdf or svg); returns the
+    files written."""
+    check_format(fmt)
     run_dir = Path(run_dir)
     folder = Path(out_dir) if out_dir is not None else run_dir
-    written = [plot_accuracy(run_dir, folder / "accuracy.png")]
+    written = [plot_accuracy(run_dir, folder / f"accuracy.{fmt}")]
     angles = [a for r in read_metrics(run_dir) for a in r["angles"].values()]
     if any(a == a for a in angles):  # a rule without feedback matrices (DFA) has no W–Bᵀ angle
-        written.insert(0, plot_epoch_angles(run_dir, folder / "angles_by_epoch.png"))
+        written.insert(0, plot_epoch_angles(run_dir, folder / f"angles_by_epoch.{fmt}"))
+    written.append(plot_loss_lr(run_dir, folder / f"loss_lr.{fmt}"))
     if (run_dir / "monitor.npz").exists():
-        written += plot_monitor(run_dir, folder)
+        written += plot_monitor(run_dir, folder, fmt)
     return written
 
 
@@ -200,14 +252,44 @@ def _chosen(record: MonitorRecord, most: int = 3) -> list[int]:
     return sorted({0, (n - 1) // 2, n - 1})[:most]
 
 
-def _per_synapse(ax, steps, values, colours, names):
-    marker = _marker(len(steps))
+def _per_synapse(ax, steps, values, colours, names, unit: str = ""):
+    marker, ms = ("o", 7) if len(steps) == 1 else (_marker(len(steps)), 3)
     for i, (name, colour) in enumerate(zip(names, colours)):
         v = values[:, i]
         keep = np.isfinite(v)
-        ax.plot(steps[keep], v[keep], color=colour, label=name, marker=marker, lw=1.2, ms=3, clip_on=False)
-    ax.set_xlabel("training step (engaged optimizer steps)")
+        ax.plot(steps[keep], v[keep], color=colour, label=name, marker=marker, lw=1.2, ms=ms, clip_on=False)
+    _step_axis(ax, steps)
     ax.grid(alpha=0.3)
+    _say_how_many(ax, steps, values, names, unit)
+
+
+def _step_axis(ax, steps) -> None:
+    """An axis of engaged steps: whole numbers, and around a single record a span of ±1 step."""
+    ax.set_xlabel("training step (engaged optimizer steps)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if len(steps) == 1:
+        ax.set_xlim(int(steps[0]) - 1, int(steps[0]) + 1)
+
+
+def _say_how_many(ax, steps, values, names, unit: str = "") -> None:
+    """A figure of a single record says so, with its values; one of none says that: a lone dot
+    on an empty axis, or an empty axis, would read as a plot that failed."""
+    rows = [r for r in range(len(steps)) if np.isfinite(values[r]).any()]
+    if len(rows) > 1:
+        return
+    if not rows:
+        text = "no records" + (" with a value" if len(steps) else "")
+    else:
+        r = rows[0]
+        defined = [(n, float(v)) for n, v in zip(names, values[r]) if np.isfinite(v)]
+        if len(defined) <= 4:
+            what = ", ".join(f"{n} {v:.3g}{unit}" for n, v in defined)
+        else:
+            low, high = min(v for _, v in defined), max(v for _, v in defined)
+            what = f"{low:.3g}{unit} to {high:.3g}{unit} over {len(defined)} synapses"
+        text = f"one record (step {int(steps[r])}): {what}"
+    ax.text(0.02, 0.03, text, transform=ax.transAxes, ha="left", va="bottom", fontsize=9,
+            bbox=dict(facecolor="white", edgecolor="grey", alpha=0.9))
 
 
 def _angle_limits(ax, values):
@@ -216,11 +298,11 @@ def _angle_limits(ax, values):
 
 
 def _per_synapse_figure(run_dir: Path, rec: MonitorRecord, values, ylabel: str, title: str, name: str,
-                        scale_axis, out: Path | None) -> Path:
+                        scale_axis, out: Path | None, unit: str = "") -> Path:
     """One line per synapse of ``values[record, synapse]`` over recorded steps, depth as colour."""
     colours = depth_colours(len(rec.synapses))
     fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
-    _per_synapse(ax, rec.steps, values, colours, rec.synapses)
+    _per_synapse(ax, rec.steps, values, colours, rec.synapses, unit)
     ax.set_ylabel(ylabel)
     scale_axis(ax, values)
     ax.set_title(f"{_title(run_dir)}: {title}")
@@ -228,16 +310,18 @@ def _per_synapse_figure(run_dir: Path, rec: MonitorRecord, values, ylabel: str, 
     return save_figure(fig, out or run_dir / name)
 
 
-def plot_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
+def plot_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                       fmt: str = "png") -> Path:
     """Per-synapse angle between W and Bᵀ (degrees) at every recorded step."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
     return _per_synapse_figure(run_dir, rec, rec.angle, "angle between W and Bᵀ (degrees)",
-                               "forward/feedback weight alignment per synapse", "angle_w_bt_by_step.png",
-                               _angle_limits, out)
+                               "forward/feedback weight alignment per synapse",
+                               f"angle_w_bt_by_step.{check_format(fmt)}", _angle_limits, out, "°")
 
 
-def plot_norm_ratio_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
+def plot_norm_ratio_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                            fmt: str = "png") -> Path:
     """Per-synapse ‖Bᵀ‖/‖W‖ at every recorded step (log scale; 1 = same size)."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
@@ -247,7 +331,8 @@ def plot_norm_ratio_by_step(run_dir: Path, record: MonitorRecord | None = None, 
         _plain_log_axis(ax, values)
 
     return _per_synapse_figure(run_dir, rec, rec.norm_ratio, "‖Bᵀ‖ / ‖W‖ (ratio, log scale)",
-                               "size of feedback relative to forward weights", "norm_ratio_by_step.png", scale, out)
+                               "size of feedback relative to forward weights",
+                               f"norm_ratio_by_step.{check_format(fmt)}", scale, out)
 
 
 def _plain_log_axis(ax, values):
@@ -271,27 +356,28 @@ def _plain_log_axis(ax, values):
     ax.yaxis.set_minor_formatter(minor)
 
 
-def plot_delta_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
+def plot_delta_angle_by_step(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                             fmt: str = "png") -> Path:
     """Per-synapse delta angle (error vs backprop's error) and ΔW-vs-gradient angle, on the probe."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
     colours = depth_colours(len(rec.synapses))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True, layout="constrained")
-    _per_synapse(axes[0], rec.steps, rec.delta_angle, colours, rec.synapses)
+    _per_synapse(axes[0], rec.steps, rec.delta_angle, colours, rec.synapses, "°")
     axes[0].set_ylabel("angle to backprop's error δ (degrees)")
     axes[0].set_title("error reaching each synapse (delta angle)", fontsize=10)
-    _per_synapse(axes[1], rec.steps, rec.grad_angle, colours, rec.synapses)
+    _per_synapse(axes[1], rec.steps, rec.grad_angle, colours, rec.synapses, "°")
     axes[1].set_ylabel("angle between ΔW and the true gradient (degrees)")
     axes[1].set_title("weight update of each synapse", fontsize=10)
     _angle_limits(axes[0], rec.delta_angle)
     _angle_limits(axes[1], rec.grad_angle)
     fig.suptitle(f"{_title(run_dir)}: feedback signal vs backprop on a fixed probe batch")
     _depth_legend(fig, axes, rec.synapses, colours)
-    return save_figure(fig, out or run_dir / "delta_angle_by_step.png")
+    return save_figure(fig, out or run_dir / f"delta_angle_by_step.{check_format(fmt)}")
 
 
 def plot_synapse_traces(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
-                        pairs: int = 4) -> Path:
+                        pairs: int = 4, fmt: str = "png") -> Path:
     """Individual forward weights W_ji (solid) and their feedback partners B_ij (dashed) over
     training, for a few traced pairs of the first, middle and last monitored synapses."""
     run_dir = Path(run_dir)
@@ -300,7 +386,7 @@ def plot_synapse_traces(run_dir: Path, record: MonitorRecord | None = None, out:
     fig, axes = plt.subplots(len(cols), 1, figsize=(8, 2.6 * len(cols) + 0.6), sharex=True, squeeze=False,
                              layout="constrained")
     palette = plt.get_cmap("tab10")
-    marker = _marker(len(rec.steps))
+    marker, ms = ("o", 7) if len(rec.steps) == 1 else (_marker(len(rec.steps)), 3)
     for ax, i in zip(axes[:, 0], cols):
         name = rec.synapses[i]
         real = np.flatnonzero(rec.trace_index[i] >= 0)
@@ -309,20 +395,25 @@ def plot_synapse_traces(run_dir: Path, record: MonitorRecord | None = None, out:
         for n, j in enumerate(real):
             steps, w, b = rec.trace(name, j)
             pos = ",".join(map(str, rec.traced_position(name, j)))
-            ax.plot(steps, w, color=palette(n), lw=1.3, marker=marker, ms=3, label=f"W[{pos}]")
-            ax.plot(steps, b, color=palette(n), lw=1.3, ls="--")
+            ax.plot(steps, w, color=palette(n), lw=1.3, marker=marker, ms=ms, label=f"W[{pos}]")
+            ax.plot(steps, b, color=palette(n), lw=1.3, ls="--", marker=marker if len(steps) == 1 else "",
+                    ms=ms, mfc="none")
+        if len(rec.steps) <= 1:
+            _say_how_many(ax, rec.steps, rec.traces_w[:, i, real] if real else rec.traces_w[:, i, :0],
+                          [f"W[{','.join(map(str, rec.traced_position(name, j)))}]" for j in real])
         ax.axhline(0.0, color="grey", lw=0.6)
         ax.set_ylabel("weight value")
         ax.set_title(f"{name} ({rec.rules.get(name, '?')})", fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         if real:
             ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="pair", title_fontsize=7)
-    axes[-1, 0].set_xlabel("training step (engaged optimizer steps)")
+    _step_axis(axes[-1, 0], rec.steps)
     fig.suptitle(f"{_title(run_dir)}: traced synapses — W_ji solid, its feedback partner B_ij dashed")
-    return save_figure(fig, out or run_dir / "synapse_traces.png")
+    return save_figure(fig, out or run_dir / f"synapse_traces.{check_format(fmt)}")
 
 
-def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
+def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                 fmt: str = "png") -> Path:
     """W against Bᵀ for sampled pairs at each snapshot step (identity line: perfect mirror)."""
     run_dir = Path(run_dir)
     rec = record or load_monitor(run_dir)
@@ -351,7 +442,7 @@ def plot_scatter(run_dir: Path, record: MonitorRecord | None = None, out: Path |
             if r == len(rows) - 1:
                 ax.set_xlabel("W_ji (weight)", fontsize=8)
     fig.suptitle(f"{_title(run_dir)}: forward vs feedback weight of sampled pairs (angle of the sample)")
-    return save_figure(fig, out or run_dir / "w_vs_bt_scatter.png")
+    return save_figure(fig, out or run_dir / f"w_vs_bt_scatter.{check_format(fmt)}")
 
 
 def _sample_angle(w: np.ndarray, b: np.ndarray) -> float:
@@ -361,7 +452,8 @@ def _sample_angle(w: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(np.dot(w.astype(np.float64), b) / den, -1, 1))))
 
 
-def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None) -> Path:
+def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                      fmt: str = "png") -> Path:
     """How each sleep (mirror) phase changes the W–Bᵀ angle: before vs after, and the change over
     training. The sleep before training (step 0) is reported in the title, not plotted, as its
     large change would flatten the rest."""
@@ -379,9 +471,12 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
         if keep.any():
             lo = min(lo, before[keep, i].min(), after[keep, i].min())
             hi = max(hi, before[keep, i].max(), after[keep, i].max())
-            marker = _marker(int(keep.sum()))
+            single = int(keep.sum()) == 1
             axes[1].plot(rec.steps[keep], after[keep, i] - before[keep, i], color=colours[i], lw=1.2,
-                         marker=marker, ms=3)
+                         marker="o" if single else _marker(int(keep.sum())), ms=7 if single else 3)
+    with np.errstate(invalid="ignore"):
+        change = np.where(later[:, None], after - before, np.nan)
+    _say_how_many(axes[1], rec.steps, change, rec.synapses, "°")
     if np.isfinite(lo):
         pad = 0.05 * max(hi - lo, 1.0)
         axes[0].plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", lw=0.8, ls="--")
@@ -390,7 +485,7 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
     axes[0].set_title("each recorded sleep (below the line: sleep aligned B)", fontsize=10)
     axes[0].grid(alpha=0.3)
     axes[1].axhline(0.0, color="grey", lw=0.8)
-    axes[1].set_xlabel("training step (engaged optimizer steps)")
+    _step_axis(axes[1], rec.steps[np.isfinite(change).any(1)])
     axes[1].set_ylabel("angle change by the sleep (degrees)")
     axes[1].set_title("change of angle by each sleep (negative: better aligned)", fontsize=10)
     axes[1].grid(alpha=0.3)
@@ -403,28 +498,29 @@ def plot_sleep_effect(run_dir: Path, record: MonitorRecord | None = None, out: P
     fig.suptitle(title)
     _depth_legend(fig, axes, [rec.synapses[i] for i in sleeping] if len(sleeping) <= 12 else rec.synapses,
                [colours[i] for i in sleeping] if len(sleeping) <= 12 else colours)
-    return save_figure(fig, out or run_dir / "sleep_effect.png")
+    return save_figure(fig, out or run_dir / f"sleep_effect.{check_format(fmt)}")
 
 
-def plot_monitor(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+def plot_monitor(run_dir: Path, out_dir: Path | None = None, fmt: str = "png") -> list[Path]:
     """The figures drawn from a run's monitor files, written into ``out_dir`` (default: the
-    run's directory); returns the files written."""
+    run's directory) as ``fmt`` files (png, pdf or svg); returns the files written."""
+    check_format(fmt)
     run_dir = Path(run_dir)
     folder = Path(out_dir) if out_dir is not None else run_dir
     rec = load_monitor(run_dir)
     # W–Bᵀ figures only where some synapse has a feedback matrix (under DFA none has: the
     # delta angles are its measure).
     feedback = bool(np.isfinite(rec.angle).any())
-    written = [plot_angle_by_step(run_dir, rec, folder / "angle_w_bt_by_step.png"),
-               plot_norm_ratio_by_step(run_dir, rec, folder / "norm_ratio_by_step.png")] if feedback else []
+    written = [plot_angle_by_step(run_dir, rec, folder / f"angle_w_bt_by_step.{fmt}"),
+               plot_norm_ratio_by_step(run_dir, rec, folder / f"norm_ratio_by_step.{fmt}")] if feedback else []
     if rec.has_probe:
-        written.append(plot_delta_angle_by_step(run_dir, rec, folder / "delta_angle_by_step.png"))
+        written.append(plot_delta_angle_by_step(run_dir, rec, folder / f"delta_angle_by_step.{fmt}"))
     if rec.traces_w.shape[2]:
-        written.append(plot_synapse_traces(run_dir, rec, folder / "synapse_traces.png"))
+        written.append(plot_synapse_traces(run_dir, rec, folder / f"synapse_traces.{fmt}"))
     if feedback and len(rec.scatter_steps) and rec.scatter_w.shape[2]:
-        written.append(plot_scatter(run_dir, rec, folder / "w_vs_bt_scatter.png"))
+        written.append(plot_scatter(run_dir, rec, folder / f"w_vs_bt_scatter.{fmt}"))
     if rec.has_sleep:
-        written.append(plot_sleep_effect(run_dir, rec, folder / "sleep_effect.png"))
+        written.append(plot_sleep_effect(run_dir, rec, folder / f"sleep_effect.{fmt}"))
     return written
 
 
@@ -433,7 +529,8 @@ def plot_monitor(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 def plot_compare(run_dirs, out: Path) -> Path:
     """Several runs side by side: test top-1 accuracy (%) and mean W–Bᵀ angle (degrees) per epoch,
     one line per run labelled by its preset. ``out`` is a directory (the file is
-    ``compare_accuracy_angle.png`` in it) or a ``.png`` path."""
+    ``compare_accuracy_angle.png`` in it) or a ``.png``, ``.pdf`` or ``.svg`` path, whose suffix
+    is the file's format."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = [(d, read_metrics(d)) for d in run_dirs]
     labels = compare_labels(run_dirs)
@@ -454,12 +551,12 @@ def plot_compare(run_dirs, out: Path) -> Path:
     axes[1].set_title("forward/feedback alignment", fontsize=10)
     axes[1].set_ylim(bottom=0)
     for ax in axes:
-        ax.set_xlabel("epoch")
+        _epoch_axis(ax)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"comparison of {len(runs)} runs")
     out = Path(out)
-    if out.suffix != ".png":
+    if out.suffix.lstrip(".") not in FORMATS:
         out.mkdir(parents=True, exist_ok=True)
         out = out / "compare_accuracy_angle.png"
     return save_figure(fig, out)
