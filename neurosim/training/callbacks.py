@@ -70,14 +70,17 @@ class MonitorCallback(Callback):
 @torch.no_grad()
 def device_histogram(t: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
     """``[min, max, num, sum, sum of squares, count of each of bins buckets]`` of ``t`` as a float64
-    vector on its device, buckets evenly spaced from its minimum to its maximum; no host sync."""
-    x = t.detach().reshape(-1).to(torch.float64)
-    lo, hi = torch.aminmax(x)
-    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float64).tiny)
-    at = torch.nan_to_num(((x - lo) / width).floor(), nan=0.0).clamp_(0, bins - 1).long()
-    counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
-    counts.index_add_(0, at, torch.ones(1, dtype=torch.float64, device=x.device).expand(x.numel()))
-    head = torch.stack([lo, hi, x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])
+    vector on its device, buckets evenly spaced from its minimum to its maximum (a value on an
+    inner edge counts in the bucket above it); no host sync."""
+    # Counted from the sorted values (how many lie below each inner edge): deterministic, unlike
+    # atomic adds, so a run in deterministic mode may take it.
+    x = t.detach().reshape(-1).to(torch.float64).sort().values
+    lo, hi = x[0], x[-1]
+    inner = lo + (hi - lo) / bins * torch.arange(1, bins, dtype=torch.float64, device=x.device)
+    below = torch.searchsorted(x, inner)
+    n = x.new_tensor(float(x.numel()))
+    counts = torch.diff(torch.cat([below.new_zeros(1), below, below.new_full((1,), x.numel())])).to(torch.float64)
+    head = torch.stack([lo, hi, n, x.sum(), x.square().sum()])
     return torch.cat([head, counts])
 
 
@@ -119,10 +122,12 @@ class MonitorTensorBoard:
         rows = []
         for syn, feedback in zip(self.monitor.synapses, self.feedback):
             w = syn.weight.detach()
-            b = syn.feedback_matrix() if feedback else None
-            b = b.detach() if b is not None else torch.full_like(w, float("nan"))
-            rows.append(torch.stack([device_histogram(w, self.bins), device_histogram(b, self.bins),
-                                     device_histogram(w - b, self.bins)]))
+            hw = device_histogram(w, self.bins)
+            if feedback:  # else only W's is written: its row stands in for the other two
+                b = syn.feedback_matrix().detach()
+                rows.append(torch.stack([hw, device_histogram(b, self.bins), device_histogram(w - b, self.bins)]))
+            else:
+                rows.append(torch.stack([hw, hw, hw]))
         rows = torch.stack(rows)
         if rows.device.type == "cuda":
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
