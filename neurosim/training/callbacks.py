@@ -136,7 +136,8 @@ class MonitorTensorBoard:
         self._hists.append((step, rows))
 
     def slept(self, step: int, when: str) -> None:
-        self._seen.add((step, when))
+        if self.monitor.restored_rows and not self._restore_seen:  # only a resumed run's first ones matter
+            self._seen.add((step, when))
 
     def _restored(self, steps) -> None:
         """A resumed run: the rows restored from the checkpoint were written by the process that
