@@ -32,6 +32,7 @@ def _figure(title: str, x_label: str, y_label: str, *, epochs: bool = False, **k
     p = figure(title=title, width=kw.pop("width", 470), height=kw.pop("height", 300),
                tools="pan,box_zoom,wheel_zoom,reset,save,hover", toolbar_location="above", **kw)
     p.xaxis.axis_label, p.yaxis.axis_label = x_label, y_label
+    p.toolbar.autohide = True  # shown while the pointer is over the plot: titles stay readable
     if epochs:
         p.xaxis.ticker = BasicTicker(min_interval=1, desired_num_ticks=8)  # integer epochs only
     return p
@@ -79,7 +80,7 @@ def epoch_plots(runs, labels, colours, groups):
             continue
         styles = ", ".join(f"{d} {n}" for _, d, n in present)
         p = _figure(title if len(runs) == 1 or len(present) == 1 else f"{title} ({styles})", "epoch", unit,
-                    epochs=True)
+                    epochs=True, width=340, height=280)
         p.hover.tooltips = [("", "@run"), ("epoch", "@x"), ("step", "@step"), ("value", "@y{0.[0000]}")]
         items = []
         for i, (run, lab) in enumerate(zip(runs, labels)):
@@ -145,7 +146,7 @@ def heatmaps(run, label: str):
         mapper = LinearColorMapper(palette=Viridis256, low=float(finite.min()), high=float(finite.max()),
                                    nan_color="#eeeeee")
         p = _figure(f"{label}: {what} ({unit}) per synapse and step", "training step (engaged optimizer steps)",
-                    "synapse", width=960, height=max(220, 40 + 18 * len(names)),
+                    "synapse", width=960, height=max(200, 50 + 15 * len(names)),
                     x_range=(steps[0] - every / 2, steps[-1] + every / 2), y_range=(len(names) - 0.5, -0.5))  # shallow synapses on top
         p.image(image=[img], x=steps[0] - every / 2, y=-0.5, dw=steps[-1] - steps[0] + every, dh=len(names),
                 color_mapper=mapper)
@@ -355,7 +356,7 @@ def build(runs: list[RunData], title: str | None = None):
         head += [Div(text=f"<b>colour of each run</b> (labelled by the settings that differ):<br>{key}", width=960),
                  Div(text="<b>runs shown</b>:"), toggle]
     ep = epoch_plots(runs, labels, colours, groups)
-    parts = [*head, Div(text=f"<h2>By epoch</h2><p>{_EPOCH_NOTE}</p>", width=960), *[row(*ep[j:j + 2]) for j in range(0, len(ep), 2)]]
+    parts = [*head, Div(text=f"<h2>By epoch</h2><p>{_EPOCH_NOTE}</p>", width=960), row(*ep)]
     maps = []
     for run, lab in zip(runs, labels):
         if run.monitor is not None:
