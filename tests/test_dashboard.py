@@ -77,6 +77,9 @@ def test_page_is_self_contained_names_every_synapse_and_has_the_picker(runs):
     shown_text = json.dumps(doc, ensure_ascii=False)
     for name in names:  # in the heat-map's axis and the per-synapse data too
         assert shown_text.count(json.dumps(name)[1:-1]) >= 3
+    tickers = [m for m in models_named(doc, None) if m.get("name") == "BasicTicker"
+               and m.get("attributes", {}).get("min_interval") == 1]
+    assert len(tickers) == 4  # the by-epoch plots: integer epochs only
     for shown in ("W–Bᵀ angle", "delta angle", "before", "traced pairs", "snapshot_slider", "wm_mlp_digits",
                   "preset", "epoch"):
         assert shown in shown_text, shown
@@ -149,6 +152,18 @@ def test_plot_html_writes_one_page_for_a_run_several_runs_and_a_study(runs, tmp_
     labels = models_named(document((study / FILE).read_text(encoding="utf-8")), "run_toggle")[0]["attributes"]["labels"]
     assert labels == ["kp_mlp_digits", "wm_mlp_digits"]  # fa has not run yet: left out
     assert write_study_dashboard(study) == study / FILE
+    # As a study writes it at its end: a failure is one line, and no error.
+    from neurosim.tools.study.runner import study_dashboard
+
+    (study / FILE).unlink()
+    assert study_dashboard(study) == study / FILE and (study / FILE).exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "study.json").write_text((study / "study.json").read_text())
+    capsys.readouterr()
+    assert study_dashboard(empty) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: dashboard not written:") and "no run with metrics" in err
 
 
 @pytest.mark.parametrize("args, message", [
