@@ -9,6 +9,8 @@ directory holds
                         exit status, wall time and last lines of output) and each rule's state;
 ``report.md``           results per rule, per-synapse angles, figures and commands;
 ``figures/*.png``       accuracy and angle curves across rules;
+``dashboard.html``      every rule's run overlaid in one self-contained page (``neurosim.tools.dashboard``),
+                        written at the study's end (``plot_run.py STUDY --html`` redraws it);
 ``logs/<rule>.log``     the whole output of each rule's runs.
 
 A study continues where it stopped: a rule whose run finished is kept, an interrupted run
