@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from neurosim.common.errors import UserError
-from neurosim.common.files import write_atomic
+from neurosim.common.files import describe_os_error, write_atomic
 from neurosim.tools.dashboard.page import HEATMAPS, SCALARS, build
 from neurosim.tools.dashboard.runs import RunData, run_labels
 from neurosim.training.callbacks import Callback
@@ -51,6 +51,10 @@ def write_dashboard(run_dirs, out: Path | None = None, *, records: list[dict] | 
     out = Path(out)
     path = out if out.suffix == ".html" else out / FILE
     text = dashboard_html(runs, title)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write dashboard {path}: {describe_os_error(e)}") from None
     write_atomic(path, text.encode("utf-8"), what="dashboard")
     return path
 
