@@ -366,3 +366,20 @@ def test_an_unknown_format_is_refused_naming_the_choices(runs, tmp_path):
         with pytest.raises(ValueError, match="choose one of png, pdf, svg"):
             call()
     assert not list(tmp_path.iterdir())  # refused before anything was drawn
+
+
+def test_the_command_draws_every_figure_in_the_format_asked(runs, tmp_path, capsys):
+    """``--format pdf``: every figure of each run and the side-by-side one as PDF files; a bad or
+    repeated value, or --format with --html, is one message and exit 2 with nothing drawn."""
+    out = tmp_path / "pdf"
+    code, err = plot_in_process(*runs[:2], "--out", out, "--format", "pdf", capsys=capsys)
+    drawn = sorted(out.rglob("*.*"))
+    assert code == 0 and drawn and all(p.suffix == ".pdf" for p in drawn), drawn
+    assert (out / "compare_accuracy_angle.pdf").read_bytes().startswith(b"%PDF")
+    for args, said in [(["--format", "jpg"], "choose one of png, pdf, svg"), (["--format"], "choose one of"),
+                       (["--format", "svg", "--format", "pdf"], "given twice"),
+                       (["--format", "svg", "--html"], "give one of them")]:
+        bad = tmp_path / "bad"
+        code, err = plot_in_process(runs[0], "--out", bad, *args, capsys=capsys)
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()

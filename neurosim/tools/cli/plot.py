@@ -7,7 +7,7 @@ from pathlib import Path
 
 from neurosim.common.errors import UserError
 
-USAGE = """usage: plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR] [--html]
+USAGE = """usage: plot_run.py RUN_DIR [RUN_DIR ...] [--out DIR] [--format png|pdf|svg] [--html]
 
 Draw the figures of each run into its own directory (accuracy and W–Bᵀ angle per epoch; with
 monitor files also per-step angles, delta angles, synapse traces, W-vs-Bᵀ scatter and sleep
@@ -17,7 +17,8 @@ the current directory.
   --out DIR    draw every figure into DIR instead, and nothing into the runs' directories
                (a read-only run, say): one run's into DIR, several runs' each into
                DIR/RUN_NAME/ beside the side-by-side figure
-  --html       instead of the PNG figures, write one self-contained HTML dashboard
+  --format F   the figures' file format: png (default), pdf or svg (for papers)
+  --html       instead of the figures, write one self-contained HTML dashboard
                (dashboard.html: epoch curves, per-synapse heat-maps, a synapse picker
                with its curves, traced pairs and W-vs-Bᵀ scatter, the runs' facts) into
                the run's directory, or into DIR; several runs, or a study directory,
@@ -36,22 +37,33 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
         return 0 if argv else 2
     from neurosim.tools.figures import plot_compare, read_metrics
     from neurosim.tools.figures import plot_run as plot_one
-    dirs, out, html, i = [], None, False, 0
+    from neurosim.tools.figures import FORMATS
+
+    dirs, out, html, fmt, i = [], None, False, None, 0
     while i < len(argv):
         if argv[i] == "--html":
             html, i = True, i + 1
+        elif argv[i] == "--format":
+            if i + 1 >= len(argv) or argv[i + 1] not in FORMATS:
+                got = f" {argv[i + 1]!r}" if i + 1 < len(argv) else ""
+                raise UserError(f"option --format{got}: choose one of {', '.join(FORMATS)}")
+            if fmt is not None:
+                raise UserError("option --format is given twice; give it once")
+            fmt, i = argv[i + 1], i + 2
         elif argv[i] == "--out":
             if i + 1 >= len(argv) or not argv[i + 1]:
                 raise UserError("option --out needs a directory")
             out, i = Path(argv[i + 1]), i + 2
         elif argv[i].startswith("--"):
-            raise UserError(f"unknown option {argv[i]}; options: --out DIR, --html")
+            raise UserError(f"unknown option {argv[i]}; options: --out DIR, --format png|pdf|svg, --html")
         else:
             dirs.append(Path(argv[i]))
             i += 1
     if not dirs:
         raise UserError("give at least one run directory")
     if html:
+        if fmt is not None:
+            raise UserError("--format sets the figures' format; --html writes a page instead: give one of them")
         print(f"wrote {write_html(dirs, out)}", file=sys.stderr)
         return 0
     for d in dirs:  # check every run before drawing anything
@@ -59,7 +71,10 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
     places = [None] * len(dirs)  # where each run's figures go: None, its own directory
     if out is not None or len(dirs) > 1:  # and the folder the figures go to
         given, out = out is not None, out or Path(".")
-        folder = out.parent if out.suffix == ".png" and len(dirs) > 1 else out  # a .png names the comparison
+        named = out.suffix.lstrip(".") in FORMATS and len(dirs) > 1  # a .png (.pdf, .svg) names the comparison
+        if named and fmt is not None and out.suffix.lstrip(".") != fmt:
+            raise UserError(f"--out {out} names a .{out.suffix.lstrip('.')} file but --format is {fmt}")
+        folder = out.parent if named else out
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--out {folder} is a file; give a directory for the figures")
         folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +84,7 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
         try:
             if place is not None:
                 place.mkdir(exist_ok=True)
-            written = plot_one(d, place)
+            written = plot_one(d, place, fmt=fmt or "png")
         except UserError as e:
             if place is not None or "cannot write figure" not in str(e):
                 raise
@@ -77,6 +92,8 @@ def plot_run(argv: list[str], prog: str = "plot_run.py") -> int:
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
     if len(dirs) > 1:
+        if fmt is not None and out.suffix.lstrip(".") not in FORMATS:
+            out = out / f"compare_accuracy_angle.{fmt}"
         print(f"wrote {plot_compare(dirs, out)}", file=sys.stderr)
     return 0
 
