@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from neurosim.common.errors import UserError
@@ -211,3 +212,22 @@ def test_a_run_writes_its_dashboard_after_each_epoch_and_at_its_end(tmp_path, mo
     assert "second line" not in err
     page = json.dumps(document((out / FILE).read_text(encoding="utf-8")), ensure_ascii=False)
     assert "synapse_picker" in page and "kp_mlp_digits" in page and "--train-limit 64" in page
+
+
+def test_the_page_draws_loss_accuracy_and_learning_rate_by_step(tmp_path):
+    """From the monitor's probe records: the probe batch's loss and top-1 at every record step,
+    and the learning rate each step trained with."""
+    from neurosim.observe.monitors import load_monitor
+    from neurosim.tools.dashboard import write_dashboard
+    from neurosim.training.config import preset
+    from neurosim.training.run_dir import open_run
+
+    run = open_run(tmp_path / "r", preset("kp_mlp_digits", epochs=2, train_limit=128, monitor_every=2,
+                                          monitor_probe=16, device="cpu", milestones=(1,), lr_gamma=0.5), quiet=True)
+    run.train()
+    rec = load_monitor(tmp_path / "r")
+    assert np.isfinite(rec.probe_loss).all() and len(rec.probe_loss) == len(rec.steps) > 2
+    page = write_dashboard([tmp_path / "r"], tmp_path / "r").read_text()
+    assert "By step" in page and "probe loss" in page and "probe top-1" in page
+    # The rates of both epochs are in the page's data (0.05, then halved at the milestone).
+    assert "0.025" in page

@@ -326,7 +326,8 @@ def test_what_a_monitor_writes_is_what_is_declared(tmp_path):
         m = Monitor(c, MonitorConfig(every=2, probe=8, traces=3, scatter=4, snapshots=2), 4, (x, y), F.cross_entropy)
         train(c, m, range(1, 5), x, y)
         arrays = m.arrays()
-        assert set(arrays) == {q.name for q in QUANTITIES if q.required or (sleeps and q.group == "sleep")}
+        assert set(arrays) == {q.name for q in QUANTITIES
+                               if q.required or q.group == "probe" or (sleeps and q.group == "sleep")}
         for name, a in arrays.items():
             assert a.ndim == len(declared[name].axes) and set(declared[name].axes) <= set(AXES), name
         m.flush(tmp_path / rule.name)
@@ -366,3 +367,36 @@ def test_files_written_before_an_optional_quantity_still_load(tmp_path, monkeypa
     monkeypatch.setattr(monitor_files, "QUANTITIES", (*QUANTITIES, attrs.evolve(added, required=True)))
     with pytest.raises(UserError, match="lacks the arrays feedback_norm"):
         load_monitor(OLD_FILES)
+
+
+def test_each_record_holds_the_probe_batchs_loss_and_accuracy_and_old_checkpoints_still_load():
+    """The loss by step: at every record the loss and top-1 of the fixed probe batch under the
+    circuit's own forward (what the dashboard draws by step); a checkpoint written before these
+    columns existed continues with them NaN for its earlier rows."""
+    c = build_mlp(KolenPollack(), 8, (16,), 4)
+    x, y = data()
+
+    def probe_stats():
+        with torch.no_grad():
+            out = c(x[:8])
+        return float(F.cross_entropy(out, y[:8])), float((out.argmax(1) == y[:8]).float().mean() * 100)
+
+    expected = [probe_stats()]  # the record of step 0, made when the monitor starts
+    m = Monitor(c, MonitorConfig(every=2, probe=8), 4, (x, y), F.cross_entropy)
+    for step in (1, 2, 3, 4):
+        train(c, m, [step], x, y)
+        if step % 2 == 0:
+            expected.append(probe_stats())
+    arrays = m.arrays()
+    assert list(arrays["steps"]) == [0, 2, 4]
+    np.testing.assert_allclose(arrays["probe_loss"], [e[0] for e in expected], rtol=1e-5)
+    np.testing.assert_allclose(arrays["probe_top1"], [e[1] for e in expected], rtol=1e-6)
+    # A buffer state saved before the per-record columns: its rows are a prefix of today's.
+    state = m.state_dict()
+    width = m.records.width
+    state["rows"] = state["rows"][:, :width - 2]
+    again = Monitor(c, MonitorConfig(every=2, probe=8), 4, (x, y), F.cross_entropy)
+    again.load_state_dict(state)
+    restored = again.arrays()
+    assert np.isnan(restored["probe_loss"]).all()
+    np.testing.assert_array_equal(restored["angle"], arrays["angle"])

@@ -65,6 +65,10 @@ def test_every_monitor_record_is_a_scalar_at_its_step(runs, name):
     for q in ("angle", "norm_ratio", "delta_angle", "grad_angle"):
         assert (f"synapse/{rec.synapses[0]}/{q}" in tags) == (name != "dfa_mlp_digits" or q.startswith(("delta",
                                                                                                          "grad")))
+    for q in ("probe_loss", "probe_top1"):  # the probe batch's loss and accuracy, by step
+        got = points(acc, f"probe/{q.removeprefix('probe_')}")
+        assert [s for s, _ in got] == rec.steps.tolist()
+        np.testing.assert_array_equal(np.float32([v for _, v in got]), getattr(rec, q).astype(np.float32))
     sleeping = name == "wm_mlp_digits"
     assert (f"synapse/{rec.synapses[0]}/sleep_angle_before" in tags) == sleeping
     assert (f"synapse/{rec.synapses[0]}/sleep_angle_after" in tags) == sleeping

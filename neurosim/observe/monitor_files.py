@@ -79,6 +79,14 @@ QUANTITIES = (
              f"on the same probe batch, the angle between the rule's update ΔW and the true gradient of the loss "
              f"with respect to W. {_NO_PROBE}",
              "delta_angle_by_step.png (bottom); a study's report.md"),
+    Quantity("probe_loss", ("record",), "loss",
+             f"the training loss on the fixed probe batch at the recorded step, under the circuit's own forward "
+             f"pass (batch statistics of the probe batch): the loss by step. {_NO_PROBE}; absent from files "
+             f"written before it was recorded",
+             "dashboard.html (loss by step)", required=False, group="probe"),
+    Quantity("probe_top1", ("record",), "%",
+             "top-1 accuracy on the same probe batch at the recorded step", "dashboard.html (accuracy by step)",
+             required=False, group="probe"),
     Quantity("sleep_angle_before", ("record", "synapse"), "degrees",
              f"W–Bᵀ angle just before the sleep (mirror) batches that follow the recorded step; {_SLEEP}",
              "sleep_effect.png", required=False, group="sleep"),
@@ -122,6 +130,9 @@ ARRAYS = {q.name: (q.unit, q.meaning) for q in QUANTITIES}
 # The per-record, per-synapse values a monitor row holds, in its column order: SCALARS in every
 # row, SLEEP where the circuit sleeps.
 SCALARS = tuple(q.name for q in QUANTITIES if q.axes == ("record", "synapse") and q.group is None)
+# One value per record (the probe batch's loss and accuracy), after every per-synapse column: rows
+# of checkpoints written before them are the prefix of today's and load with these NaN.
+RECORD_VALUES = tuple(q.name for q in QUANTITIES if q.axes == ("record",) and q.name != "steps")
 SLEEP = tuple(q.name for q in QUANTITIES if q.group == "sleep")
 
 

@@ -81,6 +81,7 @@ from neurosim.observe.monitor_files import (
     ARRAYS,
     FORMAT,
     QUANTITIES,
+    RECORD_VALUES,
     SCALARS,
     SLEEP,
     MonitorRecord,
@@ -90,7 +91,7 @@ from neurosim.observe.monitor_files import (
 )
 from neurosim.observe.probe import probe_angles, probe_batch
 
-__all__ = ["ARRAYS", "FORMAT", "QUANTITIES", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord",
+__all__ = ["ARRAYS", "FORMAT", "QUANTITIES", "RECORD_VALUES", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord",
            "RecordBuffer", "estimate_nbytes", "load_monitor", "probe_angles", "probe_batch", "record_rows", "snapshot_plan"]
 
 MIB = 2**20
@@ -148,7 +149,7 @@ def estimate_nbytes(cfg: MonitorConfig, numels, total_steps: int, sleeps: bool) 
     s = len(numels)
     k = min(cfg.traces, max(numels, default=0))
     n = min(cfg.scatter, max(numels, default=0)) if cfg.snapshots else 0
-    per_row = 4 * s * (len(SCALARS) + len(SLEEP) * bool(sleeps) + 2 * k) + 8
+    per_row = 4 * s * (len(SCALARS) + len(SLEEP) * bool(sleeps) + 2 * k) + 4 * len(RECORD_VALUES) + 8
     snaps = cfg.snapshots * (4 * s * 2 * n + 8)
     return record_rows(cfg.every, total_steps) * per_row + snaps + 8 * s * (k + n)
 
@@ -199,6 +200,9 @@ class RecordBuffer:
         for name in TRACES:
             self.columns[name] = (off, off + synapses * traces)
             off += synapses * traces
+        for name in RECORD_VALUES:  # last, so that older checkpoints' rows are a prefix of these
+            self.columns[name] = (off, off + 1)
+            off += 1
         self.width = off
         self.chunk_rows = max(1, min(CHUNK_ROWS, total_rows, CHUNK_BYTES // (4 * max(self.width, 1))))
         self._buf = torch.full((self.chunk_rows, self.width), math.nan, device=device)
@@ -269,6 +273,8 @@ class RecordBuffer:
         for name in TRACES:
             a, b = self.columns[name]
             out[name] = rows[:, a:b].reshape(r, self.s, self.k).copy()
+        for name in RECORD_VALUES:
+            out[name] = rows[:, self.columns[name][0]].copy()
         return out
 
     def snapshot_arrays(self) -> dict[str, np.ndarray]:
@@ -285,6 +291,8 @@ class RecordBuffer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()`` of a buffer with the same layout."""
         rows, steps = state["rows"], list(state["steps"])
+        if rows.shape[1] < self.width:  # saved before the per-record values: they load as NaN
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], self.width - rows.shape[1]), math.nan)], 1)
         # The newest rows go back to the device (a sleep may still add to the last one).
         live = min(len(steps) - state["chunk_start"], self.chunk_rows) if steps else 0
         live = max(live, min(len(steps), 1))
@@ -450,10 +458,13 @@ class Monitor:
         rec.field(row, "angle")[:] = angles
         rec.field(row, "norm_ratio")[:] = ratios
         if self.probe is not None:
+            stats = []
             delta, grad = probe_angles(self.circuit, *self.probe, self.loss_fn, self.synapses,
-                                       self.autocast_dtype)
+                                       self.autocast_dtype, stats)
             rec.field(row, "delta_angle")[:] = delta
             rec.field(row, "grad_angle")[:] = grad
+            rec.field(row, "probe_loss")[:] = stats[0]
+            rec.field(row, "probe_top1")[:] = stats[1]
         traces_w = rec.field(row, "traces_w").view(len(self.synapses), self.k)
         traces_b = rec.field(row, "traces_b").view(len(self.synapses), self.k)
         for i, (syn, at) in enumerate(zip(self.synapses, self._trace_at)):

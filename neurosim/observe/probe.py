@@ -31,7 +31,7 @@ def probe_batch(stream, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def probe_angles(circuit, x: torch.Tensor, y: torch.Tensor, loss_fn, synapses,
-                 autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 autocast_dtype: torch.dtype | None = None, stats: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Delta angles and update angles (degrees) of ``synapses`` on the batch ``(x, y)``.
 
     ``delta_angles[i]``: between the error the circuit delivers to synapse ``i``'s output (the
@@ -40,7 +40,8 @@ def probe_angles(circuit, x: torch.Tensor, y: torch.Tensor, loss_fn, synapses,
     respect to ``W``. Both are float64 device vectors, one value per synapse, NaN where the
     synapse's output does not reach the loss. Both passes run under ``autocast_dtype`` autocast
     when one is given (the training precision, so the angles describe the errors training
-    really delivers).
+    really delivers). ``stats``, if a list, receives the probe batch's loss and top-1 accuracy
+    (percent) under the circuit's forward pass, as two device scalars.
     """
     synapses = list(synapses)
     buffers = [b for pop in circuit.populations.values() for b in pop.buffers()]
@@ -49,9 +50,11 @@ def probe_angles(circuit, x: torch.Tensor, y: torch.Tensor, loss_fn, synapses,
         # Batch statistics of the probe batch alone: under torchrun the probe runs on rank 0 only,
         # and synchronised batch norm must not wait for ranks that are not probing.
         with local_statistics():
-            err, dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
+            err, dw, loss, out = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
             with circuit.backprop_truth():
-                true_err, true_dw = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
+                true_err, true_dw, _, _ = _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype)
+        if stats is not None:
+            stats += [loss.detach().double(), (out.argmax(1) == y).double().mean() * 100]
     finally:
         with torch.no_grad():
             for b, v in zip(buffers, saved):
@@ -67,7 +70,7 @@ def _angles(a, b, device) -> torch.Tensor:
 
 
 def _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype):
-    """Errors at each synapse's output and its weight update, via autograd.grad."""
+    """Errors at each synapse's output and its weight update, via autograd.grad; the loss and output."""
     outputs = [None] * len(synapses)
 
     def keep(i):
@@ -79,11 +82,12 @@ def _probe_pass(circuit, x, y, loss_fn, synapses, autocast_dtype):
     try:
         with torch.enable_grad(), torch.autocast(x.device.type, autocast_dtype,
                                                  enabled=autocast_dtype is not None):
-            loss = loss_fn(circuit(x).float(), y)
+            out = circuit(x).float()
+            loss = loss_fn(out, y)
             grads = torch.autograd.grad(loss, outputs + [syn.weight for syn in synapses],
                                         allow_unused=True)
     finally:
         for h in handles:
             h.remove()
     s = len(synapses)
-    return list(grads[:s]), list(grads[s:])
+    return list(grads[:s]), list(grads[s:]), loss, out.detach()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neurosim.observe.monitors import SCALARS, SLEEP, Monitor
+from neurosim.observe.monitors import RECORD_VALUES, SCALARS, SLEEP, Monitor
 
 # Buckets of each TensorBoard histogram (evenly spaced from the tensor's minimum to its maximum).
 HISTOGRAM_BINS = 64
@@ -147,7 +147,7 @@ class MonitorTensorBoard:
         last = int(steps[n - 1])
         self._hists = [(s, h) for s, h in self._hists if s > last]
         self._done = n - 1
-        self._partial = {q for q in (*SCALARS, *SLEEP) if (last, q.rsplit("_", 1)[-1]) not in self._seen
+        self._partial = {q for q in (*SCALARS, *SLEEP, *RECORD_VALUES) if (last, q.rsplit("_", 1)[-1]) not in self._seen
                          or not q.startswith("sleep_")}
 
     def write(self, arrays: dict[str, np.ndarray]) -> None:
@@ -176,6 +176,13 @@ class MonitorTensorBoard:
                         if np.isfinite(v):
                             writer.add_scalar(f"synapse/{name}/{q}", float(v), step)
                     if r == len(steps) - 1 and np.isfinite(values).any():
+                        written.add(q)
+                for q in RECORD_VALUES:  # the probe batch's loss and top-1: probe/loss, probe/top1
+                    v = arrays.get(q)
+                    if v is None or (r == self._done and q in self._partial) or not np.isfinite(v[r]):
+                        continue
+                    writer.add_scalar(f"probe/{q.removeprefix('probe_')}", float(v[r]), step)
+                    if r == len(steps) - 1:
                         written.add(q)
             for step, rows in hists:
                 for name, feedback, row in zip(names, self.feedback, rows.numpy()):

@@ -106,6 +106,56 @@ def epoch_plots(runs, labels, colours, groups):
     return figs
 
 
+_STEP_NOTE = ("Loss and top-1 on the monitor's fixed probe batch of training images, measured at every record "
+              "step under the circuit's own forward pass; the learning rate each step trained with.")
+
+
+def step_plots(runs, labels, colours, groups):
+    """Probe loss, probe top-1 and learning rate by engaged step (runs with a monitor probe);
+    a run with one record is said in the title. Returns [] when no run has them."""
+    from bokeh.models import ColumnDataSource
+
+    def lr_steps(records):
+        # The rate an epoch trained with is the one its record before it holds (epoch 0: the first).
+        xs, ys = [], []
+        for before, after in zip(records, records[1:]):
+            if "step" in before and "step" in after and "lr" in before:
+                xs += [before["step"], after["step"]]
+                ys += [before["lr"], before["lr"]]
+        return xs, ys
+
+    series = [("probe loss", "loss", lambda r: _probe(r, "probe_loss")), ("probe top-1", "%",
+              lambda r: _probe(r, "probe_top1")), ("learning rate", "learning rate", lambda r: lr_steps(r.records))]
+    if not any(_probe(r, "probe_loss")[0] for r in runs):
+        return []
+    figs = []
+    for title, unit, values in series:
+        shown = [(i, *values(run)) for i, run in enumerate(runs)]
+        one = [labels[i] for i, x, _ in shown if len(x) == 1]
+        p = _figure(title + (f" (one record: {', '.join(one)})" if one else ""), "training step (engaged optimizer "
+                    "steps)", unit, width=440, height=280)
+        for i, x, y in shown:
+            if not x:
+                continue
+            src = ColumnDataSource({"x": x, "y": y, "run": [labels[i]] * len(x)})
+            groups[i] += [p.line("x", "y", source=src, color=colours[i], line_width=2),
+                          p.scatter("x", "y", source=src, color=colours[i], size=5 if len(x) > 1 else 10)]
+        if title == "learning rate":
+            p.y_range.start = 0
+        figs.append(p)
+    return figs
+
+
+def _probe(run, name: str):
+    """Steps and finite values of a probe quantity of ``run``'s monitor (empty without one)."""
+    rec = run.monitor
+    a = None if rec is None else rec.arrays.get(name)
+    if a is None:
+        return [], []
+    keep = np.isfinite(a)
+    return [int(s) for s in np.asarray(rec.steps)[keep]], [float(v) for v in a[keep]]
+
+
 def _single(values: np.ndarray) -> bool:
     return int(np.isfinite(values).any(axis=1).sum()) == 1
 
@@ -357,6 +407,9 @@ def build(runs: list[RunData], title: str | None = None):
                  Div(text="<b>runs shown</b>:"), toggle]
     ep = epoch_plots(runs, labels, colours, groups)
     parts = [*head, Div(text=f"<h2>By epoch</h2><p>{_EPOCH_NOTE}</p>", width=960), row(*ep)]
+    by_step = step_plots(runs, labels, colours, groups)
+    if by_step:
+        parts += [Div(text=f"<h2>By step</h2><p>{_STEP_NOTE}</p>", width=960), row(*by_step)]
     maps = []
     for run, lab in zip(runs, labels):
         if run.monitor is not None:
