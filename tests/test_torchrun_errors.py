@@ -80,7 +80,7 @@ def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "experiments" / "run_circuit.py"), "kp_mlp_digits", "--epochs", "1",
                     "--train-limit", "64", "--device", "cpu", "--quiet", "--out", str(run)],
                    cwd=ROOT, check=True, capture_output=True, timeout=120)
-    before = {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"}
+    before = _files(run)
     holder = hold_lock(run)
     try:
         done = torchrun(ROOT / "experiments" / "run_circuit.py", "--resume", str(run))
@@ -93,7 +93,7 @@ def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
                                  f"kept), or choose another --out"], done.stderr[-3000:]
     assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
     assert_no_traceback_of_ours(done.stderr)
-    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != ".lock"} == before  # untouched
+    assert _files(run) == before  # untouched
 
 
 @pytest.mark.slow
@@ -216,3 +216,8 @@ def test_nproc_per_node_ends_as_a_command_should(tmp_path):
                           str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (bad.returncode, bad.stderr.strip()) == (2, "error: invalid setting: lr must be positive, got -1.0")
     assert not (tmp_path / "bad").exists()
+
+
+def _files(run: Path) -> dict:
+    """Every file under a run directory (its TensorBoard folder too) and its bytes, the lock aside."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file() and f.name != ".lock"}

@@ -127,12 +127,15 @@ def gradient(terms: dict, s: LocalSignals, null_terms=(True, True), per_position
     if s.literal:
         parts = [k * product(post, pre) for k, post, pre in hebb]
     else:
-        by_pre: dict[int, list] = {}
+        by_pre: list[list] = []  # [pre, Σ k·post]; matched by identity (not id(): torch.compile traces this)
         for k, post, pre in hebb:
-            by_pre.setdefault(id(pre), [pre, None])
-            acc = by_pre[id(pre)]
-            acc[1] = post * k if acc[1] is None else acc[1].add(post, alpha=k)
-        parts = [product(post, pre) for pre, post in by_pre.values()]
+            for acc in by_pre:
+                if acc[0] is pre:
+                    acc[1] = acc[1].add(post, alpha=k)
+                    break
+            else:
+                by_pre.append([pre, post * k])
+        parts = [product(post, pre) for pre, post in by_pre]
     for part in parts:
         out = part if out is None else out.add_(part)
     for k, t in direct:
