@@ -131,6 +131,8 @@ def step_plots(runs, labels, colours, groups):
     figs = []
     for title, unit, values in series:
         shown = [(i, *values(run)) for i, run in enumerate(runs)]
+        if not any(x for _, x, _ in shown):
+            continue  # nothing to draw yet (a run stopped before its first epoch has no rates by step)
         one = [labels[i] for i, x, _ in shown if len(x) == 1]
         p = _figure(title + (f" (one record: {', '.join(one)})" if one else ""), "training step (engaged optimizer "
                     "steps)", unit, width=440, height=280)
