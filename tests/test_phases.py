@@ -212,19 +212,25 @@ PHASE_RULE_FILE = textwrap.dedent('''
 ''')
 
 
+def rule_file(tmp_path, module: str, text: str, cls: str, name: str):
+    """Write ``text`` as the file ``module``.py, import it (its rule registers itself) and yield
+    its class ``cls``; the rule ``name`` and the module are forgotten afterwards."""
+    path = tmp_path / f"{module}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(module, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    spec.loader.exec_module(loaded)
+    try:
+        yield getattr(loaded, cls)
+    finally:
+        RULES.pop(name, None)
+        sys.modules.pop(module, None)
+
+
 @pytest.fixture
 def tanh_mirror(tmp_path):
-    path = tmp_path / "tanh_mirror.py"
-    path.write_text(PHASE_RULE_FILE)
-    spec = importlib.util.spec_from_file_location("tanh_mirror", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tanh_mirror"] = module
-    spec.loader.exec_module(module)
-    try:
-        yield module.TanhMirror
-    finally:
-        RULES.pop("tanhmirror", None)
-        sys.modules.pop("tanh_mirror", None)
+    yield from rule_file(tmp_path, "tanh_mirror", PHASE_RULE_FILE, "TanhMirror", "tanhmirror")
 
 
 def test_a_rule_with_its_own_sleep_phase_is_one_file(tanh_mirror, tmp_path):
@@ -293,17 +299,7 @@ REPLAY_RULE_FILE = textwrap.dedent('''
 
 @pytest.fixture
 def replay_mirror(tmp_path):
-    path = tmp_path / "replay_mirror.py"
-    path.write_text(REPLAY_RULE_FILE)
-    spec = importlib.util.spec_from_file_location("replay_mirror", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["replay_mirror"] = module
-    spec.loader.exec_module(module)
-    try:
-        yield module.ReplayMirror
-    finally:
-        RULES.pop("replaymirror", None)
-        sys.modules.pop("replay_mirror", None)
+    yield from rule_file(tmp_path, "replay_mirror", REPLAY_RULE_FILE, "ReplayMirror", "replaymirror")
 
 
 def test_a_sleep_driven_by_data_is_one_file(replay_mirror, tmp_path, monkeypatch):

@@ -157,7 +157,9 @@ class LocalObjectives(PlasticityRule):
     null_terms: ClassVar[tuple[bool, bool]] = (True, True)
 
     def terms(self) -> dict[str, float]:
-        raise NotImplementedError
+        """The weight of each objective (``PRIMITIVES``) in this rule's regulariser; a rule of the
+        family names its own, the base has none to offer."""
+        raise TypeError(f"{type(self).__name__} does not say which objectives its feedback descends")
 
     def init_feedback(self, w, init, generator):
         return random_feedback(w, init, generator)
