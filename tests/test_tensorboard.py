@@ -14,6 +14,7 @@ from neurosim.observe.monitor_files import SCALARS, SLEEP, load_monitor  # noqa:
 from neurosim.training.config import preset  # noqa: E402
 from neurosim.training.run import RunInterrupted  # noqa: E402
 from neurosim.training.run_dir import open_run, resume_run  # noqa: E402
+from tests.test_signals import _stop_after_mirror_batch  # noqa: E402
 
 TINY = dict(epochs=1, train_limit=128, monitor_every=2, device="cpu")
 
@@ -106,19 +107,6 @@ def test_histograms_of_w_b_and_their_difference_at_every_record(runs, name):
         first = acc.Histograms(f"hist/{s}/W")[0].histogram_value  # step 0: the circuit as built
         trace = rec.traces_w[0, rec.column(s)]
         assert first.min <= np.nanmin(trace) and np.nanmax(trace) <= first.max
-
-
-def _stop_after_mirror_batch(run, n: int) -> None:
-    real, made = run.circuit.sleep, 0
-
-    def sleep(*args, **kwargs):
-        nonlocal made
-        real(*args, **kwargs)
-        made += 1
-        if made == n:
-            run.stop_requested = True
-
-    run.circuit.sleep = sleep
 
 
 def test_a_resumed_run_writes_each_point_once(tmp_path):

@@ -124,6 +124,13 @@ class _History:
         return self.past[-1 - steps].get(name) if len(self.past) > steps else None
 
 
+def _leak(old, target, k: float):
+    """One Euler step of ``τ dv/dt = −v + target`` with ``k = dt/τ``, from rest (0) when ``old`` is None."""
+    if k == 1.0:
+        return target
+    return target * k if old is None else old + k * (target - old)
+
+
 def _add(into: dict, name: str, value) -> None:
     if value is not None:
         into[name] = value if name not in into else into[name] + value
@@ -155,15 +162,8 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
     sent_out = _History(lag + 1)  # the output error, as the direct pathways send it
     grads: dict[int, list] = {}
     last_loss = None
-
-    def leak(old, target, k):
-        if old is None:
-            return target * k if k != 1.0 else target
-        return target if k == 1.0 else old + k * (target - old)
-
     for step in range(total):
         on = step < t_on
-        source = acts if s.update == "ordered" else dict(acts)
         new = {inp: x.detach() if on else torch.zeros_like(x)}
         drives, winners = {}, {}
         with torch.no_grad():
@@ -171,14 +171,15 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                 pop = circuit.populations[name]
                 drive = None
                 for syn, pre in circuit.incoming(name):
-                    a = new[pre] if s.update == "ordered" and pre in new else source[pre]
+                    # ``acts`` still holds the last step's activities; ``new`` this step's so far.
+                    a = new[pre] if s.update == "ordered" and pre in new else acts[pre]
                     if a is None:
                         a = torch.zeros((x.shape[0], *circuit.populations[pre].shape), dtype=x.dtype)
                     d = a if syn is None else syn.ref_forward(a)
                     drive = d if drive is None else drive + d
                 pooled, winners[name] = _pool(pop, drive)
                 drives[name] = pooled
-                new[name] = leak(acts[name], pop.respond(pooled), k_act)
+                new[name] = _leak(acts[name], pop.respond(pooled), k_act)
         acts.update(new)
         # The teaching signal, while the stimulus is on.
         with torch.enable_grad():
@@ -197,7 +198,6 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                     with torch.no_grad():
                         _add(arriving, p.target, p.ref_feedback(e_late))
         drive_errors: dict[str, torch.Tensor] = {}
-        now = {}
         for name in reversed(order[1:]):
             pop = circuit.populations[name]
             if name != out:
@@ -217,21 +217,17 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
             target = arriving.get(name)
             if target is None:
                 target = torch.zeros_like(acts[name])
-            errs[name] = leak(errs.get(name), target, k_err)
+            errs[name] = _leak(errs.get(name), target, k_err)
             u = drives[name].detach().requires_grad_(True)
             with torch.enable_grad():
                 (g_u,) = torch.autograd.grad(pop.respond(u), u, errs[name])
             with torch.no_grad():
                 drive_errors[name] = _unpool(pop, g_u, winners[name])
-            now[name] = drive_errors[name]
-        sent.push(now)
+        sent.push(drive_errors)
         # Plasticity: each synapse's rule on the signals present at it now.
         with torch.no_grad():
-            for syn in circuit.synapses.values():
-                pre = acts[syn.pre] if syn.pre in acts and acts[syn.pre] is not None else None
-                if pre is None:
-                    continue
-                traces[syn.pre] = pre if k_tr == 1.0 else leak(traces.get(syn.pre), pre, k_tr)
+            for syn in circuit.synapses.values():  # every activity is set by now
+                traces[syn.pre] = _leak(traces.get(syn.pre), acts[syn.pre], k_tr)
                 gw, gb, gfb = syn.ref_updates(traces[syn.pre], drive_errors[syn.post])
                 acc = grads.setdefault(id(syn), [syn, None, None, None])
                 for i, g in enumerate((gw, gb, gfb), start=1):
@@ -265,7 +261,7 @@ def sleep_in_time(circuit, noise: dict, settings: TimeSettings) -> None:
             xi, w, r, acc = noise[name], syn.weight.detach(), None, None
             target = syn.rule.respond(syn.kind.ref_forward(xi, w, None))
             for _ in range(s.steps(s.duration)):
-                r = target if r is None and k_act == 1.0 else (target * k_act if r is None else r + k_act * (target - r))
+                r = _leak(r, target, k_act)
                 g = syn.rule.sleep_update(LocalSignals(syn.kind, xi, r, syn.feedback.detach(), literal=True))
                 acc = k_w * g if acc is None else acc + k_w * g
             syn.feedback.grad = acc if syn.feedback.grad is None else syn.feedback.grad + acc

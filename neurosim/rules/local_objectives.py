@@ -155,6 +155,8 @@ class LocalObjectives(PlasticityRule):
     feedback_learns: ClassVar[str] = "engaged"
     # Reconstruction terms of null: (Bᵀ·Wx, Wᵀ·Bx).
     null_terms: ClassVar[tuple[bool, bool]] = (True, True)
+    # Data terms averaged over a convolution's positions (a field of the rules that have data terms).
+    per_position = False
 
     def terms(self) -> dict[str, float]:
         """The weight of each objective (``PRIMITIVES``) in this rule's regulariser; a rule of the
@@ -168,7 +170,7 @@ class LocalObjectives(PlasticityRule):
         return feedback
 
     def feedback_update(self, s):
-        return gradient(self.terms(), s, self.null_terms, getattr(self, "per_position", False))
+        return gradient(self.terms(), s, self.null_terms, self.per_position)
 
 
 # Settings of the authors' code (neuroailab/Neural-Alignment, params.py: the default coefficient
