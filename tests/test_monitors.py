@@ -295,7 +295,7 @@ def test_resumed_monitor_writes_the_same_files(tmp_path, monkeypatch):
     assert (tmp_path / "whole" / "monitor.json").read_text() == (tmp_path / "resumed" / "monitor.json").read_text()
 
     other = Monitor(c, attrs.evolve(cfg, traces=4), 12)
-    with pytest.raises(UserError, match="other synapses or sample sizes"):
+    with pytest.raises(UserError, match=r"traces per synapse 3 \(this configuration: 4\)"):
         other.load_state_dict(state)
 
 
@@ -395,6 +395,7 @@ def test_each_record_holds_the_probe_batchs_loss_and_accuracy_and_old_checkpoint
     state = m.state_dict()
     width = m.records.width
     state["rows"] = state["rows"][:, :width - 2]
+    state["width"] = width - 2
     again = Monitor(c, MonitorConfig(every=2, probe=8), 4, (x, y), F.cross_entropy)
     again.load_state_dict(state)
     restored = again.arrays()

@@ -528,13 +528,20 @@ class Monitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()`` of a monitor with the same synapses and sample sizes."""
-        mine = (self.names, self.width, self.k, self.n_scatter, self.cfg.snapshots)
-        theirs = (state.get("synapses"), state.get("width"), state.get("k"), state.get("n_scatter"),
-                  state.get("config", {}).get("snapshots"))
-        if state.get("format") != FORMAT or list(mine[0]) != list(theirs[0]) or mine[1:] != theirs[1:]:
-            raise UserError("the checkpoint's monitor records other synapses or sample sizes "
-                            f"({theirs[0]}, {theirs[2]} traces) than this configuration "
-                            f"({mine[0]}, {mine[2]} traces); resume with the run's own monitor settings")
+        cfg = state.get("config", {})
+        width = state.get("width")
+        if width == self.width - len(RECORD_VALUES):  # saved before the per-record values
+            width = self.width
+        checks = (("format", state.get("format"), FORMAT),
+                  ("synapses", list(state.get("synapses") or []), list(self.names)),
+                  ("row width", width, self.width), ("traces per synapse", state.get("k"), self.k),
+                  ("scatter sample", state.get("n_scatter"), self.n_scatter),
+                  ("snapshots", cfg.get("snapshots"), self.cfg.snapshots))
+        differ = [f"{what} {theirs!r} (this configuration: {mine!r})"
+                  for what, theirs, mine in checks if theirs != mine]
+        if differ:
+            raise UserError("the checkpoint's monitor records differently from this configuration: "
+                            + "; ".join(differ) + "; resume with the run's own monitor settings")
         self.records.load_state_dict(state)
         self.restored_rows = len(self.steps)  # rows recorded before the checkpoint, by an earlier process
         self._set_indices(state["trace_index"].clone(), state["scatter_index"].clone())
