@@ -60,7 +60,8 @@ def traffic(name: str, args: list[str], side: int = 64) -> dict:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     from neurosim.training import distributed
-    from neurosim.training.config import parse_overrides, preset
+    from neurosim.training.config import preset
+    from neurosim.training.overrides import parse_overrides
     from neurosim.training.run import build_circuit
     from neurosim.training.step import engaged_step
 

@@ -6,6 +6,7 @@ import attrs
 import pytest
 
 from neurosim.common.errors import UserError
+from neurosim.training.overrides import parse_overrides
 from neurosim.training.config import (
     PRESETS,
     RULE_NAMES,
@@ -13,7 +14,6 @@ from neurosim.training.config import (
     build,
     check_rule_settings,
     device_problem,
-    parse_overrides,
     preset,
     rule_settings,
 )

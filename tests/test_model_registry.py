@@ -10,7 +10,8 @@ import pytest
 from neurosim.common.errors import UserError
 from neurosim.models.registry import FAMILIES, MODELS, Recipe, model_family, recipe_names, register_model
 from neurosim.tools.cli import run_usage
-from neurosim.training.config import MODEL_FAMILIES, PRESETS, RunConfig, preset, presets_markdown
+from neurosim.training.config import MODEL_FAMILIES, PRESETS, RunConfig, preset
+from neurosim.training.presets_doc import presets_markdown
 
 MODEL_FILE = textwrap.dedent('''
     """A two-layer MLP of one small hidden population (a model written for a test)."""

@@ -32,7 +32,7 @@ def test_readme_starts_with_install_test_and_the_main_job_and_names_the_whole_su
 
 
 def test_presets_doc_is_current():
-    from neurosim.training.config import presets_markdown
+    from neurosim.training.presets_doc import presets_markdown
 
     doc = (ROOT / "docs" / "presets.md").read_text()
-    assert doc == presets_markdown(), "regenerate with: python -m neurosim.training.config > docs/presets.md"
+    assert doc == presets_markdown(), "regenerate with: python -m neurosim.training.presets_doc > docs/presets.md"

@@ -11,7 +11,9 @@ import torch
 from neurosim.common.errors import UserError
 from neurosim.rules import RULES, register_rule
 from neurosim.tools.cli import run_usage
-from neurosim.training.config import PRESETS, RULE_NAMES, parse_overrides, preset, presets_markdown
+from neurosim.training.config import PRESETS, RULE_NAMES, preset
+from neurosim.training.overrides import parse_overrides
+from neurosim.training.presets_doc import presets_markdown
 
 RULE_FILE = textwrap.dedent('''
     """Scaled feedback alignment: a fixed random B times a gain (a rule written for a test)."""

@@ -41,10 +41,11 @@ _IMAGENET = dict(data="imagenet", image_size=224, init="kaiming_normal", epochs=
                 recipes={"mlp_digits": Recipe("8×8 digits MLP (64-128-64-10, ReLU)", _DIGITS),
                          "mlp_original": Recipe("the weight-mirror authors' NumPy MLP experiments", _ORIGINAL)})
 def mlp(cfg, rule, image_shape, num_classes):
-    """`build_mlp` with the configuration's hidden sizes, activation, initialisation and seed."""
+    """`build_mlp` with the configuration's hidden sizes, activation, initialisation, biases and seed."""
     from neurosim.models.mlp import build_mlp
 
-    return build_mlp(rule, image_shape, cfg.hidden, num_classes, cfg.activation, cfg.init, cfg.seed)
+    return build_mlp(rule, image_shape, cfg.hidden, num_classes, cfg.activation, cfg.init, cfg.seed,
+                     bias=cfg.bias)
 
 
 def resnet(cfg, rule, image_shape, num_classes):

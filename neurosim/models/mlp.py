@@ -7,9 +7,10 @@ from neurosim.rules.base import PlasticityRule
 
 
 def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activation: str = "relu",
-              init: str = "default", seed: int = 0) -> Circuit:
+              init: str = "default", seed: int = 0, bias: bool = True) -> Circuit:
     """``input → hidden[0] → … → output``, every pathway a dense plastic synapse under ``rule``.
 
+    ``bias`` False: no synapse has a bias (a ReLU neuron then rests at 0 without input).
     Populations are named ``x``, ``h1``, ``h2``, …, ``y``; the output population is linear
     (its activity is the logits). A rule with ``direct_feedback`` (DFA) also gets a feedback
     pathway from ``y`` to every hidden population.
@@ -19,10 +20,10 @@ def build_mlp(rule: PlasticityRule, in_shape, hidden, num_classes: int, activati
     pre = "x"
     for i, width in enumerate(hidden, start=1):
         c.population(f"h{i}", width, activation=activation)
-        c.dense(pre, f"h{i}", init=init)
+        c.dense(pre, f"h{i}", init=init, bias=bias)
         pre = f"h{i}"
     c.population("y", num_classes)
-    c.dense(pre, "y", init=init)
+    c.dense(pre, "y", init=init, bias=bias)
     if rule.direct_feedback:
         c.add_direct_feedback()  # the output error straight to every synapse's post population
     return c

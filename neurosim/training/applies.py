@@ -179,6 +179,15 @@ def milestones_within_epochs(cfg) -> str | None:
     return None
 
 
+def in_time_only(cfg) -> str | None:
+    """A setting of the circuit in time on a run with instant dynamics: it would change nothing."""
+    if cfg.dynamics != "time":
+        return ("the time constants, delay and stimulus duration (--dt, --duration, --tau, --tau-plasticity, "
+                "--tau-decay, --tau-eligibility, --delay, --settle, --time-update, --noise, --tau-noise) apply to a circuit run in time "
+                "only, and this run has --dynamics instant: add --dynamics time, or leave them out")
+    return None
+
+
 def padding_within_image(cfg) -> str | None:
     """Padding as wide as the images (where their size is known): a crop could miss them."""
     known = known_images(cfg)

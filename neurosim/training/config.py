@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
-import typing
 from collections.abc import Mapping
 
 import attrs
@@ -19,12 +17,18 @@ from neurosim.rules import RULES
 from neurosim.training.applies import (
     Applies,
     folder_holds_out,
+    in_time_only,
     milestones_within_epochs,
     padding_within_image,
     representable_problem,
     width_has_channels,
     within_training_images,
 )
+
+DYNAMICS = ("instant", "time")
+TIME_UPDATES = ("ordered", "synchronous")  # neurosim.core.dynamics.UPDATES, without loading torch
+# The TimeSettings fields whose configuration field has another name.
+TIME_FIELDS = {"update": "time_update"}
 
 # The declared model names (neurosim.models.registry), read afresh on every use.
 MODELS = MODEL_NAMES
@@ -147,6 +151,12 @@ def _about(group: str, text: str, unit: str | None = None, applies: Applies | No
     return {"group": group, "help": text, "unit": unit, "applies": applies, "check": check}
 
 
+def _time(text: str) -> dict:
+    """The metadata of a setting of the circuit in time (in the unit of ``dt``): read under
+    ``--dynamics time`` only."""
+    return _about("dynamics", text, check=in_time_only)
+
+
 @attrs.frozen(kw_only=True, field_transformer=_finite_floats)
 class RunConfig:
     """Everything a run needs to rebuild its circuit, data and optimizer (saved as JSON).
@@ -210,6 +220,9 @@ class RunConfig:
     activation: str = attrs.field(default="relu", validator=_v.in_(("relu", "sigmoid", "tanh")), metadata=_about(
         "model", "nonlinearity of an MLP's hidden neurons",
         applies=Applies(model="mlp", instead="ResNet circuits use ReLU")))
+    bias: bool = attrs.field(default=True, metadata=_about(
+        "model", "biases on an MLP's synapses (without them, ReLU neurons rest at 0 with no input)",
+        applies=Applies(model="mlp", instead="ResNet convolutions have no bias, their batch norm has")))
     init: str = attrs.field(default="default", validator=_v.in_(("default", "kaiming_normal", "xavier_sum")),
                             metadata=_about("model", "initial weight distribution of an MLP", applies=Applies(
                                 model="mlp", instead="ResNet circuits use Kaiming-normal initialisation")))
@@ -264,6 +277,32 @@ class RunConfig:
         "execution", "deterministic GPU kernels, so that a CUDA run repeats bit for bit (slower)"))
     execution: str = attrs.field(default="compiled", validator=_v.in_(("compiled", "reference")), metadata=_about(
         "execution", "compiled (batched tensor ops) or reference (synapse by synapse, literal; slow)"))
+    # dynamics (neurosim.core.dynamics): each field after ``dynamics`` is the TimeSettings field
+    # of the same name (``time_update`` its ``update``); given under instant dynamics, refused.
+    dynamics: str = attrs.field(default="instant", validator=_v.in_(DYNAMICS), metadata=_about(
+        "dynamics", "instant (a step is a forward pass, an error, an update) or time (the circuit runs in steps "
+        "of --dt: leaky activities and errors, plasticity integrated over each presentation)",
+        applies=Applies(model="mlp", instead="its populations have batch norm, which a circuit in time has not")))
+    dt: float = attrs.field(default=1.0, validator=_positive, metadata=_time("the time step"))
+    duration: float = attrs.field(default=1.0, validator=_positive, metadata=_time(
+        "how long each stimulus is presented (a whole number of --dt)"))
+    tau: float | None = attrs.field(default=None, metadata=_time(
+        "the populations' time constant for activities and errors; none: --dt (they follow at once)"))
+    tau_plasticity: float | None = attrs.field(default=None, metadata=_time(
+        "the synapses' plasticity time constant; none: --duration (one presentation gives the discrete update)"))
+    tau_decay: float | None = attrs.field(default=None, metadata=_time("weight decay time constant; none: none"))
+    tau_eligibility: float | None = attrs.field(default=None, metadata=_time(
+        "time constant of a presynaptic eligibility trace; none: the activity itself"))
+    delay: float = attrs.field(default=0.0, validator=_v.ge(0.0), metadata=_time(
+        "transmission delay of every feedback hop (a whole number of --dt)"))
+    settle: float | None = attrs.field(default=None, validator=_v.optional(_v.ge(0.0)), metadata=_time(
+        "time simulated after the stimulus ends; none: until the last error has arrived"))
+    time_update: str = attrs.field(default="ordered", validator=_v.in_(TIME_UPDATES), metadata=_time(
+        "ordered (propagation within a step) or synchronous (one --dt per synaptic hop)"))
+    noise: float = attrs.field(default=0.0, validator=_v.ge(0.0), metadata=_time(
+        "standard deviation of the noise every non-input population adds to its drive at every step; 0: none"))
+    tau_noise: float | None = attrs.field(default=None, metadata=_time(
+        "correlation time of that noise (Ornstein-Uhlenbeck); none: white"))
     # observation (neurosim.observe.monitors): record every N engaged steps, 0 for no monitor
     monitor_every: int = attrs.field(default=200, validator=_v.ge(0), metadata=_about(
         "monitors", "engaged steps between monitor records; 0: no monitor", "steps"))
@@ -301,6 +340,15 @@ class RunConfig:
         if unknown:
             raise UserError(f"configuration has unknown fields {unknown}; it was written by another version")
         return cls(**d)
+
+    def time_settings(self):
+        """The ``TimeSettings`` of a run in time (None under instant dynamics); checks them."""
+        if self.dynamics != "time":
+            return None
+        from neurosim.core.dynamics import TimeSettings
+
+        return TimeSettings(**{f.name: getattr(self, TIME_FIELDS.get(f.name, f.name))
+                               for f in attrs.fields(TimeSettings)})
 
     def make_rule(self):
         """The plasticity rule this configuration names, with its own settings."""
@@ -541,6 +589,7 @@ def build(fields: dict) -> RunConfig:
                 raise ValueError(problem)
         cfg = RunConfig(**fields, rule_params=params)
         cfg.make_rule()
+        cfg.time_settings()
         return cfg
     except (TypeError, ValueError) as e:
         raise UserError(f"invalid setting: {e}") from None
@@ -554,137 +603,7 @@ def flat_settings(cfg: RunConfig) -> dict:
     return out
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """``["--lr", "0.05", "--milestones", "30,60"]`` → typed values for RunConfig fields."""
-    types = option_types()
-    out, i = {}, 0
-    names = sorted(k.replace("_", "-") for k in types)
-    while i < len(args):
-        key = args[i]
-        if not key.startswith("--"):
-            raise UserError(f"unexpected argument {key!r}; options are --name value")
-        name = key[2:].replace("-", "_")
-        if name not in types:
-            raise UserError(f"unknown option {key}. Options: {' '.join('--' + n for n in names)}")
-        if i + 1 >= len(args):
-            raise UserError(f"option {key} needs a value")
-        if name in out:
-            raise UserError(f"option {_option(name)} is given twice; give it once")
-        out[name] = convert_option(key, args[i + 1], types[name])
-        i += 2
-    return out
-
-
-def option_types() -> dict:
-    """The type of every command-line field: RunConfig's own, then each rule's ``<rule>_<field>``."""
-    types = {k: v for k, v in typing.get_type_hints(RunConfig).items() if k not in ("preset", "rule_params")}
-    types.update({k: f.type for k, (_, f) in rule_settings().items()})
-    return types
-
-
-def convert_option(key: str, text: str, typ):
-    """The value of option ``key`` (``--lr``) written as ``text``, as a ``typ``; a ``UserError``
-    says what was expected instead."""
-    origin = typing.get_origin(typ)
-    args = typing.get_args(typ)
-    if not text.strip():  # an empty value is a shell variable left unset more often than a meant "none"
-        none = " (or none)" if origin is tuple or type(None) in args else ""
-        raise UserError(f"option {key} has an empty value; give {_expected(typ)}{none}")
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"bad value {text!r} for {key}: expected true or false")
-    if origin is tuple:
-        if text.strip().lower() == "none":
-            return ()
-        parts = [v.strip() for v in text.split(",")]
-        if not all(_is_int(v) for v in parts):
-            raise UserError(f"bad value {text!r} for {key}: expected whole numbers separated by commas, "
-                            f"e.g. 60,120,160 (or none)")
-        return tuple(int(v) for v in parts)
-    if type(None) in args:  # Optional[int]
-        if text.strip().lower() == "none":
-            return None
-        typ = int
-    if typ is int:
-        if not _is_int(text.strip()):
-            raise UserError(f"bad value {text!r} for {key}: expected a whole number")
-        return int(text)
-    if typ is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"bad value {text!r} for {key}: expected a number") from None
-        if not math.isfinite(value):
-            raise UserError(f"bad value {text!r} for {key}: expected a finite number")
-        return value
-    return typ(text)
-
-
-def _expected(typ) -> str:
-    """What a value of type ``typ`` is, for a message: ``a number``, ``a whole number``, …"""
-    if typ is bool:
-        return "true or false"
-    if typing.get_origin(typ) is tuple:
-        return "whole numbers separated by commas"
-    if typ is float:
-        return "a number"
-    if typ is int or type(None) in typing.get_args(typ):
-        return "a whole number"
-    return "a value"
-
-
-def _is_int(text: str) -> bool:
-    return re.fullmatch(r"[+-]?\d+", text) is not None
-
-
-def presets_markdown() -> str:
-    """The preset table of ``docs/presets.md`` (``python -m neurosim.training.config > docs/presets.md``)."""
-    defaults = flat_settings(RunConfig())
-    lines = ["# Presets", "",
-             "Generated by `python -m neurosim.training.config > docs/presets.md` from the rule and model",
-             "registries. A preset is `<rule>_<model>`; each row lists the fields it sets away from the defaults",
-             "below. Any field",
-             "can be overridden on the command line as `--field-name value` (tuples as `60,120,160`); a",
-             "rule's own settings are `--<rule>-<setting>` and apply to that rule's presets only.", ""]
-    for alias, rule in rule_aliases().items():
-        lines += [f"`{alias}` is another name of the rule `{rule}`: a preset `{alias}_<model>` has the settings",
-                  f"of `{rule}_<model>` below, and a run started as `{alias}_<model>` keeps that name.", ""]
-    families = [(name, recipe.title) for name, (_, recipe) in recipes().items()]
-    for model, title in families:
-        lines += [f"## `*_{model}`: {title}", "", "| preset | settings |", "| --- | --- |"]
-        for rule in RULE_NAMES:
-            name = f"{rule}_{model}"
-            flat = flat_settings(preset(name))
-            diff = {k: v for k, v in flat.items()
-                    if k not in ("preset", "rule") and k in defaults and defaults[k] != v
-                    or k.startswith(f"{rule}_") and k not in defaults and v != rule_settings()[k][1].default}
-            lines.append(f"| `{name}` | " + ", ".join(f"{k}={_show(v)}" for k, v in diff.items()) + " |")
-        lines.append("")
-    lines += ["## Rules and their own settings", "", "| rule | class | option | default |", "| --- | --- | --- | --- |"]
-    for rule, cls in RULES.items():
-        fields = attrs.fields(cls)
-        aliases = RULES.aliases(rule)
-        shown = f"`{rule}`" + (f" (alias {', '.join(f'`{a}`' for a in aliases)})" if aliases else "")
-        if not fields:
-            lines.append(f"| {shown} | `{cls.__name__}` | — | |")
-        for f in fields:
-            lines.append(f"| {shown} | `{cls.__name__}` | `--{rule}-{f.name.replace('_', '-')}` | {_show(f.default)} |")
-    lines += ["", "## Defaults of every other field", "", "| field | default |", "| --- | --- |"]
-    lines += [f"| `{k}` | {_show(v)} |" for k, v in defaults.items() if k != "preset" and not k.startswith("bp_")
-              and k in {f.name for f in attrs.fields(RunConfig)}]
-    return "\n".join(lines) + "\n"
-
-
-def _show(v) -> str:
-    if isinstance(v, tuple):
-        return ",".join(map(str, v)) or "()"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
 if __name__ == "__main__":
+    from neurosim.training.presets_doc import presets_markdown
+
     print(presets_markdown(), end="")

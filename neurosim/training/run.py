@@ -12,7 +12,6 @@ from pathlib import Path
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from neurosim.common.errors import UserError
 from neurosim.common.files import DirectoryLock, write_atomic
@@ -27,7 +26,7 @@ from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, writ
 from neurosim.training.config import RunConfig
 from neurosim.training.evaluation import evaluate_stream, evaluation_result, evaluation_totals
 from neurosim.training.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
-from neurosim.training.step import batch_at, engaged_step, sleep_plan, sleep_steps
+from neurosim.training.step import batch_at, engaged_step, loss_function, sleep_plan, sleep_steps, time_execution
 
 
 class RunInterrupted(UserError):
@@ -94,18 +93,6 @@ def compiled_with_dynamic_batch(module, backend: str = "inductor"):
     return call
 
 
-def loss_function(name: str):
-    if name == "cross_entropy":
-        return F.cross_entropy
-
-    def sigmoid_bce(logits, target):
-        # Sigmoid cross-entropy on one-hot targets, summed over classes, averaged over the batch.
-        onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / logits.shape[0]
-
-    return sigmoid_bce
-
-
 class Run:
     """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
 
@@ -124,11 +111,14 @@ class Run:
         self.device = resolve_device(cfg.device)
         if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the local rank's GPU
-        if self.world.distributed and cfg.execution == "reference":
-            raise UserError("--execution reference runs one process literally, synapse by synapse; under "
-                            "torchrun use the compiled execution (the default)")
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)) else None
+        if self.world.distributed and (cfg.execution == "reference" or cfg.dynamics == "time"):
+            raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
+                            "the compiled execution (the default) with instant dynamics")
+        cuda, timed = self.device.type == "cuda", cfg.dynamics == "time"
+        if timed and cfg.amp == "bf16":
+            raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
+                            "leave --amp out")
+        self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda and not timed)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and not MODELS[cfg.model].is_mlp)
         set_determinism(cfg.deterministic, cuda)
         # Every random stream of a run derives from its seed; the process-wide generators too
@@ -169,7 +159,8 @@ class Run:
             sync_batch_norm(self.circuit)
         # ``engine`` runs the engaged steps: the circuit, under DDP when there are several ranks.
         self.engine = distributed.wrap(self.circuit, self.device) if self.world.distributed else self.circuit
-        self.model = compiled_with_dynamic_batch(self.engine) if cfg.compile else self.engine
+        self.model = compiled_with_dynamic_batch(self.engine) if cfg.compile and not timed else self.engine
+        self.time = time_execution(self.circuit, cfg.time_settings(), cfg.execution, cfg.compile)
         self.loss_fn = loss_function(cfg.loss)
         self.optimizer = torch.optim.SGD(self.circuit.engaged_parameters(), lr=self.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -412,7 +403,7 @@ class Run:
     def engaged_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Forward, feedback and local updates on one batch; statistics stay on the device."""
         loss, out = engaged_step(self.circuit, self.model, self.optimizer, x, y, self.loss_fn, self.amp_dtype,
-                                 self.sleep_generator, self.cfg.execution)
+                                 self.sleep_generator, self.cfg.execution, self.time)
         n = y.shape[0]
         self.stats += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
         self.seen += n

@@ -9,26 +9,44 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
 
+from neurosim.core.dynamics import time_backward
 from neurosim.core.reference import reference_backward
 from neurosim.rules.base import SleepSchedule
 from neurosim.training.distributed import derive_feedback_updates
 
 
+def loss_function(name: str):
+    if name == "cross_entropy":
+        return F.cross_entropy
+
+    def sigmoid_bce(logits, target):
+        # Sigmoid cross-entropy on one-hot targets, summed over classes, averaged over the batch.
+        onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, onehot, reduction="sum") / logits.shape[0]
+
+    return sigmoid_bce
+
+
 def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, loss_fn,
                  amp_dtype: torch.dtype | None, generator: torch.Generator | None,
-                 execution: str = "compiled") -> tuple[torch.Tensor, torch.Tensor]:
+                 execution: str = "compiled", time=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, feedback and local updates on one batch; returns ``(loss, output)``.
 
     ``model`` is ``circuit`` itself or its compiled form. ``circuit`` None: ``model`` is a plain
     module that draws nothing per batch (the benchmark's native baseline). ``execution``
     "reference" runs the step literally (``neurosim.core.reference``), without autocast.
+    ``time`` (``time_execution``): the batch is presented to the circuit in time instead, and
+    the loss and output are those at the stimulus's last step.
     """
     optimizer.zero_grad(set_to_none=True)
     if circuit is not None:
         # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
         circuit.new_batch(generator)
-    if execution == "reference":
+    if time is not None:
+        loss, out = time.backward(x, lambda a: loss_fn(a, y), generator)
+    elif execution == "reference":
         out_holder = []
 
         def loss_of(out):
@@ -48,6 +66,36 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
             derive_feedback_updates(circuit)
     optimizer.step()
     return loss, out
+
+
+class LiteralTime:
+    """The literal execution of a circuit in time (``neurosim.core.dynamics.time_backward``)
+    behind the call the compiled one answers: ``backward(x, loss_fn) -> (loss, output)``, both
+    at the stimulus's last step; ``generator`` draws the intrinsic noise (``TimeSettings.noise``)."""
+
+    def __init__(self, circuit, settings):
+        self.circuit, self.settings = circuit, settings
+
+    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        last, outputs = self.settings.steps(self.settings.duration), []
+
+        def loss_of(a):  # called once per time step; the stimulus is on for the first ``last``
+            if len(outputs) < last:
+                outputs.append(a.detach())
+            return loss_fn(a)
+
+        loss = time_backward(self.circuit, x, loss_of, self.settings, generator=generator)
+        return loss, outputs[-1]
+
+
+def time_execution(circuit, settings, execution: str = "compiled", compile: bool = False):
+    """What presents each batch to ``circuit`` in time under ``settings`` (None: nothing, the
+    step is instantaneous): the literal execution for ``execution`` "reference", else the
+    batched one (``neurosim.core.time_execution``), compiled with ``compile``."""
+    if settings is None:
+        return None
+    return LiteralTime(circuit, settings)
 
 
 @attrs.frozen

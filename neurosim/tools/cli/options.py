@@ -21,14 +21,13 @@ import attrs
 
 from neurosim.common.errors import UserError
 from neurosim.models.registry import MODELS
+from neurosim.training.overrides import convert_option, option_types
 from neurosim.training.config import (
     MODEL_FAMILIES,
     PRESETS,
     RULE_NAMES,
     RunConfig,
-    convert_option,
     flat_settings,
-    option_types,
     preset,
     rule_settings,
     unknown_preset,
@@ -41,6 +40,7 @@ GROUPS = {
     "optimisation": "optimisation",
     "rule": "rule settings",
     "execution": "execution",
+    "dynamics": "dynamics (a circuit in time, docs/results.md \"Circuits in time\")",
     "monitors": "monitors (per-synapse records, docs/monitors.md)",
     "output": "output",
 }
@@ -136,7 +136,7 @@ def _metavar(f, typ, own: bool) -> str:
     if typing.get_origin(typ) is tuple:
         return "N,N,..."
     if type(None) in typing.get_args(typ):
-        return "N|none"
+        return ("X" if float in typing.get_args(typ) else "N") + "|none"
     return {int: "N", float: "X"}.get(typ, "VALUE")
 
 

@@ -95,7 +95,7 @@ class Request:
 
 
 def parse_request(argv: list[str], prog: str = "compare_rules.py") -> Request:
-    from neurosim.training.config import parse_overrides
+    from neurosim.training.overrides import parse_overrides
 
     rest = list(argv)
     model = None
@@ -218,7 +218,7 @@ def check_model(model: str) -> None:
 
 
 def _typed(options: dict) -> dict:
-    from neurosim.training.config import parse_overrides
+    from neurosim.training.overrides import parse_overrides
 
     return parse_overrides([t for key, value in options.items() for t in (_flag(key), value)])
 
