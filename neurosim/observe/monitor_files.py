@@ -51,8 +51,11 @@ AXES = {
     "trace": ("trace_index", 1, "the traced (W, B) pairs of each synapse"),
     "snapshot": ("scatter_steps", 0, "the scatter snapshots, evenly spaced over the run"),
     "scatter": ("scatter_index", 1, "the sampled (W, B) pairs of each synapse in a snapshot"),
+    "time": ("time_steps", 0, "the time steps of one presentation of the probe batch in time (runs in time only)"),
 }
 
+_TIME = ("runs in time only (a monitor given time_settings; see neurosim.observe.time_traces): one presentation "
+         "of the probe batch at each scatter snapshot, on a copy of the circuit")
 _NO_PROBE = "NaN without a probe batch (probe 0)"
 _SLEEP = ("written only by circuits whose rule sleeps (WM); NaN in rows without a sleep and for "
           "synapses that do not sleep")
@@ -117,6 +120,31 @@ QUANTITIES = (
              "w_vs_bt_scatter.png"),
     Quantity("scatter_index", ("synapse", "scatter"), "index",
              "flat position in W of each scatter pair; -1 pads", "w_vs_bt_scatter.png"),
+    Quantity("time_steps", ("time",), "time (unit of dt)",
+             f"the end of each Euler step of a presentation, (n + 1)·dt; the stimulus is on up to its duration "
+             f"(monitor.json's time_settings). {_TIME}",
+             "within_presentation.png; dashboard.html (within a presentation)", required=False, group="time"),
+    Quantity("time_pre", ("snapshot", "synapse", "trace", "time"), "activity",
+             "presynaptic signal of each traced pair at unit i (the eligibility trace, or the activity where there "
+             "is none), mean over the probe batch; for a convolution input channel i, mean over positions too",
+             "within_presentation.png; dashboard.html", required=False, group="time"),
+    Quantity("time_error", ("snapshot", "synapse", "trace", "time"), "error (∂L/∂drive)",
+             "local error δ_j at the drive of the pair's postsynaptic unit j (for a convolution output channel j), "
+             "mean over the probe batch and positions: what the rule multiplies with the presynaptic signal",
+             "within_presentation.png; dashboard.html", required=False, group="time"),
+    Quantity("time_update", ("snapshot", "synapse", "trace", "time"), "weight (as .grad)",
+             "running integrated update of W_ji within the presentation (ΔW so far, decay included; the last "
+             "step's value is what the presentation writes into W's .grad)",
+             "within_presentation.png; dashboard.html", required=False, group="time"),
+    Quantity("time_update_b", ("snapshot", "synapse", "trace", "time"), "weight (as .grad)",
+             "running integrated update of the feedback weight B_ij (in W's layout) where the rule learns it while "
+             "engaged (KP), formed by the synapse's rule from the same signals; NaN for the other rules",
+             "within_presentation.png; dashboard.html", required=False, group="time"),
+    Quantity("time_w", ("snapshot", "synapse", "trace"), "weight",
+             "W_ji at the start of the presentation", None, required=False, group="time"),
+    Quantity("time_b", ("snapshot", "synapse", "trace"), "weight",
+             "Bᵀ_ji (B_ij in W's layout) at the start of the presentation; NaN where the rule sends nothing back",
+             None, required=False, group="time"),
 )
 
 
@@ -137,9 +165,12 @@ SLEEP = tuple(q.name for q in QUANTITIES if q.group == "sleep")
 
 
 def monitor_index(arrays: dict[str, np.ndarray], *, synapses, weight_shapes: dict, rules: dict,
-                  total_steps: int, config: dict, probe_size: int, trace_index: dict) -> dict:
-    """The contents of ``monitor.json``: what every array and column is."""
+                  total_steps: int, config: dict, probe_size: int, trace_index: dict,
+                  time_settings: dict | None = None) -> dict:
+    """The contents of ``monitor.json``: what every array and column is (``time_settings``: the
+    settings of the presentations in time, written only where there were any)."""
     known = declared()
+    extra = {} if time_settings is None else {"time_settings": time_settings}
     return {
         "format": FORMAT,
         "synapses": list(synapses),
@@ -151,6 +182,7 @@ def monitor_index(arrays: dict[str, np.ndarray], *, synapses, weight_shapes: dic
         "arrays": {name: {"shape": list(a.shape), "unit": known[name].unit, "meaning": known[name].meaning}
                    for name, a in arrays.items()},
         "trace_index": trace_index,
+        **extra,
     }
 
 
@@ -186,6 +218,7 @@ class MonitorRecord:
     total_steps: int
     config: dict
     units: dict
+    time_settings: dict | None = None
 
     def __getattr__(self, name):
         if not name.startswith("__") and name in declared():
@@ -278,6 +311,7 @@ def load_monitor(run_dir) -> MonitorRecord:
         weight_shapes={k: tuple(v) for k, v in meta["weight_shapes"].items()},
         rules=dict(meta["rules"]), total_steps=int(meta["total_steps"]), config=dict(meta["config"]),
         units=units,
+        time_settings=meta["time_settings"] if isinstance(meta.get("time_settings"), dict) else None,
     )
 
 
@@ -317,7 +351,7 @@ def _record_problem(meta: dict, arrays: dict) -> str | None:
     known = declared()
     sizes = {"synapse": len(names)}
     for axis, (source, position, _) in AXES.items():
-        if source is not None:
+        if source is not None and source in arrays:  # an optional array's axis: absent with it
             a = arrays[source]
             sizes[axis] = a.shape[position] if a.ndim == len(known[source].axes) else -1
     s = sizes["synapse"]

@@ -20,6 +20,16 @@ restored afterwards: recording does not change training. Both passes run in the 
 precision (bf16 autocast where training uses it), so the angles describe the errors training
 really delivers. It costs about two training steps of the probe's batch size per record. ``probe=0`` turns it off (those arrays are then NaN).
 
+Within a presentation
+=====================
+
+A circuit run in time (``neurosim.core.dynamics``) learns from signals that rise, overlap and
+fade within each presentation. ``Monitor(..., time_settings=TimeSettings(...))`` presents its
+probe batch once in time at every scatter snapshot, to a copy of the circuit, and keeps the
+traced pairs' presynaptic signal, local error and running ΔW (ΔB where the rule learns B while
+engaged) at every time step (``neurosim.observe.time_traces``; the ``time_*`` arrays). Ordinary
+runs (``time_settings=None``) write none of them.
+
 Cost and size
 =============
 
@@ -90,6 +100,7 @@ from neurosim.observe.monitor_files import (
     write_monitor,
 )
 from neurosim.observe.probe import probe_angles, probe_batch
+from neurosim.observe.time_traces import SERIES, START, TimeTraces, check_time_settings, presentation_steps
 
 __all__ = ["ARRAYS", "FORMAT", "QUANTITIES", "RECORD_VALUES", "SCALARS", "SLEEP", "Monitor", "MonitorConfig", "MonitorRecord",
            "RecordBuffer", "estimate_nbytes", "load_monitor", "probe_angles", "probe_batch", "record_rows", "snapshot_plan"]
@@ -138,12 +149,15 @@ def record_rows(every: int, total_steps: int) -> int:
     return 1 + max(total_steps, 0) // every
 
 
-def estimate_nbytes(cfg: MonitorConfig, numels, total_steps: int, sleeps: bool) -> int:
+def estimate_nbytes(cfg: MonitorConfig, numels, total_steps: int, sleeps: bool, time_steps: int = 0) -> int:
     """Bytes the monitor records over a whole run, for synapses with ``numels`` weights each.
 
     Rows of float32 per-synapse scalars (4, or 8 with sleep columns) and ``2·traces`` traced
-    values, one int64 step per row, the scatter snapshots and the sample indices. The files and
-    the host copy are this size; the device holds only one chunk (``Monitor.buffer_nbytes``).
+    values, one int64 step per row, the scatter snapshots and the sample indices; with
+    ``time_steps`` (the steps of one presentation in time, 0: none), per snapshot and traced
+    pair four float32 series of that many steps and two start values, and the step times. The
+    files and the host copy are this size; the device holds only one chunk
+    (``Monitor.buffer_nbytes``) plus the snapshots.
     """
     numels = list(numels)
     s = len(numels)
@@ -151,7 +165,8 @@ def estimate_nbytes(cfg: MonitorConfig, numels, total_steps: int, sleeps: bool) 
     n = min(cfg.scatter, max(numels, default=0)) if cfg.snapshots else 0
     per_row = 4 * s * (len(SCALARS) + len(SLEEP) * bool(sleeps) + 2 * k) + 4 * len(RECORD_VALUES) + 8
     snaps = cfg.snapshots * (4 * s * 2 * n + 8)
-    return record_rows(cfg.every, total_steps) * per_row + snaps + 8 * s * (k + n)
+    timed = cfg.snapshots * 4 * s * k * (len(SERIES) * time_steps + len(START)) + 4 * time_steps if time_steps else 0
+    return record_rows(cfg.every, total_steps) * per_row + snaps + 8 * s * (k + n) + timed
 
 
 def snapshot_plan(snapshots: int, total_steps: int) -> list[int]:
@@ -308,10 +323,13 @@ class RecordBuffer:
 class Monitor:
     """Per-synapse records of a circuit during training, on the device, flushed to disk.
 
-    ``Monitor(circuit, cfg, total_steps, probe, loss_fn, seed)``: build it once the circuit is on
-    its device; it records step 0 (the circuit as it is now) at once. ``probe`` is a fixed batch
+    ``Monitor(circuit, cfg, total_steps, probe, loss_fn, seed, time_settings=None)``: build it once
+    the circuit is on its device; it records step 0 (the circuit as it is now) at once. ``probe`` is a fixed batch
     ``(x, y)`` as the circuit sees it (normalised, on the device; see ``probe_batch``) of which
     the first ``cfg.probe`` samples are used; ``loss_fn(logits, y)`` is the training loss.
+    ``time_settings`` (a ``TimeSettings``, for a run in time): at every scatter snapshot the probe
+    batch is also presented once in time, and the traced pairs' signals kept at every time step
+    (``neurosim.observe.time_traces``); it needs a probe batch.
 
     The training loop calls ``after_step(step)`` after every engaged optimizer step,
     ``before_sleep(step)`` / ``after_sleep(step)`` around the sleep batches that follow step
@@ -325,7 +343,7 @@ class Monitor:
 
     def __init__(self, circuit, cfg: MonitorConfig, total_steps: int,
                  probe: tuple[torch.Tensor, torch.Tensor] | None = None, loss_fn=None, seed: int = 0,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, time_settings=None):
         self.circuit, self.cfg, self.total_steps = circuit, cfg, int(total_steps)
         # The probe runs in the training precision: its angles describe the errors training
         # really delivers (bf16 rounding included), and both of its passes share that precision.
@@ -335,7 +353,10 @@ class Monitor:
         numels = [syn.weight.numel() for syn in self.synapses]
         sleeping = [i for i, syn in enumerate(self.synapses) if syn.rule.sleeps]
         self.has_sleep = bool(sleeping)
-        size = estimate_nbytes(cfg, numels, total_steps, self.has_sleep)
+        if time_settings is not None:
+            check_time_settings(circuit, time_settings, bool(cfg.probe and probe is not None and loss_fn is not None))
+        self.time_steps = 0 if time_settings is None or not cfg.snapshots else presentation_steps(circuit, time_settings)
+        size = estimate_nbytes(cfg, numels, total_steps, self.has_sleep, self.time_steps)
         if size > cfg.max_bytes:
             raise UserError(self._oversize_message(size, numels))
 
@@ -357,6 +378,8 @@ class Monitor:
 
         self.records = RecordBuffer(len(self.names), self.k, self.n_scatter, cfg.snapshots, self.has_sleep,
                                     record_rows(cfg.every, total_steps), self.device)
+        self.time = (TimeTraces(circuit, time_settings, len(self.names), self.k, cfg.snapshots, self.device, seed)
+                     if self.time_steps else None)
         self._plan = snapshot_plan(cfg.snapshots, self.total_steps)
         self.restored_rows = 0
         self.after_step(0)
@@ -387,11 +410,11 @@ class Monitor:
     def nbytes(self) -> int:
         """Estimated bytes recorded over the whole run (files and host copy); see ``estimate_nbytes``."""
         return estimate_nbytes(self.cfg, [s.weight.numel() for s in self.synapses], self.total_steps,
-                               self.has_sleep)
+                               self.has_sleep, self.time_steps)
 
     def buffer_nbytes(self) -> int:
         """Bytes the monitor holds on the device: fixed at construction, whatever the run's length."""
-        return self.records.nbytes()
+        return self.records.nbytes() + (self.time.nbytes() if self.time is not None else 0)
 
     def _oversize_message(self, size: int, numels) -> str:
         cfg = self.cfg
@@ -438,6 +461,9 @@ class Monitor:
             n = len(at[0])
             snap[i, 0, :n] = syn.weight.detach()[at]
             snap[i, 1, :n] = _feedback(syn)[at]
+        if self.time is not None:
+            self.time.present(len(self.snapshot_steps), self.circuit, self.names, self._trace_at, *self.probe,
+                              self.loss_fn)
         self.records.commit_snapshot(step)
 
     def _alignment(self, synapses):
@@ -493,8 +519,9 @@ class Monitor:
     # -- host side -----------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         """The records so far as named NumPy arrays (the contents of ``monitor.npz``)."""
+        timed = self.time.arrays(len(self.snapshot_steps)) if self.time is not None else {}
         return {**self.records.row_arrays(), "trace_index": self.trace_index.numpy().copy(),
-                **self.records.snapshot_arrays(), "scatter_index": self.scatter_index.numpy().copy()}
+                **self.records.snapshot_arrays(), "scatter_index": self.scatter_index.numpy().copy(), **timed}
 
     def index(self, arrays: dict[str, np.ndarray]) -> dict:
         """The contents of ``monitor.json``: what every array and column is."""
@@ -505,7 +532,8 @@ class Monitor:
             total_steps=self.total_steps, config=attrs.asdict(self.cfg),
             probe_size=0 if self.probe is None else int(self.probe[1].shape[0]),
             trace_index={n: [int(i) for i in row if i >= 0]
-                         for n, row in zip(self.names, self.trace_index.tolist())})
+                         for n, row in zip(self.names, self.trace_index.tolist())},
+            time_settings=attrs.asdict(self.time.settings) if self.time is not None else None)
 
     def flush(self, run_dir, create: bool = True) -> dict[str, np.ndarray]:
         """Write ``monitor.npz`` and ``monitor.json`` into ``run_dir``, each atomically; returns
@@ -524,6 +552,7 @@ class Monitor:
             "format": FORMAT, "synapses": list(self.names), "width": self.width, "k": self.k,
             "n_scatter": self.n_scatter, "config": attrs.asdict(self.cfg), **self.records.state_dict(),
             "trace_index": self.trace_index.clone(), "scatter_index": self.scatter_index.clone(),
+            **({"time": self.time.state_dict()} if self.time is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -537,11 +566,20 @@ class Monitor:
                   ("row width", width, self.width), ("traces per synapse", state.get("k"), self.k),
                   ("scatter sample", state.get("n_scatter"), self.n_scatter),
                   ("snapshots", cfg.get("snapshots"), self.cfg.snapshots))
+        timed = state.get("time")
+        if timed is not None:
+            # A checkpoint written before these records may lack them (its snapshots' then stay NaN
+            # here); one that has them must have been made as this monitor would make them.
+            mine = self.time
+            checks += (("time settings", timed["settings"], attrs.asdict(mine.settings) if mine else None),
+                       ("time steps per presentation", timed["steps"], mine.steps if mine else None))
         differ = [f"{what} {theirs!r} (this configuration: {mine!r})"
                   for what, theirs, mine in checks if theirs != mine]
         if differ:
             raise UserError("the checkpoint's monitor records differently from this configuration: "
                             + "; ".join(differ) + "; resume with the run's own monitor settings")
         self.records.load_state_dict(state)
+        if self.time is not None:  # a checkpoint without them: its snapshots have none (NaN)
+            self.time.load_state_dict(state.get("time"))
         self.restored_rows = len(self.steps)  # rows recorded before the checkpoint, by an earlier process
         self._set_indices(state["trace_index"].clone(), state["scatter_index"].clone())
