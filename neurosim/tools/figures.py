@@ -3,7 +3,8 @@
 Per epoch (``metrics.jsonl``): ``accuracy.png``, ``loss_lr.png``, ``angles_by_epoch.png``. From the monitor files
 when the run has them (``neurosim.observe.monitors``): ``angle_w_bt_by_step.png``,
 ``norm_ratio_by_step.png``, ``delta_angle_by_step.png``, ``synapse_traces.png``,
-``w_vs_bt_scatter.png`` and, for runs that sleep, ``sleep_effect.png``. Across runs:
+``w_vs_bt_scatter.png``, for runs that sleep ``sleep_effect.png`` and, for runs in time,
+``within_presentation.png``. Across runs:
 ``plot_compare`` → ``compare_accuracy_angle.png``.
 
 Every function that draws takes ``fmt``: ``"png"`` (the default), ``"pdf"`` or ``"svg"``, the
@@ -521,7 +522,55 @@ def plot_monitor(run_dir: Path, out_dir: Path | None = None, fmt: str = "png") -
         written.append(plot_scatter(run_dir, rec, folder / f"w_vs_bt_scatter.{fmt}"))
     if rec.has_sleep:
         written.append(plot_sleep_effect(run_dir, rec, folder / f"sleep_effect.{fmt}"))
+    if rec.time_steps is not None and len(rec.scatter_steps) and rec.traces_w.shape[2]:
+        written.append(plot_within_presentation(run_dir, rec, folder / f"within_presentation.{fmt}"))
     return written
+
+
+def plot_within_presentation(run_dir: Path, record: MonitorRecord | None = None, out: Path | None = None,
+                             fmt: str = "png") -> Path:
+    """A run in time: for one traced pair of the first, middle and last monitored synapses, the
+    presynaptic signal, the local error and the running update of W_ji (of B_ij dashed, where the
+    rule learns it) against time within a presentation of the probe batch, one line per
+    snapshot (early pale, late dark); the dotted line marks the stimulus's offset."""
+    run_dir = Path(run_dir)
+    rec = record or load_monitor(run_dir)
+    if rec.time_steps is None:
+        raise UserError(f"{run_dir}'s monitor holds no traces within a presentation: the run was not in time")
+    cols, t, snaps = _chosen(rec), rec.time_steps, len(rec.scatter_steps)
+    offset = (rec.time_settings or {}).get("duration")
+    shades = plt.get_cmap("viridis")(np.linspace(0.85, 0.0, snaps)) if snaps > 1 else ["tab:blue"]
+    panels = (("time_pre", "presynaptic signal x̄_i"), ("time_error", "local error δ_j"),
+              ("time_update", "running ΔW_ji (ΔB_ij dashed)"))
+    fig, axes = plt.subplots(len(cols), 3, figsize=(13, 2.7 * len(cols) + 0.8), sharex=True, squeeze=False,
+                             layout="constrained")
+    marker = "o" if len(t) <= 12 else ""
+    for r, i in enumerate(cols):
+        name = rec.synapses[i]
+        real = np.flatnonzero(rec.trace_index[i] >= 0)
+        j = int(real[0]) if len(real) else 0
+        pos = ",".join(map(str, rec.traced_position(name, j))) if len(real) else "none"
+        for c, (key, what) in enumerate(panels):
+            ax = axes[r, c]
+            for p in range(snaps):
+                ax.plot(t, rec.arrays[key][p, i, j], color=shades[p], lw=1.3, marker=marker, ms=3,
+                        label=f"step {int(rec.scatter_steps[p])}")
+                if key == "time_update" and np.isfinite(rec.time_update_b[p, i, j]).any():
+                    ax.plot(t, rec.time_update_b[p, i, j], color=shades[p], lw=1.3, ls="--")
+            if offset is not None:
+                ax.axvline(offset, color="grey", ls=":", lw=1.0)
+            ax.axhline(0.0, color="grey", lw=0.5)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(what, fontsize=8)
+            if r == 0:
+                ax.set_title(what, fontsize=10)
+        axes[r, 0].set_title(f"{name} ({rec.rules.get(name, '?')}), pair W[{pos}]", fontsize=9, loc="left")
+    for ax in axes[-1]:
+        ax.set_xlabel("time within the presentation (unit of dt)")
+    axes[0, -1].legend(fontsize=7, title="snapshot", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    stim = f"; stimulus off at {offset:g} (dotted)" if offset is not None else ""
+    fig.suptitle(f"{_title(run_dir)}: within a presentation of the probe batch, batch means{stim}")
+    return save_figure(fig, out or run_dir / f"within_presentation.{check_format(fmt)}")
 
 
 # -- several runs ---------------------------------------------------------------------------------

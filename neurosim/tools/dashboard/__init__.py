@@ -5,7 +5,8 @@ with no server. It holds the epoch curves of ``metrics.jsonl`` (loss, accuracy, 
 mean W–Bᵀ angle), and from the monitor files a synapse × step heat-map of every recorded
 per-synapse quantity, a synapse picker (``Select`` named ``synapse_picker``) that shows the
 chosen synapse's curves, its traced pairs ``(W_ji, B_ij)`` and its W-vs-Bᵀ scatter snapshots (a
-``Slider`` through time), and the facts of each run (preset, overrides, device, versions, wall
+``Slider`` through time), for runs in time the same pairs within a presentation of the probe
+batch (``time_panel``), and the facts of each run (preset, overrides, device, versions, wall
 time, command). Several runs are overlaid, toggled by name and labelled by the settings that
 differ. ``write_dashboard`` writes the file atomically.
 """

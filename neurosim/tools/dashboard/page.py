@@ -8,6 +8,7 @@ import html
 import numpy as np
 
 from neurosim.tools.dashboard.runs import RunData, facts, run_labels
+from neurosim.tools.dashboard.time_panel import time_views
 
 # Per-synapse scalar arrays of the monitor: (name, what the page calls it, unit).
 SCALARS = (("angle", "W–Bᵀ angle", "degrees"), ("norm_ratio", "‖Bᵀ‖/‖W‖", "ratio"),
@@ -268,7 +269,8 @@ if (slider) slider.title = 'scatter snapshot ' + slider.value + ' (step ' + snap
 
 def synapse_views(runs, labels, colours, groups):
     """The synapse picker and what it shows: the chosen synapse's curves over steps, its traced
-    pairs and its W-vs-Bᵀ scatter snapshots (a slider through them)."""
+    pairs, its W-vs-Bᵀ scatter snapshots (a slider through them) and, for runs in time, its traced
+    pairs within a presentation (``time_panel``)."""
     from bokeh.models import ColumnDataSource, CustomJS, Div, Select, Slider
 
     monitored = [(i, r) for i, r in enumerate(runs) if r.monitor is not None]
@@ -366,7 +368,7 @@ def synapse_views(runs, labels, colours, groups):
     out.append(trace_fig)
     if max(nsnap):
         out.append(column(*([slider] if slider else []), scat_fig))
-    return out
+    return out + time_views(runs, labels, colours, groups, picker, names, _palette(20))
 
 
 def _prime(s, stores, curves, traces, scat_all, scats, nsnap, ntraces, tcolours, slider):
