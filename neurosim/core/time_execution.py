@@ -67,12 +67,23 @@ def _derivative(activation: str, u, y, err):
     if activation == "identity":
         return err
     if activation == "relu":
-        return torch.where(u > 0, err, torch.zeros_like(err))
+        return torch.ops.aten.threshold_backward(err, u, 0)
     if activation == "sigmoid":
         return err * (1 - y) * y
     if activation == "tanh":
         return err * (1 - y * y)
     raise ValueError(f"no derivative for activation {activation!r}")
+
+
+def _teaching(loss_fn, out):
+    """``(∂L/∂out, L)``: ``torch.func`` where dynamo traces (one graph), plain autograd in eager
+    mode (a functorch transform costs more per call there)."""
+    if torch.compiler.is_compiling():
+        return torch.func.grad_and_value(loss_fn)(out)
+    with torch.enable_grad():
+        a = out.detach().requires_grad_(True)
+        loss = loss_fn(a)
+        return torch.autograd.grad(loss, a)[0], loss.detach()
 
 
 @attrs.frozen
@@ -218,9 +229,10 @@ class TimeExecution:
         present at it now. Ring buffers and accumulated updates are written in place."""
         p, c = self.plan, self.circuit
         t = state["t"]
-        on = t < p.t_on
+        # 1 while the stimulus is on, 0 after: a factor, not a branch (one graph for every step).
+        on = (t < p.t_on).to(x.dtype)
         prev = state["act"]
-        new = {p.inp: torch.where(on, x, torch.zeros_like(x))}
+        new = {p.inp: x * on}
         drives, responses, winners = {}, {}, {}
         for name, pop, incoming in p.forward:
             drive = None
@@ -232,8 +244,8 @@ class TimeExecution:
             drives[name], winners[name] = _pool(pop, drive)
             responses[name] = pop.respond(drives[name])
             new[name] = _leak(prev[name], responses[name], p.k_act)
-        grad, loss = torch.func.grad_and_value(loss_fn)(new[p.out])
-        e_out = torch.where(on, grad, torch.zeros_like(grad))
+        grad, loss = _teaching(loss_fn, new[p.out])
+        e_out = grad * on
         trace = {name: _leak(state["trace"][name], new[name], p.k_tr) for name in p.traced} if p.traced else new
 
         # Errors, from the output down. With a lag, what the consumers sent ``lag`` steps ago
