@@ -137,6 +137,26 @@ def test_recorded_traces_are_what_a_direct_presentation_in_time_hands_over(rule,
         assert np.isnan(a["time_pre"][0, i, ~real]).all()
 
 
+def test_the_feedback_update_is_formed_by_the_rule_where_the_presentation_hands_over_none(monkeypatch):
+    """A ``time_backward`` whose trace holds no running ΔB: the monitor forms KP's from the
+    synapse's rule on the step's signals, the same values (float64, rounded to float32)."""
+    import neurosim.observe.time_traces as time_traces
+
+    c = mlp(KolenPollack(decay=0.1))
+    x, y = data()
+    handed = Monitor(c, CFG, 4, (x, y), F.cross_entropy, seed=3, time_settings=SETTINGS).arrays()["time_update_b"]
+    direct = time_traces.time_backward
+
+    def without(*args, trace, **kw):
+        return direct(*args, trace=lambda step, state: trace(step, {k: v for k, v in state.items()
+                                                                     if k != "feedback_update"}), **kw)
+
+    monkeypatch.setattr(time_traces, "time_backward", without)
+    formed = Monitor(c, CFG, 4, (x, y), F.cross_entropy, seed=3, time_settings=SETTINGS).arrays()["time_update_b"]
+    assert np.isfinite(formed).any()
+    np.testing.assert_array_equal(formed, handed)
+
+
 def test_the_run_s_circuit_its_grads_and_random_streams_are_untouched():
     c = mlp(KolenPollack(decay=0.1), torch.float32)
     x, y = data(dtype=torch.float32)
@@ -149,6 +169,26 @@ def test_the_run_s_circuit_its_grads_and_random_streams_are_untouched():
     for n, p in c.named_parameters():
         w, grad, values = before[n]
         assert torch.equal(p.detach(), w) and p.grad is grad and torch.equal(p.grad, values), n
+
+
+@pytest.mark.skipif("noise" not in attrs.fields_dict(TimeSettings), reason="this dynamics has no intrinsic noise")
+def test_intrinsic_noise_comes_from_the_monitor_s_own_seeded_stream():
+    """Presentations with noise draw from a generator of the monitor's own (seed, snapshot): the
+    same whatever the process-wide random state, which they leave as it was."""
+    c = mlp(KolenPollack(decay=0.1), torch.float32)
+    x, y = data(dtype=torch.float32)
+    noisy = TimeSettings(duration=3, noise=0.2)
+
+    def pre(seed, settings=noisy):
+        torch.manual_seed(seed)  # the process-wide stream, differently placed each time
+        rng = torch.get_rng_state()
+        a = Monitor(c, CFG, 2, (x, y), F.cross_entropy, seed=7, time_settings=settings).arrays()["time_error"]
+        assert torch.equal(torch.get_rng_state(), rng)
+        return a
+
+    first = pre(0)
+    np.testing.assert_array_equal(pre(1), first)
+    assert not np.array_equal(pre(0, attrs.evolve(noisy, noise=0.0)), first)
 
 
 def _sgd(circuit, monitor, steps, x, y):
@@ -217,7 +257,7 @@ def test_files_size_and_ordinary_runs(tmp_path):
 def test_settings_a_monitor_refuses():
     c = mlp(FeedbackAlignment(), torch.float32)
     x, y = data(dtype=torch.float32)
-    with pytest.raises(ValueError, match="probe batch"):
+    with pytest.raises(UserError, match="probe batch"):
         Monitor(c, attrs.evolve(CFG, probe=0), 2, (x, y), F.cross_entropy, time_settings=SETTINGS)
     with pytest.raises(ValueError, match="TimeSettings or None, got dict"):
         Monitor(c, CFG, 2, (x, y), F.cross_entropy, time_settings={"dt": 1.0})
@@ -225,7 +265,7 @@ def test_settings_a_monitor_refuses():
     normed.input("x", 6)
     normed.population("y", 3, norm="batch")
     normed.dense("x", "y")
-    with pytest.raises(ValueError, match="batch norm"):
+    with pytest.raises(UserError, match="batch norm"):
         Monitor(normed, CFG, 2, (x, y), F.cross_entropy, time_settings=SETTINGS)
 
 

@@ -137,8 +137,8 @@ QUANTITIES = (
              "step's value is what the presentation writes into W's .grad)",
              "within_presentation.png; dashboard.html", required=False, group="time"),
     Quantity("time_update_b", ("snapshot", "synapse", "trace", "time"), "weight (as .grad)",
-             "running integrated update of the feedback weight B_ij (in W's layout) where the rule learns it while "
-             "engaged (KP), formed by the synapse's rule from the same signals; NaN for the other rules",
+             "running integrated update of the feedback weight B_ij (in W's layout) where the rule learns it within "
+             "the presentation (KP while engaged; a rule whose feedback learns in time); NaN for the other rules",
              "within_presentation.png; dashboard.html", required=False, group="time"),
     Quantity("time_w", ("snapshot", "synapse", "trace"), "weight",
              "W_ji at the start of the presentation", None, required=False, group="time"),

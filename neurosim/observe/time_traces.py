@@ -14,9 +14,11 @@ pair ``(W_ji, B_ij)`` (``trace_index``), at every time step:
 ``time_update``    the running integrated update of ``W_ji`` (ΔW so far, as ``time_backward``
                    accumulates it, decay included);
 ``time_update_b``  the running integrated update of ``B_ij`` where the rule learns its feedback
-                   weight while engaged (KP), formed by the synapse's own rule
-                   (``Synapse.ref_updates``) from the same signals the step hands over and
-                   integrated with the same factor ``dt/τ_w``; NaN for the other rules;
+                   weight within the presentation (KP while engaged, a rule whose feedback
+                   learns in time): the ``feedback_update`` the step hands over, or, from a
+                   ``time_backward`` that hands over none, formed by the synapse's own rule
+                   (``Synapse.ref_updates``) from the step's signals and integrated with the
+                   same factor ``dt/τ_w`` (engaged learners only); NaN for the other rules;
 
 and ``time_w``, ``time_b``: ``W_ji`` and ``B_ij`` (in W's layout) when the presentation starts.
 For a convolution ``W[out, in, kh, kw]`` the pre unit is input channel ``in`` (of its group), the
@@ -35,6 +37,7 @@ import attrs
 import numpy as np
 import torch
 
+from neurosim.common.errors import UserError
 from neurosim.core.dynamics import TimeSettings, feedback_hops, time_backward
 from neurosim.core.kinds import Conv2d
 
@@ -52,16 +55,18 @@ def presentation_steps(circuit, settings: TimeSettings) -> int:
 
 
 def check_time_settings(circuit, settings, has_probe: bool) -> None:
-    """A ``ValueError`` saying what is wrong, where the monitor cannot present its probe batch in time."""
+    """Where the monitor cannot present its probe batch in time, what is wrong: a ``ValueError``
+    for settings that are not a ``TimeSettings``, a ``UserError`` for a run without a probe batch
+    or with batch norm."""
     if not isinstance(settings, TimeSettings):
         raise ValueError(f"time_settings must be a neurosim.core.dynamics.TimeSettings or None, got "
                          f"{type(settings).__name__}")
     if not has_probe:
-        raise ValueError("the traces within a presentation present the probe batch: give the monitor a probe "
+        raise UserError("the traces within a presentation present the probe batch: give the monitor a probe "
                          "batch and loss_fn, with a probe size above 0 (MonitorConfig.probe, --monitor-probe)")
     normed = [n for n, p in circuit.populations.items() if p.norm is not None]
     if normed:
-        raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
+        raise UserError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
                          f"build the circuit without norm, or monitor without time_settings")
 
 
@@ -143,6 +148,7 @@ class TimeTraces:
         def keep(step: int, state: dict) -> None:
             if step >= self.steps:
                 raise RuntimeError(f"the presentation took more than the {self.steps} steps expected of it")
+            fb = state.get("feedback_update")
             for i, (name, syn, at, (pre_u, post_u)) in enumerate(zip(names, syns, trace_at, units)):
                 n = len(at[0])
                 pre, err = state["pre"][syn.pre], state["drive_error"][syn.post]
@@ -150,7 +156,10 @@ class TimeTraces:
                 err_t[i, :n, step] = _unit_means(syn, err)[post_u]
                 u = state["update"].get(name)
                 upd_t[i, :n, step] = 0.0 if u is None else u[at]
-                if learns_b[i]:
+                if fb is not None:
+                    if fb.get(name) is not None:
+                        updb_t[i, :n, step] = fb[name][at]
+                elif learns_b[i]:
                     g = syn.ref_updates(pre, err)[2][at]
                     running_b[i] = k_w * g if running_b[i] is None else running_b[i] + k_w * g
                     updb_t[i, :n, step] = running_b[i]
