@@ -562,8 +562,6 @@ def plot_within_presentation(run_dir: Path, record: MonitorRecord | None = None,
             ax.axhline(0.0, color="grey", lw=0.5)
             ax.grid(alpha=0.3)
             ax.set_ylabel(what, fontsize=8)
-            if r == 0:
-                ax.set_title(what, fontsize=10)
         axes[r, 0].set_title(f"{name} ({rec.rules.get(name, '?')}), pair W[{pos}]", fontsize=9, loc="left")
     for ax in axes[-1]:
         ax.set_xlabel("time within the presentation (unit of dt)")

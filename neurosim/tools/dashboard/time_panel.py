@@ -86,8 +86,8 @@ def time_views(runs, labels, colours, groups, picker, names: list[str], palette)
     last = max(nsnap) - 1
     slider = (Slider(start=0, end=last, value=last, step=1, width=400, name="time_snapshot_slider",
                      title=f"presentation at snapshot {last} (step {snapsteps[last]})") if last > 0 else None)
-    figs = {q: _figure(f"chosen synapse: {what}", "time within the presentation (unit of dt)", unit, width=470,
-                       height=280, name=f"time_figure_{q}") for q, what, unit in PANELS}
+    figs = {q: _figure(f"chosen synapse: {what}", "time within the presentation (unit of dt)", unit, width=320,
+                       height=300, name=f"time_figure_{q}") for q, what, unit in PANELS}
     for f in figs.values():
         f.hover.tooltips = [("pair", "@pair"), ("time", "$x{0.[00]}"), ("value", "$y{0.[0000]}")]
     stores, views, times, ks, pair_lists, tcolours, offsets = [], [], [], [], [], [], []
