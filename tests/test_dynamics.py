@@ -88,6 +88,38 @@ def test_the_discrete_rules_are_the_limit_of_the_circuit_in_time(name, kind, dur
         torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-14, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("name", LIMIT_RULES)
+def test_no_noise_is_the_noiseless_execution_bit_for_bit(name):
+    """``noise = 0`` draws nothing and changes nothing, whatever its correlation time and
+    generator: every gradient equals the run without the noise settings exactly."""
+    base = circuit(RULES[name].example(), "dense")
+    x, y = _data("dense")
+    runs = []
+    for settings, gen in ((TimeSettings(duration=3, tau=2.0), None),
+                          (TimeSettings(duration=3, tau=2.0, noise=0.0, tau_noise=4.0), torch.Generator().manual_seed(0))):
+        c = copy.deepcopy(base)
+        time_backward(c, x, lambda out: F.cross_entropy(out, y), settings, generator=gen)
+        runs.append(_grads(c))
+    assert runs[0].keys() == runs[1].keys() and runs[0]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_intrinsic_noise_enters_every_non_input_drive():
+    """With noise, each population's activity is ``f(u + ξ)`` with ``ξ`` drawn per population and
+    step in the circuit's order; the input population has none."""
+    c = resting_circuit(RULES["fa"].example())
+    x, y = _data("dense")
+    seen = {}
+    time_backward(c, x, lambda out: F.cross_entropy(out, y), TimeSettings(duration=1, noise=0.5),
+                  trace=lambda step, state: seen.update({k: v.clone() for k, v in state["noise"].items()}),
+                  generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    assert list(seen) == ["h1", "h2", "y"]
+    for name in ("h1", "h2", "y"):
+        torch.testing.assert_close(seen[name], 0.5 * torch.randn(5, *c.populations[name].shape, dtype=torch.float64,
+                                                                 generator=g), rtol=0, atol=0)
+
+
 def test_the_weight_mirrors_sleep_in_time_is_its_discrete_sleep_in_the_limit():
     wm = WeightMirror(sigma=0.5, decay=0.7)
     c = circuit(wm, "dense")

@@ -412,9 +412,9 @@ class Circuit(nn.Module):
     # -- parameters ---------------------------------------------------------------------------
     def engaged_parameters(self) -> list[nn.Parameter]:
         """Everything an engaged step updates: forward weights, biases, norms, and feedback
-        weights whose rule learns them from the task (KP)."""
+        weights whose rule learns them from the task (KP) or in time (PAL)."""
         params = [p for n, p in self.named_parameters() if not n.endswith(".feedback")]
-        params += [s.feedback for s in self.synapses.values() if s.rule.feedback_learns == "engaged"]
+        params += [s.feedback for s in self.synapses.values() if s.rule.feedback_learns in ("engaged", "time")]
         return params
 
     def sleep_parameters(self) -> list[nn.Parameter]:

@@ -21,6 +21,17 @@ Within a step the populations are updated in topological order from this step's 
 recovered) or all from the previous step's (``"synchronous"``: every synaptic hop takes one
 ``dt``, so delays accumulate with depth).
 
+Intrinsic noise (``noise``, ``tau_noise``): every population but the input adds to its drive,
+at every step of the presentation and the settle, a noise ``ξ`` of standard deviation ``noise``,
+white or, with ``tau_noise``, an Ornstein–Uhlenbeck process (its exact discretisation:
+``ξ_t = a ξ_{t−1} + noise·√(1−a²)·w_t``, ``a = exp(−dt/τ_ξ)``, ``ξ_0 = noise·w_0``, so it is
+stationary from the first step), with ``w`` standard normal draws from ``time_backward``'s
+``generator`` (one tensor per population and step, in the circuit's order). The activity is
+``f(u + ξ)`` and the local derivative ``f'`` is taken there too. A rule whose feedback weight
+learns in time (``feedback_learns = "time"``, phaseless alignment learning) reads that noise at
+the presynaptic population and a high-pass of the postsynaptic activity (``_feedback_in_time``).
+With ``noise = 0`` nothing is drawn and every result is the noiseless one, bit for bit.
+
 The limit, exactly: with ``τ = dt``, ordered updates, no delay and ``τ_w = duration``, every step
 sees the discrete step's signals and the integrated update is the discrete one, for every rule
 (``tests/test_dynamics.py``, float64, dense and conv). The weight mirror's sleep in time
@@ -48,6 +59,11 @@ def _positive_or_none(inst, att, value):
         raise ValueError(f"{att.name} must be positive or None, got {value}")
 
 
+def _finite(inst, att, value):
+    if not math.isfinite(value):
+        raise ValueError(f"{att.name} must be a finite number, got {value}")
+
+
 @attrs.frozen
 class TimeSettings:
     """Time constants of a circuit run in time (all in the same unit as ``dt``).
@@ -58,7 +74,11 @@ class TimeSettings:
     ``tau_eligibility``: the presynaptic trace's (None: no trace, the activity itself);
     ``delay``: the transmission delay of every feedback hop (a multiple of ``dt``); ``settle``:
     time simulated after the stimulus ends (None: as long as the error from the stimulus's last
-    step takes to reach the population the most hops away; 0 with no delay and ordered updates)."""
+    step takes to reach the population the most hops away; 0 with no delay and ordered updates).
+
+    ``noise``: the standard deviation of the intrinsic noise every non-input population adds to
+    its drive at every step (0: none, nothing drawn); ``tau_noise``: its correlation time, an
+    Ornstein–Uhlenbeck process (None: white, independent at every step)."""
 
     dt: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
     duration: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
@@ -69,6 +89,8 @@ class TimeSettings:
     delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     settle: float | None = attrs.field(default=None)
     update: str = attrs.field(default="ordered", validator=attrs.validators.in_(UPDATES))
+    noise: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), _finite])
+    tau_noise: float | None = attrs.field(default=None, validator=_positive_or_none)
 
     def __attrs_post_init__(self):
         for name in ("duration", "delay"):
@@ -136,17 +158,33 @@ def _add(into: dict, name: str, value) -> None:
         into[name] = value if name not in into else into[name] + value
 
 
-def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, trace=None) -> torch.Tensor:
+def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, trace=None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Present ``x`` to ``circuit`` in time and write every synapse's integrated update into ``.grad``.
 
     ``loss_fn(output_activity) -> scalar`` gives the teaching signal while the stimulus is on.
     ``trace(step, state)``, if given, is called after every step with the step's signals
-    (``state["pre"]``, ``["drive_error"]``, ``["activity"]``, ``["error"]`` per population, the
-    running ``["update"]`` per synapse). Returns the loss at the stimulus's last step (detached).
+    (``state["pre"]``, ``["drive_error"]``, ``["activity"]``, ``["error"]``, ``["noise"]`` per
+    population, the running ``["update"]`` of ``W`` and ``["feedback_update"]`` of the feedback
+    weight per synapse, and ``["high_pass"]``, the high-passed postsynaptic activity, per synapse
+    whose feedback learns in time). Returns the loss at the stimulus's last step (detached).
     Gradients accumulate as ``reference_backward``'s do, so the same optimizer applies them.
+
+    ``generator`` draws the intrinsic noise (``settings.noise``; None: the default generator of
+    ``x``'s device); with ``noise = 0`` nothing is drawn. A synapse whose rule's feedback weight
+    learns in time (``feedback_learns == "time"``) integrates that update into its feedback
+    ``.grad`` with ``k_w`` like ``W``'s (``_feedback_in_time``).
     """
     _check(circuit)
     s = settings
+    learners = {n: sy for n, sy in circuit.synapses.items() if sy.rule.feedback_learns == "time"}
+    for n, sy in learners.items():
+        if sy.rule.tau_hp < s.dt:
+            raise ValueError(f"synapse {n}: its rule's high-pass time constant {sy.rule.tau_hp} is shorter than "
+                             f"dt {s.dt}: the Euler step would overshoot; give --{sy.rule.name}-tau-hp ≥ dt")
+    a_noise = 0.0 if s.tau_noise is None else math.exp(-s.dt / s.tau_noise)
+    noise: dict[str, torch.Tensor] = {}
+    high: dict[str, torch.Tensor] = {}  # per learning synapse: its postsynaptic activity, high-passed
     order = circuit.order()
     inp, out = circuit.input_name, circuit.output_name
     t_on = s.steps(s.duration)
@@ -178,8 +216,12 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                     d = a if syn is None else syn.ref_forward(a)
                     drive = d if drive is None else drive + d
                 pooled, winners[name] = _pool(pop, drive)
+                if s.noise:
+                    noise[name] = _noise_step(noise.get(name), pooled, s.noise, a_noise, generator)
+                    pooled = pooled + noise[name]
                 drives[name] = pooled
                 new[name] = _leak(acts[name], pop.respond(pooled), k_act)
+        before = dict(acts)
         acts.update(new)
         # The teaching signal, while the stimulus is on.
         with torch.enable_grad():
@@ -235,15 +277,46 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                         acc[i] = k_w * g if acc[i] is None else acc[i] + k_w * g
                 if s.tau_decay is not None:
                     acc[1] = acc[1] + (s.dt / s.tau_decay) * syn.weight
+            for n, syn in learners.items():
+                post, last = acts[syn.post], before[syn.post]
+                change = torch.zeros_like(post) if last is None else post - last
+                high[n] = change if n not in high else (1 - s.dt / syn.rule.tau_hp) * high[n] + change
+                g = _feedback_in_time(syn, noise.get(syn.pre), acts[syn.pre], high[n], s.noise)
+                acc = grads[id(syn)]
+                acc[3] = k_w * g if acc[3] is None else acc[3] + k_w * g
         if trace is not None:
             trace(step, {"pre": traces, "drive_error": drive_errors, "activity": acts, "error": errs,
-                         "update": {n: grads.get(id(sy), [None, None])[1] for n, sy in circuit.synapses.items()}})
+                         "noise": noise, "high_pass": high,
+                         "update": {n: grads.get(id(sy), [None, None])[1] for n, sy in circuit.synapses.items()},
+                         "feedback_update": {n: grads.get(id(sy), [None] * 4)[3]
+                                             for n, sy in circuit.synapses.items()}})
     for syn, gw, gb, gfb in grads.values():
         for p, g in ((syn.weight, gw), (syn.bias, gb), (syn.feedback, gfb)):
             if p is None or g is None or not p.requires_grad:
                 continue
             p.grad = g.detach().clone() if p.grad is None else p.grad + g
     return last_loss if last_loss is not None else torch.tensor(math.nan)
+
+
+def _noise_step(old, like: torch.Tensor, std: float, a: float, generator) -> torch.Tensor:
+    """The next value of a population's intrinsic noise, shaped like its drive ``like``: white
+    (``a = 0``) or the Ornstein–Uhlenbeck step ``a·old + std·√(1−a²)·w``, from ``std·w`` at the
+    first step. ``w`` is drawn where ``generator`` lives, in ``like``'s dtype, then moved."""
+    where = like.device if generator is None else generator.device
+    w = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=where).to(like.device)
+    if old is None or a == 0.0:
+        return std * w
+    return a * old + (std * math.sqrt(1.0 - a * a)) * w
+
+
+def _feedback_in_time(syn, noise_pre, act_pre, high_post, std: float) -> torch.Tensor:
+    """The feedback weight's update of a rule that learns it in time, from the signals at the
+    feedback synapse now: the intrinsic noise of the population it returns errors to (the
+    forward synapse's presynaptic one; zero where that population has none, as the input) and
+    the high-passed activity of the population its errors come from (the postsynaptic one)."""
+    xi = torch.zeros_like(act_pre) if noise_pre is None else noise_pre
+    signals = LocalSignals(syn.kind, xi, high_post, syn.feedback.detach(), literal=True)
+    return syn.rule.time_feedback_update(signals, std)
 
 
 def sleep_in_time(circuit, noise: dict, settings: TimeSettings) -> None:

@@ -132,8 +132,17 @@ class PlasticityRule:
 
     name: ClassVar[str] = "rule"
     transports: ClassVar[str] = "nothing"
-    # When the feedback weight learns: None (never, or has none), "engaged" or "sleep".
+    # When the feedback weight learns: None (never, or has none), "engaged", "sleep", or "time":
+    # during a presentation in time only (``neurosim.core.dynamics.time_backward``), from signals
+    # that exist only there. Such a rule has ``time_feedback_update(signals, noise_std)`` (the
+    # gradient for its feedback weight at one step: ``signals.pre`` the presynaptic population's
+    # intrinsic noise, ``.post`` the postsynaptic activity high-passed with the rule's ``tau_hp``,
+    # ``.own`` the feedback weight) and ``needs_time``; the discrete executions give it no
+    # feedback update, and its feedback weight is among ``Circuit.engaged_parameters``.
     feedback_learns: ClassVar[str | None] = None
+    # Whether the rule learns only in time (``--dynamics time``): outside it, it would silently be
+    # another rule (PAL's feedback weight would stay fixed: feedback alignment), so runs refuse it.
+    needs_time: ClassVar[bool] = False
     # Whether the engaged feedback update follows from the forward update (``feedback_from_forward``).
     feedback_follows_forward: ClassVar[bool] = False
     # Settings of this rule's presets, per model family ("mlp_digits", "mlp_original", "resnet"),
