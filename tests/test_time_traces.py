@@ -267,6 +267,10 @@ def test_settings_a_monitor_refuses():
     normed.dense("x", "y")
     with pytest.raises(UserError, match="batch norm"):
         Monitor(normed, CFG, 2, (x, y), F.cross_entropy, time_settings=SETTINGS)
+    # Presentations that would outgrow the limit: the message names their length as the knob.
+    long = attrs.evolve(SETTINGS, settle=2000.0)
+    with pytest.raises(UserError, match=r"shorten the presentations in time \(4004 steps each"):
+        Monitor(c, attrs.evolve(CFG, max_bytes=100_000), 2, (x, y), F.cross_entropy, time_settings=long)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ known in advance (``estimate_nbytes``)::
 
     rows  = 1 + total_steps // every
     bytes ≈ rows · S · (4 + 4·[sleeps] + 2·traces) · 4  +  snapshots · S · scatter · 2 · 4
+            + snapshots · S · traces · (4·T + 2) · 4  +  4·T        (in time: T steps a presentation)
 
 with ``S`` monitored synapses: a few megabytes for a 200-epoch CIFAR ResNet-18 at the defaults
 (docs/monitors.md gives the figure and the command that computes it). The device holds one
@@ -422,7 +423,12 @@ class Monitor:
         k = min(cfg.traces, max(numels))
         traced = rows * 4 * len(numels) * 2 * k
         scatter = cfg.snapshots * 4 * len(numels) * 2 * min(cfg.scatter, max(numels))
-        if traced >= size / 2:
+        timed = cfg.snapshots * 4 * len(numels) * k * len(SERIES) * self.time_steps
+        if timed >= size / 2:
+            knob = (f"shorten the presentations in time ({self.time_steps} steps each: duration, settle), trace "
+                    f"fewer weights (traces, --monitor-traces, now {cfg.traces}) or take fewer snapshots (now "
+                    f"{cfg.snapshots})")
+        elif traced >= size / 2:
             knob = (f"trace fewer weights (traces, --monitor-traces, now {cfg.traces}) or record less "
                     f"often (every, --monitor-every, now {cfg.every})")
         elif scatter >= size / 2:
