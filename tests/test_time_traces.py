@@ -336,3 +336,8 @@ def test_the_dashboard_shows_the_picked_synapse_within_a_presentation(timed_run,
     plain = build([RunData(d)])
     assert plain.select_one({"name": "time_snapshot_slider"}) is None
     assert plain.select_one({"name": "within_presentation"}) is None
+    # Overlaid with an ordinary run: the panel holds the run in time's lines only.
+    both = build([RunData(d), RunData(timed_run)])
+    assert both.select_one({"name": "time_store_0"}) is not None and both.select_one({"name": "time_store_1"}) is None
+    shown = both.select_one({"name": "time_view_time_pre_0"}).data
+    assert len(shown["ys"]) == int((rec.trace_index[0] >= 0).sum()) and len(set(shown["colour"])) == 1

@@ -97,7 +97,7 @@ def time_views(runs, labels, colours, groups, picker, names: list[str], palette)
         k, t = rec.time_pre.shape[2], [float(v) for v in rec.time_steps]
         store = ColumnDataSource(_store(rec, names), name=f"time_store_{n}")
         pairs = _pair_labels(rec, names)
-        tcol = [palette[j % len(palette)] for j in range(k)] if len(timed) == 1 else [colours[i]] * k
+        tcol = [palette[j % len(palette)] for j in range(k)] if len(runs) == 1 else [colours[i]] * k
         p = nsnap[n] - 1
         view = {}
         for q in LINES:
