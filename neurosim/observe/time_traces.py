@@ -63,11 +63,11 @@ def check_time_settings(circuit, settings, has_probe: bool) -> None:
                          f"{type(settings).__name__}")
     if not has_probe:
         raise UserError("the traces within a presentation present the probe batch: give the monitor a probe "
-                         "batch and loss_fn, with a probe size above 0 (MonitorConfig.probe, --monitor-probe)")
+                        "batch and loss_fn, with a probe size above 0 (MonitorConfig.probe, --monitor-probe)")
     normed = [n for n, p in circuit.populations.items() if p.norm is not None]
     if normed:
         raise UserError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
-                         f"build the circuit without norm, or monitor without time_settings")
+                        f"build the circuit without norm, or monitor without time_settings")
 
 
 def _unit_means(syn, signal: torch.Tensor) -> torch.Tensor:
