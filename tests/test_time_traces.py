@@ -17,6 +17,7 @@ from neurosim.common.errors import UserError
 from neurosim.core.circuit import Circuit
 from neurosim.core.dynamics import TimeSettings, time_backward
 from neurosim.observe.monitors import Monitor, MonitorConfig, estimate_nbytes, load_monitor
+from neurosim.observe.time_traces import noise_seed
 from neurosim.rules import FeedbackAlignment, KolenPollack
 
 TIME = ("time_steps", "time_pre", "time_error", "time_update", "time_update_b", "time_w", "time_b")
@@ -189,6 +190,27 @@ def test_intrinsic_noise_comes_from_the_monitor_s_own_seeded_stream():
     first = pre(0)
     np.testing.assert_array_equal(pre(1), first)
     assert not np.array_equal(pre(0, attrs.evolve(noisy, noise=0.0)), first)
+
+
+def test_a_feedback_weight_that_learns_in_time_has_its_running_update():
+    """Phaseless alignment learning (PAL) learns B from the intrinsic noise during the
+    presentation: the last running ΔB_ij is that presentation's B.grad, drawn with the monitor's
+    generator (float64, rounded to float32)."""
+    from neurosim.rules import RULES
+
+    c = mlp(RULES["pal"].example())
+    x, y = data()
+    noisy = TimeSettings(duration=3, tau=2.0, noise=0.3)
+    m = Monitor(c, CFG, 4, (x, y), F.cross_entropy, seed=2, time_settings=noisy)
+    model = copy.deepcopy(c)
+    time_backward(model, x, lambda out: F.cross_entropy(out, y), noisy,
+                  generator=torch.Generator().manual_seed(noise_seed(2, 0)))  # the monitor's, at snapshot 0
+    got = m.arrays()["time_update_b"][0, :, :, -1]
+    for i, n in enumerate(m.names):
+        idx = m.trace_index[i]
+        want = model.synapses[n].feedback.grad.reshape(-1)[idx[idx >= 0]].float().numpy()
+        np.testing.assert_array_equal(got[i, idx >= 0], want, err_msg=n)
+        assert np.abs(want).max() > 0
 
 
 def _sgd(circuit, monitor, steps, x, y):

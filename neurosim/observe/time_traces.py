@@ -54,6 +54,12 @@ def presentation_steps(circuit, settings: TimeSettings) -> int:
     return s.steps(s.duration) + (s.steps(s.settle) if s.settle is not None else lag * feedback_hops(circuit))
 
 
+def noise_seed(seed: int, slot: int) -> int:
+    """The seed of the generator the presentation at snapshot ``slot`` draws its intrinsic noise
+    from, for a monitor of ``seed``: the same on a resume, another at every snapshot."""
+    return seed * 1009 + slot
+
+
 def check_time_settings(circuit, settings, has_probe: bool) -> None:
     """Where the monitor cannot present its probe batch in time, what is wrong: a ``ValueError``
     for settings that are not a ``TimeSettings``, a ``UserError`` for a run without a probe batch
@@ -168,7 +174,7 @@ class TimeTraces:
         kwargs = {}
         if getattr(s, "noise", 0) and "generator" in inspect.signature(time_backward).parameters:
             # Intrinsic noise from the monitor's own stream, seeded per snapshot: the same on a resume.
-            kwargs["generator"] = torch.Generator(x.device).manual_seed(self.seed * 1009 + slot)
+            kwargs["generator"] = torch.Generator(x.device).manual_seed(noise_seed(self.seed, slot))
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # no draw from the run's random streams
             time_backward(model, x, lambda out: loss_fn(out, y), s, trace=keep, **kwargs)
