@@ -3,6 +3,7 @@
 settings that change what a step does; compiled steps equal eager ones and compile once."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -163,20 +164,28 @@ def test_a_trace_is_a_populations_own():
                                                     ("conv", "ia", "limit")])
 def test_compiled_steps_equal_eager_steps_and_compile_once(kind, rule_name, setting):
     """``compile=True`` (aot_eager: dynamo's one graph, run without generated kernels): the same
-    numbers as eager, float64; after the first presentation, another batch of the same shape,
-    with a new loss closure of the same code, compiles nothing."""
+    numbers as eager, float64. The first step compiles the one graph; every later step, and a
+    second presentation (another batch of the same shape, a new loss closure of the same code),
+    compiles nothing."""
     torch._dynamo.reset()
     base = build(rule_name, kind, setting)
     eager, compiled = copy.deepcopy(base), copy.deepcopy(base)
     s = SETTINGS[setting]
     ex_e, ex_c = TimeExecution(eager, s), TimeExecution(compiled, s, compile=True, backend="aot_eager")
-    for seed in (1, 2):
-        x, y = _data(kind, seed=seed)
-        le, oe = ex_e.backward(x, loss_of(y))
-        with torch._dynamo.config.patch(error_on_recompile=seed > 1):
+    x, y = _data(kind, seed=1)
+    state, weights = ex_c.initial_state(x), ex_c._weights()
+    with torch.no_grad():  # as backward steps
+        state = ex_c._step(state, x, weights, loss_of(y))  # the first step compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch.no_grad():
+            for _ in range(ex_c.plan.total - 1):
+                state = ex_c._step(state, x, weights, loss_of(y))
+        for seed in (1, 2):
+            x, y = _data(kind, seed=seed)
+            le, oe = ex_e.backward(x, loss_of(y))
             lc, oc = ex_c.backward(x, loss_of(y))
-        torch.testing.assert_close(lc, le, rtol=1e-13, atol=0)
-        torch.testing.assert_close(oc, oe, rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(lc, le, rtol=1e-13, atol=0)
+            torch.testing.assert_close(oc, oe, rtol=1e-13, atol=1e-15)
     assert_same(_grads(eager), _grads(compiled), rtol=1e-13)
     torch._dynamo.reset()
 
@@ -202,6 +211,8 @@ def test_batch_norm_is_refused():
     c.dense("x", "y")
     with pytest.raises(ValueError, match="batch norm, which a circuit run in time does not have"):
         TimeExecution(c, TimeSettings())
+    with pytest.raises(ValueError, match="batch norm, which a circuit run in time does not have"):
+        time_backward(c, torch.zeros(4, 3), lambda out: out.sum(), TimeSettings())  # the same message
     with pytest.raises(ValueError, match="TimeSettings"):
         TimeExecution(circuit(make_rule("fa"), "dense"), {"dt": 1.0})
 
@@ -220,3 +231,22 @@ def test_a_changed_rule_is_planned_anew():
     with truth.backprop_truth():
         time_backward(truth, x, loss_of(y), SETTINGS["delay"])
     assert_same(_grads(truth), _grads(c))
+
+
+def test_the_cost_benchmark_runs_small(tmp_path):
+    """``benchmarks/time_cost.py`` on tiny batches and T = 2: a row per circuit and variant, the
+    discrete step its own unit, a presentation T steps."""
+    from benchmarks.time_cost import main
+
+    out = tmp_path / "cost.json"
+    main(["--circuits", "mlp,conv", "--steps", "2", "--reps", "1", "--literal-reps", "1", "--warmup", "0",
+          "--backend", "eager", "--mlp-batch", "4", "--conv-batch", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["circuit"], r["variant"]) for r in rows} == {
+        (c, v) for c in ("mlp", "conv") for v in ("discrete", "time_eager", "time_compiled", "literal")}
+    for r in rows:
+        assert r["T"] == 2 and r["ms"] > 0 and r["cpu_ms"] >= 0
+        if r["variant"] == "discrete":
+            assert r["ratio_to_discrete"] == 1.0
+        else:
+            assert r["steps_per_s"] == pytest.approx(2 / (r["ms"] / 1000))

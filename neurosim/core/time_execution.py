@@ -50,11 +50,21 @@ from neurosim.core.reference import _pool, _unpool
 from neurosim.rules.base import LocalSignals
 
 
-def _check(circuit) -> None:
+def _check(circuit, settings) -> None:
     normed = [n for n, p in circuit.populations.items() if p.norm is not None]
     if normed:
         raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
                          f"build the circuit without norm")
+    # Settings and rules of the literal execution that this one does not run yet: refused rather
+    # than silently left out.
+    if getattr(settings, "noise", 0.0):
+        raise ValueError(f"intrinsic noise (noise={settings.noise}) is run only by the literal execution: "
+                         f"use neurosim.core.dynamics.time_backward, or noise=0")
+    timed = [n for n, s in circuit.synapses.items() if s.rule.feedback_learns not in (None, "engaged", "sleep")]
+    if timed:
+        raise ValueError(f"synapses {timed} learn their feedback weight in time "
+                         f"(feedback_learns={circuit.synapses[timed[0]].rule.feedback_learns!r}), which only the "
+                         f"literal execution runs: use neurosim.core.dynamics.time_backward")
 
 
 def _leak(old, target, k: float):
@@ -158,7 +168,7 @@ class TimeExecution:
     def __init__(self, circuit, settings: TimeSettings, compile: bool = False, backend: str = "inductor"):
         if not isinstance(settings, TimeSettings):
             raise ValueError(f"settings must be a TimeSettings, got {type(settings).__name__}")
-        _check(circuit)
+        _check(circuit, settings)
         self.circuit, self.settings = circuit, settings
         self.compiled, self.backend = compile, backend
         self._replan()
@@ -226,7 +236,8 @@ class TimeExecution:
     def step(self, state: dict, x: torch.Tensor, weights: dict, loss_fn) -> dict:
         """Advance ``state`` by one step of ``dt``: activities, the teaching signal while the
         stimulus is on, errors from the output down, and every synapse's update on the signals
-        present at it now. Ring buffers and accumulated updates are written in place."""
+        present at it now. Returns the new state (new ring buffers and accumulators: nothing is
+        changed in place)."""
         p, c = self.plan, self.circuit
         t = state["t"]
         # 1 while the stimulus is on, 0 after: a factor, not a branch (one graph for every step).
@@ -258,6 +269,9 @@ class TimeExecution:
             arrived, e_source = None, e_out
         sent: dict[str, torch.Tensor] = {}
         errs = {}
+        # New accumulators, not in-place additions: inductor mis-compiles a step graph whose
+        # inputs are added to in place and returned (the updates came out wrong after 3 steps).
+        acc = {"gw": dict(state["gw"]), "gb": dict(state["gb"]), "gfb": dict(state["gfb"])}
         for name, pop, incoming in p.backward:
             target = e_out if name == p.out else None
             for pname, ptarget, shape in p.pathways:
@@ -278,20 +292,21 @@ class TimeExecution:
                     if receives:
                         sent[pre] = delta if pre not in sent else sent[pre] + delta
                     continue
-                gx = self._synapse(state, weights, sname, trace[pre], delta, receives)
+                gx = self._synapse(acc, weights, sname, trace[pre], delta, receives)
                 if gx is not None:
                     sent[pre] = gx if pre not in sent else sent[pre] + gx
+        rings = {}
         if p.lag:
             for name, ring in state["ring"].items():
                 value = e_out if name == ":out" else sent[name]
-                ring.index_copy_(0, slot, value.unsqueeze(0))
+                rings[name] = ring.index_copy(0, slot, value.unsqueeze(0))
         if p.k_decay:
             for name, _, _, _ in p.synapses:
-                state["gw"][name].add_(weights["w"][name], alpha=p.k_decay)
-        return {**state, "t": t + 1, "loss": loss, "act": new, "err": errs if p.k_err != 1.0 else {},
-                "trace": trace if p.traced else {}}
+                acc["gw"][name] = acc["gw"][name] + p.k_decay * weights["w"][name]
+        return {**state, **acc, "t": t + 1, "loss": loss, "act": new, "err": errs if p.k_err != 1.0 else {},
+                "trace": trace if p.traced else {}, "ring": rings}
 
-    def _synapse(self, state, weights, sname, pre, delta, sends):
+    def _synapse(self, acc, weights, sname, pre, delta, sends):
         """One fused call: the error ``delta`` sends back (if ``sends``), the product and bias sum;
         the rule's updates accumulated, scaled by ``dt/τ_w``. Returns the error sent back."""
         syn = self.circuit.synapses[sname]
@@ -299,17 +314,17 @@ class TimeExecution:
         w, fb = weights["w"][sname], weights["fb"].get(sname)
         m = weights["m"].get(sname)
         sends = sends and m is not None
-        gx, product, gb = kind.fused_backward(delta, pre, m if m is not None else w, sends, True, sname in state["gb"])
-        state["gw"][sname].add_(rule.forward_update(LocalSignals(kind, pre, delta, w, product)), alpha=k)
+        gx, product, gb = kind.fused_backward(delta, pre, m if m is not None else w, sends, True, sname in acc["gb"])
+        acc["gw"][sname] = acc["gw"][sname] + k * rule.forward_update(LocalSignals(kind, pre, delta, w, product))
         if gb is not None:
-            state["gb"][sname].add_(gb, alpha=k)
-        if sname in state["gfb"]:
+            acc["gb"][sname] = acc["gb"][sname] + k * gb
+        if sname in acc["gfb"]:
             reads = rule.feedback_reads
             drive = kind.forward(pre, w, None) if "drive" in reads else None
             gfb = rule.feedback_update(LocalSignals(kind, pre, delta, fb, product, drive,
                                                     w if "weight" in reads else None))
             if gfb is not None:
-                state["gfb"][sname].add_(gfb, alpha=k)
+                acc["gfb"][sname] = acc["gfb"][sname] + k * gfb
         return gx if sends else None
 
     # -- a presentation ----------------------------------------------------------------------
@@ -321,7 +336,7 @@ class TimeExecution:
         Returns ``(loss, output)``: the loss and the output population's activity at the
         stimulus's last step, detached, on ``x``'s device (nothing is read back to the host)."""
         if self._key() != self._made_for:
-            _check(self.circuit)
+            _check(self.circuit, self.settings)
             self._replan()
         p = self.plan
         x = x.detach()
