@@ -100,6 +100,8 @@ QUICK += [("kp", k, s) for s in SETTINGS if s != "all" for k in ("dense", "conv"
 QUICK += [("dfa_channel", "conv", s) for s in ("delay", "synchronous", "trace")]
 QUICK += [("ia", "conv", s) for s in ("tau", "trace")]
 FULL = [(r, k, s) for r in RULE_NAMES for k in ("dense", "conv") for s in SETTINGS if (r, k, s) not in QUICK]
+# The other rules of the registry that run in an engaged step: their examples, everything at once and a delay.
+FULL += [(r, k, s) for r in ("aa", "frsf", "brsf", "wm") for k in ("dense", "conv") for s in ("all", "delay")]
 
 
 @pytest.mark.parametrize("rule_name,kind,setting", QUICK)
