@@ -111,6 +111,9 @@ def test_every_time_setting_is_an_option():
     (["fa_mlp_digits", "--dynamics", "time", "--tau", "fast"], "bad value 'fast' for --tau: expected a number"),
     (["fa_mlp_digits", "--dynamics", "time", "--amp", "bf16", "--device", "cpu"], "a circuit in time computes in float32"),
     (["fa_mlp_digits", "--dynamics", "space"], "dynamics"),
+    (["pal_mlp_digits", "--dynamics", "instant"], "learns its feedback weights in time"),
+    (["pal_mlp_digits", "--noise", "0"], "--dynamics time and --noise above 0"),
+    (["pal_resnet18", "--width", "0.0625", "--data", "synthetic"], "learns its feedback weights in time"),
 ])
 def test_bad_time_settings_are_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "run"

@@ -115,6 +115,9 @@ class Run:
             raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
                             "the compiled execution (the default) with instant dynamics")
         cuda, timed = self.device.type == "cuda", cfg.dynamics == "time"
+        if cfg.make_rule().needs_time and (not timed or not cfg.noise):
+            raise UserError(f"the {cfg.rule} rule learns its feedback weights in time, from intrinsic noise: run it with "
+                            f"--dynamics time and --noise above 0 (an MLP; its preset {cfg.rule}_mlp_digits has both)")
         if timed and cfg.amp == "bf16":
             raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
                             "leave --amp out")
@@ -182,7 +185,8 @@ class Run:
                 if self.streamed:
                     whole.close()
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
-                                   self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype)
+                                   self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype,
+                                   time_settings=cfg.time_settings())
         self.callbacks: list[Callback] = [MonitorCallback(self.monitor, self.log)] if self.monitor is not None else []
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch

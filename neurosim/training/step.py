@@ -45,7 +45,7 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
         # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
         circuit.new_batch(generator)
     if time is not None:
-        loss, out = time.backward(x, lambda a: loss_fn(a, y), generator)
+        loss, out = time.backward(x, lambda a: loss_fn(a, y))
     elif execution == "reference":
         out_holder = []
 
@@ -95,7 +95,11 @@ def time_execution(circuit, settings, execution: str = "compiled", compile: bool
     batched one (``neurosim.core.time_execution``), compiled with ``compile``."""
     if settings is None:
         return None
-    return LiteralTime(circuit, settings)
+    if execution == "reference":
+        return LiteralTime(circuit, settings)
+    from neurosim.core.time_execution import TimeExecution
+
+    return TimeExecution(circuit, settings, compile=compile)
 
 
 @attrs.frozen

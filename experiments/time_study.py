@@ -1,0 +1,189 @@
+"""What timing does to learning, on the digits MLP run in time (``--dynamics time``).
+
+    python experiments/time_study.py delay --rules bp,fa,dfa,kp --duration 10 --values 0,2,4,6,8,10 \\
+        --epochs 20 --seeds 0,1 --out studies/time-delay
+    python experiments/time_study.py plasticity --rules fa,kp --duration 10 --values 0.1,0.3,1,3,10,30 \\
+        --epochs 20 --seeds 0,1 --out studies/time-plasticity
+
+``delay``: every feedback hop takes ``value`` (in steps of dt); ``plasticity``: the synapses'
+plasticity time constant is ``value`` × the stimulus duration. Every other setting is the
+rule's ``<rule>_mlp_digits`` preset, with ``--bias false`` (ReLU neurons rest at 0 when the
+stimulus is off). Each run is an ordinary run directory under ``--out`` (its ``config.json``
+repeats it); a run already finished there is not trained again. The study writes
+``results.json``, ``report.md`` (final test top-1 per rule and value, mean and range over the
+seeds; for ``delay`` also the share of the undelayed update each hidden synapse integrates over
+one presentation, measured on the first batch) and ``<study>.png``.
+"""
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without installing
+
+
+def _numbers(kind):
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        if not values or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected numbers of at least 0 separated by commas, got {text!r}")
+        return values
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study", choices=("delay", "plasticity"))
+    p.add_argument("--rules", default="bp,fa,dfa,kp", help="rules, comma-separated (default: bp,fa,dfa,kp)")
+    p.add_argument("--duration", type=float, default=10.0, help="stimulus duration in steps of dt (default: 10)")
+    p.add_argument("--values", type=_numbers(float), required=True,
+                   help="delays (steps) or plasticity time constants (× duration), comma-separated")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seeds", type=_numbers(int), default=[0])
+    p.add_argument("--out", type=Path, required=True, help="the study directory")
+    p.add_argument("--compile", action="store_true", help="compile each time step with torch.compile (--compile true)")
+    args = p.parse_args(argv)
+    from neurosim.rules import RULES
+
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in args.rules if r not in RULES]
+    if unknown or not args.rules:
+        p.error(f"unknown rules {unknown}; registered: {', '.join(RULES)}")
+    if args.epochs < 1 or args.duration <= 0 or args.duration != int(args.duration):
+        p.error("--epochs must be at least 1 and --duration a whole number of steps above 0")
+    if args.study == "plasticity" and 0 in args.values:
+        p.error("a plasticity time constant of 0 × the duration is no time constant: give values above 0")
+    if args.study == "delay" and any(v != int(v) for v in args.values):
+        p.error("delays are whole numbers of steps")
+    return args
+
+
+def settings(args, value):
+    """The overrides of one run of the study at ``value``."""
+    out = dict(dynamics="time", duration=args.duration, bias=False, epochs=args.epochs, monitor_every=0,
+               device="cpu", compile=args.compile)
+    if args.study == "delay":
+        out["delay"] = float(value)
+    else:
+        out["tau_plasticity"] = value * args.duration
+    return out
+
+
+def train(directory: Path, name: str, overrides: dict) -> dict:
+    """Train (or find finished) one run; its last metrics line."""
+    from neurosim.training.config import preset
+    from neurosim.training.run_dir import open_run
+
+    metrics = directory / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines()
+        if len(lines) == overrides["epochs"]:
+            return json.loads(lines[-1])
+        raise SystemExit(f"error: {directory} holds an unfinished run: continue it with "
+                         f"python experiments/run_circuit.py --resume {directory}, or remove it")
+    open_run(directory, preset(name, **overrides), quiet=True).train()
+    return json.loads(metrics.read_text().splitlines()[-1])
+
+
+def strengths(rule: str, duration: float, delays) -> dict:
+    """The share ⟨ΔW_d, ΔW_0⟩ / ‖ΔW_0‖² of the undelayed update each synapse integrates over one
+    presentation of the first training batch, per delay, on the initial circuit (float64)."""
+    import tempfile
+
+    import attrs
+
+    from neurosim.core.dynamics import time_backward
+    from neurosim.training.config import preset
+    from neurosim.training.run_dir import open_run
+
+    cfg = preset(f"{rule}_mlp_digits", dynamics="time", duration=duration, bias=False, device="cpu", monitor_every=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = open_run(Path(tmp) / "run", cfg, quiet=True)
+        x, y = next(iter(run.train_stream.epoch(0)))
+        circuit, loss = run.circuit.double(), run.loss_fn
+    updates = {}
+    for d in delays:
+        c = copy.deepcopy(circuit)
+        time_backward(c, x.double(), lambda a: loss(a, y), attrs.evolve(cfg.time_settings(), delay=float(d)))
+        updates[d] = {n: s.weight.grad for n, s in c.synapses.items()}
+    zero = updates[delays[0]]
+    return {d: {n: float((u[n] * zero[n]).sum() / zero[n].square().sum()) for n in u} for d, u in updates.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"study": args.study, "duration": args.duration, "epochs": args.epochs, "seeds": args.seeds,
+               "values": args.values, "rules": {}}
+    for rule in args.rules:
+        entry = results["rules"][rule] = {"top1": {}, "angle": {}}
+        for value in args.values:
+            accs, angles = [], []
+            for seed in args.seeds:
+                run_dir = args.out / f"{rule}-{args.study}{value:g}-seed{seed}"
+                last = train(run_dir, f"{rule}_mlp_digits", dict(settings(args, value), seed=seed))
+                accs.append(last["test_acc"])
+                angles.append(last.get("mean_angle"))
+                print(f"{rule} {args.study} {value:g} seed {seed}: top-1 {last['test_acc']:.2f} %", flush=True)
+            entry["top1"][f"{value:g}"], entry["angle"][f"{value:g}"] = accs, angles
+        if args.study == "delay":
+            share = strengths(rule, args.duration, [0] + [v for v in args.values if v != 0])
+            entry["strength"] = {f"{d:g}": s for d, s in share.items()}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "report.md").write_text(report(results))
+    figure(results, args.out / f"{args.study}.png")
+    print(f"wrote {args.out / 'report.md'} and {args.out / (args.study + '.png')}")
+
+
+def report(results) -> str:
+    delay = results["study"] == "delay"
+    head = "delay d (steps)" if delay else "τ_w / T"
+    lines = [f"# Digits MLP in time: {results['study']} (T = {results['duration']:g} steps, {results['epochs']} epochs, "
+             f"seeds {', '.join(map(str, results['seeds']))})", "",
+             f"| rule | {head} | test top-1 % (mean, range) |" + (" share of the undelayed update: x→h1, h1→h2 |"
+                                                                  if delay else ""),
+             "| --- | --- | --- |" + (" --- |" if delay else "")]
+    for rule, entry in results["rules"].items():
+        for value, accs in entry["top1"].items():
+            row = f"| {rule} | {value} | {sum(accs) / len(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) |"
+            if delay:
+                s = entry["strength"].get(value, {})
+                row += f" {s.get('x->h1', float('nan')):.3f}, {s.get('h1->h2', float('nan')):.3f} |"
+            lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def figure(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for rule, entry in results["rules"].items():
+        xs = [float(v) for v in entry["top1"]]
+        means = [sum(a) / len(a) for a in entry["top1"].values()]
+        lo = [min(a) for a in entry["top1"].values()]
+        hi = [max(a) for a in entry["top1"].values()]
+        ax.plot(xs, means, marker="o", label=rule)
+        ax.fill_between(xs, lo, hi, alpha=0.2)
+    if results["study"] == "delay":
+        ax.set_xlabel(f"feedback delay per hop (steps; stimulus {results['duration']:g})")
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("plasticity time constant / stimulus duration")
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
