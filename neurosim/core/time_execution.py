@@ -26,6 +26,13 @@ dynamics with the compiled tensor ops of the kinds:
   ``neurosim.core.reference`` walks it; the output error is ``torch.func.grad_and_value`` of the
   loss.
 
+Intrinsic noise (``TimeSettings.noise``, ``tau_noise``) is drawn outside the step, one standard
+normal tensor per population and step in the circuit's order from ``backward``'s ``generator``,
+the draws ``time_backward`` makes, and passed in (dynamo does not trace a generator); the
+Ornstein–Uhlenbeck recursion runs inside. A rule whose feedback weight learns in time (PAL,
+``feedback_learns = "time"``) gets the high-passed postsynaptic activity and the presynaptic
+noise, their product formed by the kind, as ``time_backward`` gives them.
+
 Nothing inside reads a tensor's value on the host: ``backward`` returns the loss and the output
 at the stimulus's last step as device tensors.
 
@@ -41,6 +48,8 @@ with a trace and such a circuit the two differ (``tests/test_time_execution.py``
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -55,16 +64,18 @@ def _check(circuit, settings) -> None:
     if normed:
         raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
                          f"build the circuit without norm")
-    # Settings and rules of the literal execution that this one does not run yet: refused rather
-    # than silently left out.
-    if getattr(settings, "noise", 0.0):
-        raise ValueError(f"intrinsic noise (noise={settings.noise}) is run only by the literal execution: "
-                         f"use neurosim.core.dynamics.time_backward, or noise=0")
-    timed = [n for n, s in circuit.synapses.items() if s.rule.feedback_learns not in (None, "engaged", "sleep")]
-    if timed:
-        raise ValueError(f"synapses {timed} learn their feedback weight in time "
-                         f"(feedback_learns={circuit.synapses[timed[0]].rule.feedback_learns!r}), which only the "
-                         f"literal execution runs: use neurosim.core.dynamics.time_backward")
+    # A rule whose feedback learns some other way than these is one this execution does not know:
+    # refused rather than silently left out.
+    unknown = [n for n, s in circuit.synapses.items()
+               if s.rule.feedback_learns not in (None, "engaged", "sleep", "time")]
+    if unknown:
+        raise ValueError(f"synapses {unknown} learn their feedback weight when "
+                         f"{circuit.synapses[unknown[0]].rule.feedback_learns!r}, which the batched execution "
+                         f"in time does not run: use neurosim.core.dynamics.time_backward")
+    for n, s in circuit.synapses.items():  # as time_backward says it
+        if s.rule.feedback_learns == "time" and s.rule.tau_hp < settings.dt:
+            raise ValueError(f"synapse {n}: its rule's high-pass time constant {s.rule.tau_hp} is shorter than "
+                             f"dt {settings.dt}: the Euler step would overshoot; give --{s.rule.name}-tau-hp ≥ dt")
 
 
 def _leak(old, target, k: float):
@@ -118,6 +129,9 @@ class _Plan:
     k_tr: float
     k_w: float
     k_decay: float  # dt/τ_decay (0: no decay)
+    noise: float  # the intrinsic noise's standard deviation (0: none, nothing drawn)
+    a_noise: float  # its Ornstein–Uhlenbeck factor exp(−dt/τ_ξ) (0: white)
+    learners: tuple  # (synapse name, pre, post, 1 − dt/τ_hp) of feedback that learns in time
 
 
 def _plan(circuit, s: TimeSettings) -> _Plan:
@@ -145,12 +159,15 @@ def _plan(circuit, s: TimeSettings) -> _Plan:
         if circuit.pathways_enabled else ()
     k_tr = s.rate(s.tau_eligibility)
     traced = tuple(dict.fromkeys(syn.pre for syn in circuit.synapses.values())) if k_tr != 1.0 else ()
-    synapses = tuple((n, syn, syn.bias is not None, syn.rule.feedback_learns == "engaged")
+    synapses = tuple((n, syn, syn.bias is not None, syn.rule.feedback_learns in ("engaged", "time"))
                      for n, syn in circuit.synapses.items())
+    learners = tuple((n, syn.pre, syn.post, 1 - s.dt / syn.rule.tau_hp) for n, syn in circuit.synapses.items()
+                     if syn.rule.feedback_learns == "time")
     return _Plan(order, inp, out, tuple((n, circuit.populations[n], tuple(ins[n])) for n in order[1:]), backward,
                  tuple(receivers), pathways, traced, synapses, lag, t_on, total, s.update == "ordered",
                  s.rate(s.tau), s.rate(s.tau), k_tr, s.dt / (s.tau_plasticity or s.duration),
-                 0.0 if s.tau_decay is None else s.dt / s.tau_decay)
+                 0.0 if s.tau_decay is None else s.dt / s.tau_decay, s.noise,
+                 0.0 if s.tau_noise is None else math.exp(-s.dt / s.tau_noise), learners)
 
 
 class TimeExecution:
@@ -216,6 +233,8 @@ class TimeExecution:
                  "act": {name: zeros(c.populations[name].shape) for name in p.order},
                  "err": {name: zeros(c.populations[name].shape) for name in p.order[1:]} if p.k_err != 1.0 else {},
                  "trace": {name: zeros(c.populations[name].shape) for name in p.traced},
+                 "noise": {name: zeros(c.populations[name].shape) for name in p.order[1:]} if p.a_noise else {},
+                 "high": {name: zeros(c.populations[post].shape) for name, _, post, _ in p.learners},
                  "ring": {}, "gw": {}, "gb": {}, "gfb": {}}
         if p.lag:
             # Slot-major: ``ring[t mod lag]`` is one step's signal, contiguous.
@@ -233,18 +252,19 @@ class TimeExecution:
         return state
 
     # -- one time step -----------------------------------------------------------------------
-    def step(self, state: dict, x: torch.Tensor, weights: dict, loss_fn) -> dict:
+    def step(self, state: dict, x: torch.Tensor, weights: dict, loss_fn, draws: dict | None = None) -> dict:
         """Advance ``state`` by one step of ``dt``: activities, the teaching signal while the
         stimulus is on, errors from the output down, and every synapse's update on the signals
-        present at it now. Returns the new state (new ring buffers and accumulators: nothing is
-        changed in place)."""
+        present at it now. ``draws``: this step's standard normal draws of the intrinsic noise, per
+        population (``settings.noise`` > 0). Returns the new state (new ring buffers and
+        accumulators: nothing is changed in place)."""
         p, c = self.plan, self.circuit
         t = state["t"]
         # 1 while the stimulus is on, 0 after: a factor, not a branch (one graph for every step).
         on = (t < p.t_on).to(x.dtype)
         prev = state["act"]
         new = {p.inp: x * on}
-        drives, responses, winners = {}, {}, {}
+        drives, responses, winners, noise = {}, {}, {}, {}
         for name, pop, incoming in p.forward:
             drive = None
             for sname, pre in incoming:
@@ -253,6 +273,14 @@ class TimeExecution:
                                                                            weights["b"].get(sname))
                 drive = d if drive is None else drive + d
             drives[name], winners[name] = _pool(pop, drive)
+            if p.noise:  # the literal's _noise_step: σ·w, or a·ξ + σ√(1−a²)·w after the first step
+                w = draws[name]
+                if p.a_noise:
+                    ou = p.a_noise * state["noise"][name] + (p.noise * math.sqrt(1.0 - p.a_noise * p.a_noise)) * w
+                    noise[name] = torch.where(t == 0, p.noise * w, ou)
+                else:
+                    noise[name] = p.noise * w
+                drives[name] = drives[name] + noise[name]
             responses[name] = pop.respond(drives[name])
             new[name] = _leak(prev[name], responses[name], p.k_act)
         grad, loss = _teaching(loss_fn, new[p.out])
@@ -303,8 +331,31 @@ class TimeExecution:
         if p.k_decay:
             for name, _, _, _ in p.synapses:
                 acc["gw"][name] = acc["gw"][name] + p.k_decay * weights["w"][name]
+        high = self._in_time(acc, weights, state["high"], prev, new, noise, t) if p.learners else {}
         return {**state, **acc, "t": t + 1, "loss": loss, "act": new, "err": errs if p.k_err != 1.0 else {},
-                "trace": trace if p.traced else {}, "ring": rings}
+                "trace": trace if p.traced else {}, "ring": rings, "noise": noise if p.a_noise else {},
+                "high": high}
+
+    def _in_time(self, acc, weights, high, prev, new, noise, t) -> dict:
+        """Feedback weights that learn in time (PAL): the postsynaptic activity high-passed
+        (``r̂ ← (1 − dt/τ_hp)·r̂ + a_t − a_{t−1}``, 0 at the first step), and the rule's update from
+        it and the presynaptic noise (none at the input), its product formed by the kind."""
+        p = self.plan
+        later = (t > 0).to(new[p.inp].dtype)  # the first step's change is 0: nothing came before
+        out = {}
+        for sname, pre, post, k_hp in p.learners:
+            syn = self.circuit.synapses[sname]
+            out[sname] = k_hp * high[sname] + (new[post] - prev[post]) * later
+            w = weights["w"][sname]
+            xi = noise.get(pre)
+            if xi is None:
+                xi, product = torch.zeros_like(new[pre]), torch.zeros_like(w)
+            else:
+                product = syn.kind.product(out[sname], xi)
+            g = syn.rule.time_feedback_update(LocalSignals(syn.kind, xi, out[sname], weights["fb"][sname], product),
+                                              p.noise)
+            acc["gfb"][sname] = acc["gfb"][sname] + p.k_w * g
+        return out
 
     def _synapse(self, acc, weights, sname, pre, delta, sends):
         """One fused call: the error ``delta`` sends back (if ``sends``), the product and bias sum;
@@ -328,13 +379,16 @@ class TimeExecution:
         return gx if sends else None
 
     # -- a presentation ----------------------------------------------------------------------
-    def backward(self, x: torch.Tensor, loss_fn):
+    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None):
         """Present ``x`` for the settings' duration (then nothing, while errors settle) and
         accumulate every synapse's integrated update into ``.grad``, as ``time_backward`` does.
 
         ``loss_fn(output_activity) -> scalar`` is the teaching signal while the stimulus is on.
-        Returns ``(loss, output)``: the loss and the output population's activity at the
-        stimulus's last step, detached, on ``x``'s device (nothing is read back to the host)."""
+        ``generator`` draws the intrinsic noise (``settings.noise``; None: the default generator of
+        ``x``'s device), step by step and population by population in the circuit's order, the
+        draws ``time_backward`` makes: the same generator state gives the same noise. Returns
+        ``(loss, output)``: the loss and the output population's activity at the stimulus's last
+        step, detached, on ``x``'s device (nothing is read back to the host)."""
         if self._key() != self._made_for:
             _check(self.circuit, self.settings)
             self._replan()
@@ -343,9 +397,15 @@ class TimeExecution:
         weights = self._weights()
         state = self.initial_state(x)
         loss = output = None
+        shapes = [(name, (x.shape[0], *self.circuit.populations[name].shape)) for name in p.order[1:]]
+        where = x.device if generator is None else generator.device
+        draws = None
         with torch.no_grad():
             for t in range(p.total):
-                state = self._step(state, x, weights, loss_fn)
+                if p.noise:  # drawn here, outside the step's graph: dynamo does not trace a generator
+                    draws = {name: torch.randn(shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
+                             for name, shape in shapes}
+                state = self._step(state, x, weights, loss_fn, draws)
                 if t == p.t_on - 1:
                     loss, output = state["loss"], state["act"][p.out]
         for name, syn, _, _ in p.synapses:
