@@ -59,8 +59,9 @@ def test_a_feedback_delay_as_long_as_the_stimulus_teaches_only_the_output_synaps
 
 
 def test_a_run_in_time_resumes_bit_for_bit(tmp_path):
+    # Intrinsic noise too: it is drawn from the run's seeded, checkpointed generator.
     cfg = preset("kp_mlp_digits", device="cpu", epochs=2, train_limit=256, dynamics="time", duration=4.0, tau=2.0,
-                 delay=1.0, tau_eligibility=2.0)
+                 delay=1.0, tau_eligibility=2.0, noise=0.1, tau_noise=2.0)
     whole = open_run(tmp_path / "whole", cfg, quiet=True)
     whole.train()
     part = open_run(tmp_path / "part", cfg, quiet=True)
@@ -77,6 +78,10 @@ def test_a_run_in_time_resumes_bit_for_bit(tmp_path):
     resumed.train()
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(123)  # the process-wide stream is not where the noise comes from
+    again = open_run(tmp_path / "again", cfg, quiet=True)
+    again.train()
+    assert all(torch.equal(a[k], v) for k, v in _weights(again).items())
     saved = json.loads((tmp_path / "part" / "config.json").read_text())
     assert (saved["dynamics"], saved["tau"], saved["delay"]) == ("time", 2.0, 1.0)
 

@@ -45,7 +45,7 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
         # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
         circuit.new_batch(generator)
     if time is not None:
-        loss, out = time.backward(x, lambda a: loss_fn(a, y))
+        loss, out = time.backward(x, lambda a: loss_fn(a, y), generator)
     elif execution == "reference":
         out_holder = []
 
