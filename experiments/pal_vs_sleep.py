@@ -12,7 +12,10 @@ and one of three feedback weights for the hidden synapses:
   over 8 noise draws): the expected PAL update, without its sampling error;
 - ``target-noise``: the same plus fresh Gaussian noise of ``--noise-size`` times the target's
   root mean square in every element at every step: a sampling error as large as PAL's but
-  independent of the circuit's signals.
+  independent of the circuit's signals;
+- ``pal-independent``: PAL's own estimate, formed on the same batch from a second presentation
+  with noise drawn independently of the one ``W`` learns from (a copy of the circuit presents
+  it): PAL's sampling error, uncorrelated with ``W``'s update.
 
 It prints per epoch the largest loss of a batch (at the stimulus's last step), the test top-1
 (instantaneous, noiseless) and the angles of ``B`` to ``W`` and to its expected value ``W ∘ P``
@@ -23,6 +26,7 @@ comparison with the weight mirror's sleep is ``experiments/run_circuit.py`` (doc
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 import torch
@@ -75,7 +79,7 @@ def angle(a, b) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--feedback", choices=("pal", "target", "target-noise"), default="pal")
+    ap.add_argument("--feedback", choices=("pal", "target", "target-noise", "pal-independent"), default="pal")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--noise-size", type=float, default=1.0, help="target-noise: noise per element and step, "
                                                                   "in units of the target's root mean square")
@@ -88,7 +92,7 @@ def main(argv=None):
     lr, noise, k = 0.2, 0.5, 0.2 * rule.rate * rule.decay
     opt = torch.optim.SGD(c.engaged_parameters(), lr=lr, momentum=0.0)
     settings = TimeSettings(duration=20, noise=noise)
-    g, order, probe = (torch.Generator().manual_seed(args.seed + i) for i in (1, 2, 3))
+    g, order, probe, second = (torch.Generator().manual_seed(args.seed + i) for i in (1, 2, 3, 4))
     print("epoch  max batch loss  test top-1  " + "  ".join(f"{n} B∠W  B∠E[B]" for n in HIDDEN))
     for epoch in range(1, args.epochs + 1):
         worst, perm = 0.0, torch.randperm(len(tr_x), generator=order)
@@ -98,11 +102,18 @@ def main(argv=None):
             loss = time_backward(c, tr_x[idx], lambda out, t=tr_y[idx]: F.cross_entropy(out, t), settings,
                                  generator=g)
             worst = max(worst, float(loss))
-            if args.feedback != "pal":
+            if args.feedback == "pal-independent":
+                twin = copy.deepcopy(c)
+                twin.zero_grad(set_to_none=True)
+                time_backward(twin, tr_x[idx], lambda out, t=tr_y[idx]: F.cross_entropy(out, t), settings,
+                              generator=second)
+                for n in HIDDEN:
+                    c.synapses[n].feedback.grad = twin.synapses[n].feedback.grad
+            elif args.feedback != "pal":
                 for n in HIDDEN:
                     c.synapses[n].feedback.grad = None  # the optimizer leaves B alone; it is set below
             opt.step()
-            if args.feedback != "pal":
+            if args.feedback.startswith("target"):
                 target = expected_feedback(c, tr_x[idx], noise, g)
                 with torch.no_grad():
                     for n, t in target.items():
