@@ -34,9 +34,12 @@ class PhaselessAlignment(PlasticityRule):
     - ``⟨·⟩`` the mean over the batch's co-activations (and a convolution's positions).
 
     Since the post population's own noise is independent of ``ξ_pre``,
-    ``E[r̂ ξᵀ]/σ² = E[f'_post W f'_pre]`` for white noise and ordered propagation (less for noise
-    correlated in time, as the high-pass removes part of its slow component): ``B`` turns toward
-    ``W`` (the design's ``Bᵀ → Wᵀ``) without reading it, with no phase and no sleep. It is
+    ``E[r̂ ξᵀ]/σ² = E[f'_post W f'_pre]`` for white noise, ordered propagation and activities that
+    follow their drive (``τ = dt``); less for noise correlated in time, as the high-pass removes
+    part of its slow component, or for leaky activities, which pass on only part of each step's
+    noise. ``B`` turns toward that, so toward ``W`` (the design's ``Bᵀ → Wᵀ``), without reading
+    it, with no phase and no sleep; for ReLU units ``W`` masked by how often post and pre units
+    are active together, which on digits lies 11–22° off ``W`` (docs/results.md). It is
     local: the feedback synapse reads the activity of the neurons it starts at and the noise of
     the neurons it ends at. ``decay`` is the paper's regulariser ``α`` (their "vanilla" one,
     ``−αB``); it bounds ``B`` at ``E[f' W f']/decay``.
