@@ -213,3 +213,16 @@ def test_settings_and_circuits_a_time_run_refuses():
     c.dense("x", "y")
     with pytest.raises(ValueError, match="batch norm"):
         time_backward(c, torch.zeros(4, 3), lambda out: out.sum(), TimeSettings())
+
+
+def test_an_eligibility_trace_is_its_populations_and_advances_once_per_step():
+    # x feeds x->h1 and x->y (a skip): its trace still leaks once per step, 0.5·x after the first
+    # step with tau_eligibility = 2·dt, 0.75·x after the second, and both synapses read it.
+    c = circuit(RULES["fa"](), "dense")
+    assert sum(s.pre == "x" for s in c.synapses.values()) == 2
+    x, y = _data("dense")
+    seen = []
+    time_backward(c, x, lambda out: F.cross_entropy(out, y), TimeSettings(duration=2, tau_eligibility=2.0),
+                  trace=lambda step, state: seen.append(state["pre"]["x"].clone()))
+    torch.testing.assert_close(seen[0], 0.5 * x, rtol=0, atol=0)
+    torch.testing.assert_close(seen[1], 0.75 * x, rtol=0, atol=0)

@@ -42,29 +42,9 @@ def make_rule(name):
     return RULES["dfa"](per_unit=False) if name == "dfa_channel" else RULES[name].example()
 
 
-def chain(rule, seed=0):
-    """A dense circuit in which every population feeds one synapse (the eligibility trace's
-    circuit, see ``test_a_trace_is_a_populations_own``), with a residual identity."""
-    c = Circuit(rule=rule, seed=seed)
-    c.input("x", 6)
-    c.population("h1", 5, activation="sigmoid")
-    c.dense("x", "h1")
-    c.population("h2", 5, activation="relu")
-    c.dense("h1", "h2")
-    c.identity("h1", "h2")
-    c.population("y", 3)
-    c.dense("h2", "y")
-    if rule.direct_feedback:
-        c.add_direct_feedback()
-    return c.double()
-
-
 def build(rule_name, kind, setting):
-    """The conv circuit of ``tests/test_dynamics.py``; its dense one, except with a trace, whose
-    shared presynaptic input the literal execution leaks twice per step (see the xfail below)."""
-    rule = make_rule(rule_name)
-    trace = SETTINGS[setting].tau_eligibility is not None
-    return chain(rule) if kind == "dense" and trace else circuit(rule, kind)
+    """The dense or conv circuit of ``tests/test_dynamics.py`` under ``rule_name``."""
+    return circuit(make_rule(rule_name), kind)
 
 
 def loss_of(y):
@@ -154,13 +134,9 @@ def test_gradients_accumulate_and_feedback_learns_only_where_its_rule_learns_it(
                    for s in batched.synapses.values())
 
 
-@pytest.mark.xfail(strict=True, reason="time_backward leaks a presynaptic population's trace once per outgoing "
-                                        "synapse: x feeds x->h1 and x->y, so its trace advances twice per step")
 def test_a_trace_is_a_populations_own():
-    """An eligibility trace belongs to the presynaptic population and advances once per step. In
-    the literal execution it advances once per outgoing synapse; where a population feeds two,
-    the two executions differ. Strict: when the literal execution leaks it once, this passes and
-    the marker must go."""
+    """An eligibility trace belongs to the presynaptic population and advances once per step,
+    in both executions, also where a population feeds two synapses (x feeds x->h1 and x->y)."""
     literal = circuit(make_rule("fa"), "dense")  # x feeds h1 and y
     batched = copy.deepcopy(literal)
     x, y = _data("dense")

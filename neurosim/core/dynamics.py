@@ -212,7 +212,7 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                     # ``acts`` still holds the last step's activities; ``new`` this step's so far.
                     a = new[pre] if s.update == "ordered" and pre in new else acts[pre]
                     if a is None:
-                        a = torch.zeros((x.shape[0], *circuit.populations[pre].shape), dtype=x.dtype)
+                        a = x.new_zeros((x.shape[0], *circuit.populations[pre].shape))
                     d = a if syn is None else syn.ref_forward(a)
                     drive = d if drive is None else drive + d
                 pooled, winners[name] = _pool(pop, drive)
@@ -268,8 +268,11 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
         sent.push(drive_errors)
         # Plasticity: each synapse's rule on the signals present at it now.
         with torch.no_grad():
-            for syn in circuit.synapses.values():  # every activity is set by now
-                traces[syn.pre] = _leak(traces.get(syn.pre), acts[syn.pre], k_tr)
+            # A presynaptic trace is its population's: it advances once per step, however
+            # many synapses leave that population (every activity is set by now).
+            for pre in dict.fromkeys(syn.pre for syn in circuit.synapses.values()):
+                traces[pre] = _leak(traces.get(pre), acts[pre], k_tr)
+            for syn in circuit.synapses.values():
                 gw, gb, gfb = syn.ref_updates(traces[syn.pre], drive_errors[syn.post])
                 acc = grads.setdefault(id(syn), [syn, None, None, None])
                 for i, g in enumerate((gw, gb, gfb), start=1):
