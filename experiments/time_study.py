@@ -18,6 +18,7 @@ one presentation, measured on the first batch) and ``<study>.png``.
 import argparse
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,10 +76,8 @@ def settings(args, value):
 
 
 def train(directory: Path, name: str, overrides: dict) -> dict:
-    """Train (or find finished) one run; its last metrics line."""
-    from neurosim.training.config import preset
-    from neurosim.training.run_dir import open_run
-
+    """Train (or find finished) one run, in a process of its own as ``run_circuit.py`` would;
+    its last metrics line."""
     metrics = directory / "metrics.jsonl"
     if metrics.exists():
         lines = metrics.read_text().splitlines()
@@ -86,7 +85,12 @@ def train(directory: Path, name: str, overrides: dict) -> dict:
             return json.loads(lines[-1])
         raise SystemExit(f"error: {directory} holds an unfinished run: continue it with "
                          f"python experiments/run_circuit.py --resume {directory}, or remove it")
-    open_run(directory, preset(name, **overrides), quiet=True).train()
+    command = [sys.executable, str(Path(__file__).with_name("run_circuit.py")), name, "--out", str(directory)]
+    for key, value in overrides.items():
+        command += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(command)} failed: {done.stderr.strip().splitlines()[-1]}")
     return json.loads(metrics.read_text().splitlines()[-1])
 
 
