@@ -80,9 +80,9 @@ def train(directory: Path, name: str, overrides: dict) -> dict:
     its last metrics line."""
     metrics = directory / "metrics.jsonl"
     if metrics.exists():
-        lines = metrics.read_text().splitlines()
-        if len(lines) == overrides["epochs"]:
-            return json.loads(lines[-1])
+        last = json.loads(metrics.read_text().splitlines()[-1])
+        if last.get("epoch") == overrides["epochs"]:
+            return last
         raise SystemExit(f"error: {directory} holds an unfinished run: continue it with "
                          f"python experiments/run_circuit.py --resume {directory}, or remove it")
     command = [sys.executable, str(Path(__file__).with_name("run_circuit.py")), name, "--out", str(directory)]
