@@ -89,8 +89,11 @@ def train(directory: Path, name: str, overrides: dict) -> dict:
     for key, value in overrides.items():
         command += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    if done.returncode and "diverged" in said:  # a result of the study: this setting does not train
+        return {"test_acc": None, "diverged": said.removeprefix("error: ").split(":")[0]}
     if done.returncode:
-        raise SystemExit(f"error: {' '.join(command)} failed: {done.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"error: {' '.join(command)} failed: {said}")
     return json.loads(metrics.read_text().splitlines()[-1])
 
 
@@ -133,7 +136,8 @@ def main(argv=None):
                 last = train(run_dir, f"{rule}_mlp_digits", dict(settings(args, value), seed=seed))
                 accs.append(last["test_acc"])
                 angles.append(last.get("mean_angle"))
-                print(f"{rule} {args.study} {value:g} seed {seed}: top-1 {last['test_acc']:.2f} %", flush=True)
+                said = last["diverged"] if last["test_acc"] is None else f"top-1 {last['test_acc']:.2f} %"
+                print(f"{rule} {args.study} {value:g} seed {seed}: {said}", flush=True)
             entry["top1"][f"{value:g}"], entry["angle"][f"{value:g}"] = accs, angles
         if args.study == "delay":
             share = strengths(rule, args.duration, [0] + [v for v in args.values if v != 0])
@@ -154,7 +158,11 @@ def report(results) -> str:
              "| --- | --- | --- |" + (" --- |" if delay else "")]
     for rule, entry in results["rules"].items():
         for value, accs in entry["top1"].items():
-            row = f"| {rule} | {value} | {sum(accs) / len(accs):.2f} ({min(accs):.2f}–{max(accs):.2f}) |"
+            ok = [a for a in accs if a is not None]
+            shown = f"{sum(ok) / len(ok):.2f} ({min(ok):.2f}–{max(ok):.2f})" if ok else ""
+            if len(ok) < len(accs):
+                shown += f"{'; ' if ok else ''}{len(accs) - len(ok)} of {len(accs)} diverged"
+            row = f"| {rule} | {value} | {shown} |"
             if delay:
                 s = entry["strength"].get(value, {})
                 row += f" {s.get('x->h1', float('nan')):.3f}, {s.get('h1->h2', float('nan')):.3f} |"
@@ -170,10 +178,12 @@ def figure(results, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for rule, entry in results["rules"].items():
-        xs = [float(v) for v in entry["top1"]]
-        means = [sum(a) / len(a) for a in entry["top1"].values()]
-        lo = [min(a) for a in entry["top1"].values()]
-        hi = [max(a) for a in entry["top1"].values()]
+        trained = {float(v): [a for a in accs if a is not None] for v, accs in entry["top1"].items()}
+        trained = {v: a for v, a in trained.items() if a}  # settings where every seed diverged: no point
+        xs = list(trained)
+        means = [sum(a) / len(a) for a in trained.values()]
+        lo = [min(a) for a in trained.values()]
+        hi = [max(a) for a in trained.values()]
         ax.plot(xs, means, marker="o", label=rule)
         ax.fill_between(xs, lo, hi, alpha=0.2)
     if results["study"] == "delay":
