@@ -2,8 +2,9 @@
 
 PAL's ``B`` is an estimate, from the noise of one presentation at a time, of its expected value
 ``E[f'_post W f'_pre]``. This trains the digits MLP (64-128-64-10, ReLU) in time with the
-``pal_mlp_digits`` settings (20 steps per stimulus, noise 0.5, plain SGD at lr 0.2, batch 32)
-and one of three feedback weights for the hidden synapses:
+``pal_mlp_digits`` settings (20 steps per stimulus, noise 0.5, plain SGD, batch 32) but at
+lr 0.2, where that preset's loss spiked (it trains at 0.1), with one of these feedback weights
+for the hidden synapses:
 
 - ``pal``: the rule's own update (``neurosim.rules.phaseless``);
 - ``target``: no estimate: after every step ``B`` relaxes toward ``W ∘ P`` by the factor
