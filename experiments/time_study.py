@@ -83,8 +83,8 @@ def train(directory: Path, name: str, overrides: dict) -> dict:
         last = json.loads(metrics.read_text().splitlines()[-1])
         if last.get("epoch") == overrides["epochs"]:
             return last
-        raise SystemExit(f"error: {directory} holds an unfinished run: continue it with "
-                         f"python experiments/run_circuit.py --resume {directory}, or remove it")
+        # Unfinished: a run stopped before its first checkpoint (one that diverged) starts again
+        # there; run_circuit.py refuses, and says how to continue, one that got further.
     command = [sys.executable, str(Path(__file__).with_name("run_circuit.py")), name, "--out", str(directory)]
     for key, value in overrides.items():
         command += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
