@@ -288,7 +288,7 @@ def test_the_backward_keeps_a_copy_of_w_only_if_the_rule_reads_it(rule, kind):
             loss = F.cross_entropy(c(x).float(), y)
     loss.backward()
     reads = make().backward_reads_weight
-    assert reads == (rule not in ("fa", "wm", "dfa", "kp_no_decay"))
+    assert reads == (rule not in ("fa", "wm", "dfa", "kp_no_decay", "pal"))
     assert sum(kept) == (len(c.synapses) if reads else 0)
     assert all(torch.isfinite(s.weight.grad).all() for s in c.synapses.values())
 

@@ -77,7 +77,7 @@ class PhaselessAlignment(PlasticityRule):
         "help": "time constant of the high-pass of the postsynaptic activity (at least --dt)", "unit": "time"})
 
     presets: ClassVar[dict] = {
-        # In time, with the literal execution (the only one with intrinsic noise): 20 steps per
+        # In time, with the literal execution (the one docs/results.md's PAL runs used): 20 steps per
         # stimulus, noise 0.5 in every hidden and output drive. B shares the optimizer with W, so
         # plain SGD: under momentum 0.9 B lags W by ~20 steps (the heavy ball's √0.9 per step,
         # whatever the rate) and W ran away within 3-6 epochs on digits; plain SGD instead, at
