@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=10.0, help="stimulus duration in steps of dt (default: 10)")
     p.add_argument("--values", type=_numbers(float), required=True,
                    help="delays (steps) or plasticity time constants (× duration), comma-separated")
+    p.add_argument("--settle", type=float, default=None,
+                   help="time simulated after each stimulus, the same for every value (default: until the last "
+                        "error has arrived, which lengthens with the delay)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=_numbers(int), default=[0])
     p.add_argument("--out", type=Path, required=True, help="the study directory")
@@ -59,6 +62,8 @@ def parse_args(argv=None):
         p.error("--epochs must be at least 1 and --duration a whole number of steps above 0")
     if args.study == "plasticity" and 0 in args.values:
         p.error("a plasticity time constant of 0 × the duration is no time constant: give values above 0")
+    if args.settle is not None and (args.settle < 0 or args.settle != int(args.settle)):
+        p.error("--settle is a whole number of steps, at least 0")
     if args.study == "delay" and any(v != int(v) for v in args.values):
         p.error("delays are whole numbers of steps")
     return args
@@ -68,6 +73,8 @@ def settings(args, value):
     """The overrides of one run of the study at ``value``."""
     out = dict(dynamics="time", duration=args.duration, bias=False, epochs=args.epochs, monitor_every=0,
                device="cpu", compile=args.compile)
+    if args.settle is not None:
+        out["settle"] = args.settle
     if args.study == "delay":
         out["delay"] = float(value)
     else:
