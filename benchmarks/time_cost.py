@@ -37,13 +37,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.checkpoint_time import cpu_model  # noqa: E402  (the same machine line)
 
 CIRCUITS = ("mlp", "conv")
 VARIANTS = ("discrete", "time_eager", "time_compiled", "literal")
@@ -83,14 +83,6 @@ def parse_args(argv=None):
     if min(a.steps) < 1 or min(a.reps, a.literal_reps, a.mlp_batch, a.conv_batch) < 1 or a.warmup < 0:
         p.error("--steps, --reps, --literal-reps and the batches must be at least 1, --warmup at least 0")
     return a
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def build(name: str, rule):
