@@ -17,6 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from neurosim.core.circuit import Circuit
 from neurosim.core.sync_bn import sync_batch_norm
+from neurosim.rules import RULES
 from neurosim.rules.backprop import Backprop
 from neurosim.rules.kolen_pollack import KolenPollack
 from neurosim.training import distributed
@@ -43,10 +44,14 @@ def circuit_weights(circuit) -> dict[str, torch.Tensor]:
     return out
 
 
+# Every rule but those that learn in time (PAL): a circuit in time runs in one process.
+DISTRIBUTED_RULES = [r for r in RULE_NAMES if not RULES[r].needs_time]
+
+
 def every_rule(out: Path, world: distributed.World) -> dict:
     """Each rule's digits MLP after a few steps: 16 images per rank (or 32 on one process)."""
     result = {}
-    for rule in RULE_NAMES:
+    for rule in DISTRIBUTED_RULES:
         cfg = preset(f"{rule}_mlp_digits", epochs=1, train_limit=256, batch_size=32 // world.size,
                      monitor_every=0, device="cpu")
         run = open_run(out / f"runs-{world.size}" / rule, cfg, quiet=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from neurosim.rules import RULES, KolenPollack
-from neurosim.training.config import RULE_NAMES
+from tests.dist_worker import DISTRIBUTED_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 # One process on the global batch against two on halves: the same images, crops, noise and
@@ -77,7 +77,7 @@ def every_rule(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", list(RULE_NAMES))
+@pytest.mark.parametrize("rule", DISTRIBUTED_RULES)
 def test_ranks_hold_identical_weights(every_rule, rule):
     """After 8 steps W and B are bitwise equal on both ranks, for every rule."""
     _, (r0, r1) = every_rule
@@ -85,7 +85,7 @@ def test_ranks_hold_identical_weights(every_rule, rule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", list(RULE_NAMES))
+@pytest.mark.parametrize("rule", DISTRIBUTED_RULES)
 def test_two_processes_equal_one_on_the_global_batch(every_rule, rule):
     one, (r0, _) = every_rule
     assert_close(one[rule], r0[rule], f"{rule}: 2 processes vs 1")

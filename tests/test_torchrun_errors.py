@@ -74,6 +74,18 @@ def test_an_invalid_setting_is_said_once_by_rank_0(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("args", [["fa_mlp_digits", "--dynamics", "time"], ["pal_mlp_digits"]])
+def test_a_run_in_time_is_refused_once_by_rank_0(tmp_path, args):
+    """A circuit in time runs in one process (its presentations are not split across ranks)."""
+    done = torchrun(ROOT / "experiments" / "run_circuit.py", *args, "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert said(done.stderr) == ["error: --execution reference and --dynamics time run in one process; under torchrun "
+                                 "use the compiled execution (the default) with instant dynamics"], done.stderr[-3000:]
+    assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
+    assert_no_traceback_of_ours(done.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
     """The directory lock refuses it: rank 0 decides, says it, and the other rank stops with 0."""
     run = tmp_path / "run"
