@@ -31,7 +31,7 @@ SANE = {
     ("--flip", "0"), ("--shuffle", "0"), ("--compile", "0"), ("--sync-bn", "0"), ("--deterministic", "0"),
     ("--wm-decay", "0"), ("--wm-sleep-before", "0"), ("--wm-sleep-before", "-1"), ("--wm-sleep-batches", "0"),
     ("--wm-sleep-batch-size", "0"), ("--wm-sleep-events", "0"), ("--kp-decay", "0"), ("--dfa-per-unit", "0"),
-    ("--delay", "0"),
+    ("--delay", "0"), ("--noise", "0"), ("--bias", "0"),
 }
 
 
