@@ -18,22 +18,15 @@ from neurosim.core.circuit import Circuit
 from neurosim.core.dynamics import TimeSettings, time_backward
 from neurosim.observe.monitors import Monitor, MonitorConfig, estimate_nbytes, load_monitor
 from neurosim.observe.time_traces import noise_seed
+from tests.test_dynamics import circuit
 from neurosim.rules import FeedbackAlignment, KolenPollack
 
 TIME = ("time_steps", "time_pre", "time_error", "time_update", "time_update_b", "time_w", "time_b")
 
 
 def mlp(rule, dtype=torch.float64):
-    c = Circuit(rule=rule, seed=0)
-    c.input("x", 6)
-    c.population("h1", 5, activation="tanh")
-    c.dense("x", "h1")
-    c.population("h2", 4, activation="relu")
-    c.dense("h1", "h2")
-    c.population("y", 3)
-    c.dense("h2", "y")
-    c.dense("x", "y")
-    return c.to(dtype)
+    """``tests/test_dynamics.py``'s dense circuit (a skip from x to y) in ``dtype``."""
+    return circuit(rule, "dense").to(dtype)
 
 
 def convnet(rule):
