@@ -122,11 +122,17 @@ def feedback_hops(circuit) -> int:
     return max(hops.values())
 
 
-def _check(circuit) -> None:
+def check_circuit(circuit, settings: TimeSettings) -> None:
+    """What a circuit run in time refuses, in either execution: batch norm, and a high-pass of a
+    rule that learns in time shorter than ``dt`` (its Euler step would overshoot)."""
     normed = [n for n, p in circuit.populations.items() if p.norm is not None]
     if normed:
         raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
                          f"build the circuit without norm")
+    for n, sy in circuit.synapses.items():
+        if sy.rule.feedback_learns == "time" and sy.rule.tau_hp < settings.dt:
+            raise ValueError(f"synapse {n}: its rule's high-pass time constant {sy.rule.tau_hp} is shorter than "
+                             f"dt {settings.dt}: the Euler step would overshoot; give --{sy.rule.name}-tau-hp ≥ dt")
 
 
 class _History:
@@ -175,13 +181,9 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
     learns in time (``feedback_learns == "time"``) integrates that update into its feedback
     ``.grad`` with ``k_w`` like ``W``'s (``_feedback_in_time``).
     """
-    _check(circuit)
+    check_circuit(circuit, settings)
     s = settings
     learners = {n: sy for n, sy in circuit.synapses.items() if sy.rule.feedback_learns == "time"}
-    for n, sy in learners.items():
-        if sy.rule.tau_hp < s.dt:
-            raise ValueError(f"synapse {n}: its rule's high-pass time constant {sy.rule.tau_hp} is shorter than "
-                             f"dt {s.dt}: the Euler step would overshoot; give --{sy.rule.name}-tau-hp ≥ dt")
     a_noise = 0.0 if s.tau_noise is None else math.exp(-s.dt / s.tau_noise)
     noise: dict[str, torch.Tensor] = {}
     high: dict[str, torch.Tensor] = {}  # per learning synapse: its postsynaptic activity, high-passed

@@ -53,17 +53,14 @@ import math
 import attrs
 import torch
 
-from neurosim.core.dynamics import TimeSettings, feedback_hops
+from neurosim.core.dynamics import TimeSettings, _leak, check_circuit, feedback_hops
 from neurosim.core.pathways import deliver
 from neurosim.core.reference import _pool, _unpool
 from neurosim.rules.base import LocalSignals
 
 
 def _check(circuit, settings) -> None:
-    normed = [n for n, p in circuit.populations.items() if p.norm is not None]
-    if normed:
-        raise ValueError(f"populations {normed} have batch norm, which a circuit run in time does not have: "
-                         f"build the circuit without norm")
+    check_circuit(circuit, settings)  # batch norm, a high-pass shorter than dt: as time_backward says it
     # A rule whose feedback learns some other way than these is one this execution does not know:
     # refused rather than silently left out.
     unknown = [n for n, s in circuit.synapses.items()
@@ -72,15 +69,6 @@ def _check(circuit, settings) -> None:
         raise ValueError(f"synapses {unknown} learn their feedback weight when "
                          f"{circuit.synapses[unknown[0]].rule.feedback_learns!r}, which the batched execution "
                          f"in time does not run: use neurosim.core.dynamics.time_backward")
-    for n, s in circuit.synapses.items():  # as time_backward says it
-        if s.rule.feedback_learns == "time" and s.rule.tau_hp < settings.dt:
-            raise ValueError(f"synapse {n}: its rule's high-pass time constant {s.rule.tau_hp} is shorter than "
-                             f"dt {settings.dt}: the Euler step would overshoot; give --{s.rule.name}-tau-hp ≥ dt")
-
-
-def _leak(old, target, k: float):
-    """One Euler step of ``τ dv/dt = −v + target`` with ``k = dt/τ`` (the literal's expression)."""
-    return target if k == 1.0 else old + k * (target - old)
 
 
 def _derivative(activation: str, u, y, err):
