@@ -85,6 +85,32 @@ def test_a_run_in_time_is_refused_once_by_rank_0(tmp_path, args):
     assert not (tmp_path / "run").exists()
 
 
+SLOW_RANK_0 = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from neurosim.training import distributed, run
+from neurosim.tools.cli import main, run_circuit
+
+# Rank 0 reaches the refusal seconds after rank 1 (a loaded machine), longer than rank 1 would
+# wait for its word; the refusal is still said once, by rank 0.
+distributed.RANK0_VERDICT_S = 0.5
+if os.environ["RANK"] == "0":
+    resolve = run.resolve_device
+    run.resolve_device = lambda name: (time.sleep(3), resolve(name))[1]
+main(run_circuit)
+"""
+
+
+@pytest.mark.slow
+def test_a_refusal_every_rank_meets_waits_for_a_slow_rank_0(tmp_path):
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0.format(root=str(ROOT)))
+    done = torchrun(script, "fa_mlp_digits", "--dynamics", "time", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert said(done.stderr) == ["error: --execution reference and --dynamics time run in one process; under torchrun "
+                                 "use the compiled execution (the default) with instant dynamics"], done.stderr[-3000:]
+    assert failed_ranks(done.stderr) == {0: "2"}, done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
 @pytest.mark.slow
 def test_resuming_a_run_that_is_still_training_is_refused_once(tmp_path):
     """The directory lock refuses it: rank 0 decides, says it, and the other rank stops with 0."""

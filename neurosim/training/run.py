@@ -93,6 +93,20 @@ def compiled_with_dynamic_batch(module, backend: str = "inductor"):
     return call
 
 
+def refuse_unsupported(cfg: RunConfig, world: distributed.World) -> None:
+    """The combinations of settings a run cannot train, each a ``UserError`` saying what to change."""
+    if world.distributed and (cfg.execution == "reference" or cfg.dynamics == "time"):
+        raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
+                        "the compiled execution (the default) with instant dynamics")
+    timed = cfg.dynamics == "time"
+    if cfg.make_rule().needs_time and (not timed or not cfg.noise):
+        raise UserError(f"the {cfg.rule} rule learns its feedback weights in time, from intrinsic noise: run it with "
+                        f"--dynamics time and --noise above 0 (an MLP; its preset {cfg.rule}_mlp_digits has both)")
+    if timed and cfg.amp == "bf16":
+        raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
+                        "leave --amp out")
+
+
 class Run:
     """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
 
@@ -111,16 +125,10 @@ class Run:
         self.device = resolve_device(cfg.device)
         if self.world.distributed and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the local rank's GPU
-        if self.world.distributed and (cfg.execution == "reference" or cfg.dynamics == "time"):
-            raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
-                            "the compiled execution (the default) with instant dynamics")
+        # Refusals every rank meets alike: under torchrun rank 0 says them and the others stop with
+        # it (a collective, not a wait for its word, which a loaded machine can outlast).
+        distributed.decided_by_rank0(lambda: refuse_unsupported(cfg, self.world))
         cuda, timed = self.device.type == "cuda", cfg.dynamics == "time"
-        if cfg.make_rule().needs_time and (not timed or not cfg.noise):
-            raise UserError(f"the {cfg.rule} rule learns its feedback weights in time, from intrinsic noise: run it with "
-                            f"--dynamics time and --noise above 0 (an MLP; its preset {cfg.rule}_mlp_digits has both)")
-        if timed and cfg.amp == "bf16":
-            raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
-                            "leave --amp out")
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda and not timed)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and not MODELS[cfg.model].is_mlp)
         set_determinism(cfg.deterministic, cuda)
