@@ -8,13 +8,22 @@ update. Here the same circuit objects run in time, in steps of ``dt`` (``TimeSet
   ``τ da/dt = −a + f(Σ W a_pre)`` (pooling included; ``τ = dt``: it follows at once);
 - while the stimulus is on, the output's error ``e = ∂L/∂a_out`` is the teaching signal; it
   travels back through each synapse's feedback matrix (the rule's: ``Wᵀ`` for backprop, ``B`` for
-  the others) or through the circuit's direct pathways, every hop taking ``delay``; the error at a
+  the others) or through the circuit's direct pathways, every hop taking ``delay`` (an error is
+  formed by the feedback matrix as it is sent, then travels); the error at a
   population relaxes like its activity, ``τ dε/dt = −ε + (what arrives)``, and a population's
   local derivative turns it into the error at its drive, ``δ = f'(u) ⊙ ε``, at the present time;
 - every synapse's plasticity integrates the update its rule forms from the signals present at it
   at that time, ``τ_w dW/dt = −ΔW(x̄_pre(t), δ_post(t))`` (the rule's ``ref_updates``: KP's
   feedback weight learns alike), optionally with ``x̄`` a presynaptic eligibility trace
   (``τ_e dx̄/dt = −x̄ + x``) and a decay ``−W/τ_decay``.
+
+Where the weights move (``plasticity``): ``"presentation"`` integrates every synapse's update over
+the presentation and hands the total to the optimizer, which applies it at the end (the weights
+hold still while the stimulus is on; the discrete rules' limit); ``"continuous"`` moves every
+weight at every step by its Euler step ``−η·(dt/τ_w)·ΔW(t)`` (``η`` the learning rate), so the
+activities and errors of the rest of the presentation see the moved weights, as in a synapse
+whose plasticity runs while the stimulus does. The feedback weights that learn (KP's, PAL's) move
+alike; the weight mirror's sleep keeps its own optimizer.
 
 Within a step the populations are updated in topological order from this step's new values
 (``update="ordered"``: propagation faster than ``dt``, the limit in which the discrete rules are
@@ -52,6 +61,7 @@ from neurosim.core.reference import _pool, _unpool
 from neurosim.rules.base import LocalSignals
 
 UPDATES = ("ordered", "synchronous")
+PLASTICITY = ("presentation", "continuous")
 
 
 def _positive_or_none(inst, att, value):
@@ -78,7 +88,10 @@ class TimeSettings:
 
     ``noise``: the standard deviation of the intrinsic noise every non-input population adds to
     its drive at every step (0: none, nothing drawn); ``tau_noise``: its correlation time, an
-    Ornstein–Uhlenbeck process (None: white, independent at every step)."""
+    Ornstein–Uhlenbeck process (None: white, independent at every step).
+
+    ``plasticity``: "presentation" (the update integrated over a presentation, applied at its
+    end) or "continuous" (the weights move at every step; see the module docstring)."""
 
     dt: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
     duration: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
@@ -91,6 +104,7 @@ class TimeSettings:
     update: str = attrs.field(default="ordered", validator=attrs.validators.in_(UPDATES))
     noise: float = attrs.field(default=0.0, validator=[attrs.validators.ge(0.0), _finite])
     tau_noise: float | None = attrs.field(default=None, validator=_positive_or_none)
+    plasticity: str = attrs.field(default="presentation", validator=attrs.validators.in_(PLASTICITY))
 
     def __attrs_post_init__(self):
         for name in ("duration", "delay"):
@@ -165,7 +179,7 @@ def _add(into: dict, name: str, value) -> None:
 
 
 def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, trace=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, lr: float | None = None) -> torch.Tensor:
     """Present ``x`` to ``circuit`` in time and write every synapse's integrated update into ``.grad``.
 
     ``loss_fn(output_activity) -> scalar`` gives the teaching signal while the stimulus is on.
@@ -180,9 +194,16 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
     ``x``'s device); with ``noise = 0`` nothing is drawn. A synapse whose rule's feedback weight
     learns in time (``feedback_learns == "time"``) integrates that update into its feedback
     ``.grad`` with ``k_w`` like ``W``'s (``_feedback_in_time``).
+
+    ``settings.plasticity == "continuous"``: every parameter that requires a gradient moves at
+    every step by ``−lr`` times that step's update, in place, and no ``.grad`` is written (the
+    trace's running updates are the sums of the steps' updates, as without).
     """
     check_circuit(circuit, settings)
     s = settings
+    moving = s.plasticity == "continuous"
+    if moving and (lr is None or not lr > 0):
+        raise ValueError(f"continuous plasticity moves the weights during the presentation: give lr > 0, got {lr}")
     learners = {n: sy for n, sy in circuit.synapses.items() if sy.rule.feedback_learns == "time"}
     a_noise = 0.0 if s.tau_noise is None else math.exp(-s.dt / s.tau_noise)
     noise: dict[str, torch.Tensor] = {}
@@ -245,19 +266,12 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
         for name in reversed(order[1:]):
             pop = circuit.populations[name]
             if name != out:
-                # What the consumers of ``name`` send back, ``delay`` steps late (synchronous: one more).
-                for syn_name, syn in circuit.synapses.items():
-                    if syn.pre != name:
-                        continue
-                    g = sent.ago(syn.post, lag - 1) if lag else drive_errors.get(syn.post)
-                    if g is not None and syn.feedback_matrix() is not None:
-                        with torch.no_grad():
-                            _add(arriving, name, syn.ref_feedback(g, (x.shape[0], *pop.shape)))
-                for pre, post in circuit.identities:
-                    if pre != name:
-                        continue
-                    g = sent.ago(post, lag - 1) if lag else drive_errors.get(post)
-                    _add(arriving, name, g)
+                # What the consumers of ``name`` send back, ``delay`` steps late (synchronous: one
+                # more), formed when it was sent; without a lag, this step's, formed now.
+                if lag:
+                    _add(arriving, name, sent.ago(name, lag - 1))
+                else:
+                    _add(arriving, name, _sent_back(circuit, name, drive_errors, (x.shape[0], *pop.shape)))
             target = arriving.get(name)
             if target is None:
                 target = torch.zeros_like(acts[name])
@@ -267,40 +281,65 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                 (g_u,) = torch.autograd.grad(pop.respond(u), u, errs[name])
             with torch.no_grad():
                 drive_errors[name] = _unpool(pop, g_u, winners[name])
-        sent.push(drive_errors)
+        if lag:  # each population's error, sent back through the feedback matrices of this step
+            sent.push({name: _sent_back(circuit, name, drive_errors, (x.shape[0], *circuit.populations[name].shape))
+                       for name in order[1:] if name != out})
         # Plasticity: each synapse's rule on the signals present at it now.
         with torch.no_grad():
             # A presynaptic trace is its population's: it advances once per step, however
             # many synapses leave that population (every activity is set by now).
             for pre in dict.fromkeys(syn.pre for syn in circuit.synapses.values()):
                 traces[pre] = _leak(traces.get(pre), acts[pre], k_tr)
+            now: dict[int, list] = {}  # this step's update per synapse: [syn, ΔW, Δb, ΔB]
             for syn in circuit.synapses.values():
                 gw, gb, gfb = syn.ref_updates(traces[syn.pre], drive_errors[syn.post])
-                acc = grads.setdefault(id(syn), [syn, None, None, None])
-                for i, g in enumerate((gw, gb, gfb), start=1):
-                    if g is not None:
-                        acc[i] = k_w * g if acc[i] is None else acc[i] + k_w * g
+                inc = now[id(syn)] = [syn] + [None if g is None else k_w * g for g in (gw, gb, gfb)]
                 if s.tau_decay is not None:
-                    acc[1] = acc[1] + (s.dt / s.tau_decay) * syn.weight
+                    inc[1] = inc[1] + (s.dt / s.tau_decay) * syn.weight
             for n, syn in learners.items():
                 post, last = acts[syn.post], before[syn.post]
                 change = torch.zeros_like(post) if last is None else post - last
                 high[n] = change if n not in high else (1 - s.dt / syn.rule.tau_hp) * high[n] + change
                 g = _feedback_in_time(syn, noise.get(syn.pre), acts[syn.pre], high[n], s.noise)
-                acc = grads[id(syn)]
-                acc[3] = k_w * g if acc[3] is None else acc[3] + k_w * g
+                inc = now[id(syn)]
+                inc[3] = k_w * g if inc[3] is None else inc[3] + k_w * g
+            for key, inc in now.items():
+                acc = grads.setdefault(key, [inc[0], None, None, None])
+                for i in (1, 2, 3):
+                    if inc[i] is not None:
+                        acc[i] = inc[i] if acc[i] is None else acc[i] + inc[i]
+            if moving:  # every step's update into the weights at once, after all are formed
+                for syn, *incs in now.values():
+                    for param, inc in zip((syn.weight, syn.bias, syn.feedback), incs):
+                        if param is not None and inc is not None and param.requires_grad:
+                            param.sub_(lr * inc)
         if trace is not None:
             trace(step, {"pre": traces, "drive_error": drive_errors, "activity": acts, "error": errs,
                          "noise": noise, "high_pass": high,
                          "update": {n: grads.get(id(sy), [None, None])[1] for n, sy in circuit.synapses.items()},
                          "feedback_update": {n: grads.get(id(sy), [None] * 4)[3]
                                              for n, sy in circuit.synapses.items()}})
-    for syn, gw, gb, gfb in grads.values():
+    for syn, gw, gb, gfb in ([] if moving else grads.values()):
         for p, g in ((syn.weight, gw), (syn.bias, gb), (syn.feedback, gfb)):
             if p is None or g is None or not p.requires_grad:
                 continue
             p.grad = g.detach().clone() if p.grad is None else p.grad + g
     return last_loss if last_loss is not None else torch.tensor(math.nan)
+
+
+def _sent_back(circuit, name: str, drive_errors: dict, shape) -> torch.Tensor | None:
+    """The error population ``name`` receives from its consumers: each synapse's feedback matrix
+    on the error at its postsynaptic drive, an identity's error as it is (None: none sends)."""
+    back = {}
+    with torch.no_grad():
+        for syn in circuit.synapses.values():
+            g = drive_errors.get(syn.post)
+            if syn.pre == name and g is not None and syn.feedback_matrix() is not None:
+                _add(back, name, syn.ref_feedback(g, shape))
+    for pre, post in circuit.identities:
+        if pre == name:
+            _add(back, name, drive_errors.get(post))
+    return back.get(name)
 
 
 def _noise_step(old, like: torch.Tensor, std: float, a: float, generator) -> torch.Tensor:

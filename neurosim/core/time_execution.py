@@ -36,9 +36,13 @@ noise, their product formed by the kind, as ``time_backward`` gives them.
 Nothing inside reads a tensor's value on the host: ``backward`` returns the loss and the output
 at the stimulus's last step as device tensors.
 
-The weights do not change during a presentation (updates accumulate, as in ``time_backward``),
-so the feedback matrices (``sign(W)·s`` for sign concordance, …) are formed once per
-presentation. Batch norm is refused, as in the literal execution.
+With ``plasticity="presentation"`` the weights do not change during a presentation (updates
+accumulate, as in ``time_backward``), so the feedback matrices (``sign(W)·s`` for sign
+concordance, …) are formed once per presentation. With ``"continuous"`` each step's
+accumulators start at zero, so the step returns that step's update, which ``backward`` subtracts,
+times the learning rate, from the parameters in place between steps (outside the graph, which
+reads the parameters' storage) before forming the feedback matrices again. Batch norm is refused,
+as in the literal execution.
 
 One deliberate difference: an eligibility trace is a population's, leaked once per step. The
 literal execution leaks a presynaptic population's trace once per outgoing synapse, so a
@@ -367,7 +371,8 @@ class TimeExecution:
         return gx if sends else None
 
     # -- a presentation ----------------------------------------------------------------------
-    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None):
+    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None,
+                 lr: float | None = None):
         """Present ``x`` for the settings' duration (then nothing, while errors settle) and
         accumulate every synapse's integrated update into ``.grad``, as ``time_backward`` does.
 
@@ -376,7 +381,13 @@ class TimeExecution:
         ``x``'s device), step by step and population by population in the circuit's order, the
         draws ``time_backward`` makes: the same generator state gives the same noise. Returns
         ``(loss, output)``: the loss and the output population's activity at the stimulus's last
-        step, detached, on ``x``'s device (nothing is read back to the host)."""
+        step, detached, on ``x``'s device (nothing is read back to the host).
+
+        ``settings.plasticity == "continuous"``: the parameters move by ``−lr`` times each step's
+        update, in place, and no ``.grad`` is written, as ``time_backward`` does."""
+        moving = self.settings.plasticity == "continuous"
+        if moving and (lr is None or not lr > 0):
+            raise ValueError(f"continuous plasticity moves the weights during the presentation: give lr > 0, got {lr}")
         if self._key() != self._made_for:
             _check(self.circuit, self.settings)
             self._replan()
@@ -388,6 +399,11 @@ class TimeExecution:
         shapes = [(name, (x.shape[0], *self.circuit.populations[name].shape)) for name in p.order[1:]]
         where = x.device if generator is None else generator.device
         draws = None
+        if moving:
+            params = [(kind, name, param) for name, syn, _, _ in p.synapses
+                      for kind, param in (("gw", syn.weight), ("gb", syn.bias), ("gfb", syn.feedback))
+                      if param is not None and param.requires_grad and name in state[kind]]
+            zero = {kind: dict(state[kind]) for kind in ("gw", "gb", "gfb")}
         with torch.no_grad():
             for t in range(p.total):
                 if p.noise:  # drawn here, outside the step's graph: dynamo does not trace a generator
@@ -396,6 +412,13 @@ class TimeExecution:
                 state = self._step(state, x, weights, loss_fn, draws)
                 if t == p.t_on - 1:
                     loss, output = state["loss"], state["act"][p.out]
+                if moving:  # this step's update into the parameters; the next step starts from zero
+                    torch._foreach_add_([param for _, _, param in params],
+                                        [state[kind][name].to(param.dtype) for kind, name, param in params], alpha=-lr)
+                    state = {**state, **zero}
+                    weights = self._weights()  # the feedback matrices of the moved weights
+        if moving:
+            return loss.detach(), output.detach()
         for name, syn, _, _ in p.synapses:
             for param, g in ((syn.weight, state["gw"].get(name)), (syn.bias, state["gb"].get(name)),
                              (syn.feedback, state["gfb"].get(name))):

@@ -344,8 +344,11 @@ class Monitor:
 
     def __init__(self, circuit, cfg: MonitorConfig, total_steps: int,
                  probe: tuple[torch.Tensor, torch.Tensor] | None = None, loss_fn=None, seed: int = 0,
-                 autocast_dtype: torch.dtype | None = None, time_settings=None):
+                 autocast_dtype: torch.dtype | None = None, time_settings=None, learning_rate=None):
         self.circuit, self.cfg, self.total_steps = circuit, cfg, int(total_steps)
+        # ``learning_rate()``: the rate the weights move at now, for a presentation in time whose
+        # plasticity is continuous (its copy's weights move during the presentation, as the run's do).
+        self.learning_rate = learning_rate
         # The probe runs in the training precision: its angles describe the errors training
         # really delivers (bf16 rounding included), and both of its passes share that precision.
         self.autocast_dtype = autocast_dtype
@@ -469,7 +472,7 @@ class Monitor:
             snap[i, 1, :n] = _feedback(syn)[at]
         if self.time is not None:
             self.time.present(len(self.snapshot_steps), self.circuit, self.names, self._trace_at, *self.probe,
-                              self.loss_fn)
+                              self.loss_fn, lr=None if self.learning_rate is None else self.learning_rate())
         self.records.commit_snapshot(step)
 
     def _alignment(self, synapses):

@@ -120,10 +120,12 @@ class TimeTraces:
         """The end of each step of the presentation, ``(n + 1)·dt``, in the unit of ``dt``."""
         return ((np.arange(self.steps, dtype=np.float64) + 1) * self.settings.dt).astype(np.float32)
 
-    def present(self, slot: int, circuit, names, trace_at, x: torch.Tensor, y: torch.Tensor, loss_fn) -> None:
+    def present(self, slot: int, circuit, names, trace_at, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                lr: float | None = None) -> None:
         """Present ``x`` in time to a copy of ``circuit`` and keep the traced pairs' signals of the
         synapses ``names`` (``trace_at[i]``: the indices in W of synapse ``i``'s traced weights) in
-        snapshot ``slot``. ``loss_fn(output, y)`` is the training loss."""
+        snapshot ``slot``. ``loss_fn(output, y)`` is the training loss; ``lr`` the rate at which
+        the copy's weights move during the presentation where the plasticity is continuous."""
         s = self.settings
         # The copy leaves the real parameters' gradients behind (they are put back at once).
         params = list(circuit.parameters())
@@ -171,7 +173,7 @@ class TimeTraces:
                     updb_t[i, :n, step] = running_b[i]
             seen[0] = step + 1
 
-        kwargs = {}
+        kwargs = {"lr": lr} if getattr(s, "plasticity", "presentation") == "continuous" else {}
         if getattr(s, "noise", 0) and "generator" in inspect.signature(time_backward).parameters:
             # Intrinsic noise from the monitor's own stream, seeded per snapshot: the same on a resume.
             kwargs["generator"] = torch.Generator(x.device).manual_seed(noise_seed(self.seed, slot))

@@ -183,7 +183,7 @@ def in_time_only(cfg) -> str | None:
     """A setting of the circuit in time on a run with instant dynamics: it would change nothing."""
     if cfg.dynamics != "time":
         return ("the time constants, delay and stimulus duration (--dt, --duration, --tau, --tau-plasticity, "
-                "--tau-decay, --tau-eligibility, --delay, --settle, --time-update, --noise, --tau-noise) apply to a circuit run in time "
+                "--tau-decay, --tau-eligibility, --delay, --settle, --time-update, --noise, --tau-noise, --plasticity) apply to a circuit run in time "
                 "only, and this run has --dynamics instant: add --dynamics time, or leave them out")
     return None
 

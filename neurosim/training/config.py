@@ -27,6 +27,7 @@ from neurosim.training.applies import (
 
 DYNAMICS = ("instant", "time")
 TIME_UPDATES = ("ordered", "synchronous")  # neurosim.core.dynamics.UPDATES, without loading torch
+PLASTICITY = ("presentation", "continuous")  # neurosim.core.dynamics.PLASTICITY
 # The TimeSettings fields whose configuration field has another name.
 TIME_FIELDS = {"update": "time_update"}
 
@@ -303,6 +304,10 @@ class RunConfig:
         "standard deviation of the noise every non-input population adds to its drive at every step; 0: none"))
     tau_noise: float | None = attrs.field(default=None, metadata=_time(
         "correlation time of that noise (Ornstein-Uhlenbeck); none: white"))
+    plasticity: str = attrs.field(default="presentation", validator=_v.in_(PLASTICITY), metadata=_time(
+        "presentation (each synapse integrates its update over a presentation; the optimizer applies it at the "
+        "end) or continuous (the weights move at every step by -lr x dt/tau_plasticity x the update; needs "
+        "--momentum 0 and --weight-decay 0, which the synapses' dynamics do not have: decay is --tau-decay)"))
     # observation (neurosim.observe.monitors): record every N engaged steps, 0 for no monitor
     monitor_every: int = attrs.field(default=200, validator=_v.ge(0), metadata=_about(
         "monitors", "engaged steps between monitor records; 0: no monitor", "steps"))

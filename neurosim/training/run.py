@@ -105,6 +105,10 @@ def refuse_unsupported(cfg: RunConfig, world: distributed.World) -> None:
     if timed and cfg.amp == "bf16":
         raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
                         "leave --amp out")
+    if timed and cfg.plasticity == "continuous" and (cfg.momentum or cfg.weight_decay):
+        raise UserError(f"--plasticity continuous moves the weights by the synapses' own dynamics at every step, "
+                        f"which have no momentum and no weight decay (--momentum {cfg.momentum:g}, --weight-decay "
+                        f"{cfg.weight_decay:g}): give --momentum 0 --weight-decay 0 (decay in time is --tau-decay)")
 
 
 class Run:
@@ -194,7 +198,8 @@ class Run:
                     whole.close()
             self.monitor = Monitor(self.circuit, mcfg, cfg.epochs * len(self.train_stream), probe,
                                    self.loss_fn, cfg.seed, autocast_dtype=self.amp_dtype,
-                                   time_settings=cfg.time_settings())
+                                   time_settings=cfg.time_settings(),
+                                   learning_rate=lambda: self.optimizer.param_groups[0]["lr"])
         self.callbacks: list[Callback] = [MonitorCallback(self.monitor, self.log)] if self.monitor is not None else []
         self.epoch = 0  # completed epochs
         self.batch = 0  # batches completed in the current epoch

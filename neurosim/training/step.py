@@ -45,7 +45,9 @@ def engaged_step(circuit, model, optimizer: torch.optim.Optimizer, x: torch.Tens
         # Per-batch feedback draws (brSF) share the seeded, checkpointed sleep-noise stream.
         circuit.new_batch(generator)
     if time is not None:
-        loss, out = time.backward(x, lambda a: loss_fn(a, y), generator)
+        # Continuous plasticity moves the weights during the presentation, at the optimizer's rate
+        # (its schedule's); it leaves no .grad, so the step below changes nothing then.
+        loss, out = time.backward(x, lambda a: loss_fn(a, y), generator, lr=optimizer.param_groups[0]["lr"])
     elif execution == "reference":
         out_holder = []
 
@@ -76,7 +78,7 @@ class LiteralTime:
     def __init__(self, circuit, settings):
         self.circuit, self.settings = circuit, settings
 
-    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None
+    def backward(self, x: torch.Tensor, loss_fn, generator: torch.Generator | None = None, lr: float | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         last, outputs = self.settings.steps(self.settings.duration), []
 
@@ -85,7 +87,7 @@ class LiteralTime:
                 outputs.append(a.detach())
             return loss_fn(a)
 
-        loss = time_backward(self.circuit, x, loss_of, self.settings, generator=generator)
+        loss = time_backward(self.circuit, x, loss_of, self.settings, generator=generator, lr=lr)
         return loss, outputs[-1]
 
 
