@@ -194,3 +194,32 @@ def test_a_run_trains_with_continuous_plasticity_and_resumes_bit_for_bit(tmp_pat
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
     for n, t in a["circuit"].items():
         assert torch.equal(t, b["circuit"][n]), n
+
+
+def test_the_monitor_presents_its_probe_with_the_weights_moving_at_the_run_s_rate():
+    """The traced running update of a continuous presentation, times the rate, is how far the
+    presented copy's weights moved; the run's own circuit does not move."""
+    import numpy as np
+
+    from neurosim.observe.monitors import Monitor, MonitorConfig
+
+    c = circuit(RULES["kp"](decay=0.1), "dense")
+    before = copy.deepcopy(c)
+    x, y = _data("dense", n=8)
+    s = TimeSettings(duration=3.0, tau=2.0, plasticity="continuous")
+    cfg = MonitorConfig(every=1, probe=8, traces=4, scatter=6, snapshots=2)
+    with pytest.raises(ValueError, match="learning_rate"):
+        Monitor(c, cfg, 4, (x, y), F.cross_entropy, time_settings=s)
+    m = Monitor(c, cfg, 4, (x, y), F.cross_entropy, time_settings=s, learning_rate=lambda: 0.5)
+    for (n, p), (_, q) in zip(c.named_parameters(), before.named_parameters()):
+        assert torch.equal(p, q), n
+    copy_ = copy.deepcopy(c)
+    time_backward(copy_, x, loss_of(y), s, lr=0.5)
+    last = m.arrays()["time_update"][0, :, :, -1]
+    for i, name in enumerate(m.names):
+        idx = m.trace_index[i]
+        real = idx >= 0
+        w0 = c.synapses[name].weight.detach().reshape(-1)[idx[real]]
+        w1 = copy_.synapses[name].weight.detach().reshape(-1)[idx[real]]
+        np.testing.assert_allclose(last[i, real], ((w0 - w1) / 0.5).float().numpy(), rtol=1e-5, atol=1e-7)
+        assert np.abs(last[i, real]).max() > 0
