@@ -4,11 +4,15 @@
         --epochs 20 --seeds 0,1 --out studies/time-delay
     python experiments/time_study.py plasticity --rules fa,kp --duration 10 --values 0.1,0.3,1,3,10,30 \\
         --epochs 20 --seeds 0,1 --out studies/time-plasticity
+    python experiments/time_study.py plasticity --rules fa,kp --duration 8 --values 1,10,100 \\
+        --plasticity continuous --lr 1 --momentum 0 --batch-size 1 --epochs 2 --out studies/time-continuous
 
 ``delay``: every feedback hop takes ``value`` (in steps of dt); ``plasticity``: the synapses'
 plasticity time constant is ``value`` × the stimulus duration. Every other setting is the
 rule's ``<rule>_mlp_digits`` preset, with ``--bias false`` (ReLU neurons rest at 0 when the
-stimulus is off). Each run is an ordinary run directory under ``--out`` (its ``config.json``
+stimulus is off) and what ``--plasticity``, ``--lr``, ``--momentum`` and ``--batch-size`` give
+(``--plasticity continuous``: the weights move at every step; ``--batch-size 1``: one stimulus at
+a time). Each run is an ordinary run directory under ``--out`` (its ``config.json``
 repeats it); a run already finished there is not trained again. The study writes
 ``results.json``, ``report.md`` (final test top-1 per rule and value, mean and range over the
 seeds; for ``delay`` also the share of the undelayed update each hidden synapse integrates over
@@ -51,6 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=_numbers(int), default=[0])
     p.add_argument("--out", type=Path, required=True, help="the study directory")
     p.add_argument("--compile", action="store_true", help="compile each time step with torch.compile (--compile true)")
+    p.add_argument("--plasticity", choices=("presentation", "continuous"), default="presentation",
+                   help="where the weights move: at each presentation's end (default) or at every step")
+    p.add_argument("--lr", type=float, default=None, help="the learning rate (default: the preset's)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: the preset's; "
+                   "continuous plasticity needs 0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="stimuli presented at once (default: the preset's; 1: one stimulus at a time)")
     args = p.parse_args(argv)
     from neurosim.rules import RULES
 
@@ -66,6 +77,11 @@ def parse_args(argv=None):
         p.error("--settle is a whole number of steps, at least 0")
     if args.study == "delay" and any(v != int(v) for v in args.values):
         p.error("delays are whole numbers of steps")
+    if args.plasticity == "continuous" and args.momentum != 0:
+        p.error("continuous plasticity moves the weights by the synapses' own dynamics, which have no momentum: "
+                "give --momentum 0")
+    if args.lr is not None and not args.lr > 0 or args.batch_size is not None and args.batch_size < 1:
+        p.error("--lr must be above 0 and --batch-size at least 1")
     return args
 
 
@@ -75,6 +91,11 @@ def settings(args, value):
                device="cpu", compile=args.compile)
     if args.settle is not None:
         out["settle"] = args.settle
+    if args.plasticity != "presentation":
+        out["plasticity"] = args.plasticity
+    for key in ("lr", "momentum", "batch_size"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
     if args.study == "delay":
         out["delay"] = float(value)
     else:
@@ -104,6 +125,16 @@ def train(directory: Path, name: str, overrides: dict) -> dict:
     return json.loads(metrics.read_text().splitlines()[-1])
 
 
+def other_settings(directory: Path, overrides: dict) -> str | None:
+    """What a run already in ``directory`` was started with that differs from ``overrides``."""
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    other = {k: (saved[k], v) for k, v in overrides.items() if k in saved and saved[k] != v}
+    return ", ".join(f"{k} {a} there, {b} here" for k, (a, b) in other.items()) or None
+
+
 def strengths(rule: str, duration: float, delays) -> dict:
     """The share ⟨ΔW_d, ΔW_0⟩ / ‖ΔW_0‖² of the undelayed update each synapse integrates over one
     presentation of the first training batch, per delay, on the initial circuit (float64)."""
@@ -131,16 +162,26 @@ def strengths(rule: str, duration: float, delays) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    plan = [(rule, value, seed, args.out / f"{rule}-{args.study}{value:g}-seed{seed}", dict(settings(args, value), seed=seed))
+            for rule in args.rules for value in args.values for seed in args.seeds]
+    for *_, run_dir, overrides in plan:  # before anything trains: a study is one set of settings
+        differs = other_settings(run_dir, overrides)
+        if differs:
+            print(f"error: {run_dir} holds a run with other settings ({differs}); give the study another --out",
+                  file=sys.stderr)
+            raise SystemExit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"study": args.study, "duration": args.duration, "epochs": args.epochs, "seeds": args.seeds,
-               "values": args.values, "rules": {}}
+               "values": args.values, "rules": {},
+               "settings": {k: v for k, v in (("plasticity", args.plasticity), ("lr", args.lr),
+                                              ("momentum", args.momentum), ("batch_size", args.batch_size))
+                            if v is not None and not (k == "plasticity" and v == "presentation")}}
     for rule in args.rules:
         entry = results["rules"][rule] = {"top1": {}, "angle": {}}
         for value in args.values:
             accs, angles = [], []
-            for seed in args.seeds:
-                run_dir = args.out / f"{rule}-{args.study}{value:g}-seed{seed}"
-                last = train(run_dir, f"{rule}_mlp_digits", dict(settings(args, value), seed=seed))
+            for _, _, seed, run_dir, overrides in [q for q in plan if q[:2] == (rule, value)]:
+                last = train(run_dir, f"{rule}_mlp_digits", overrides)
                 accs.append(last["test_acc"])
                 angles.append(last.get("mean_angle"))
                 said = last["diverged"] if last["test_acc"] is None else f"top-1 {last['test_acc']:.2f} %"
@@ -158,8 +199,11 @@ def main(argv=None):
 def report(results) -> str:
     delay = results["study"] == "delay"
     head = "delay d (steps)" if delay else "τ_w / T"
+    given = results.get("settings", {})
+    extra = "".join(f", {k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f", {k.replace('_', ' ')} {v}"
+                    for k, v in given.items())
     lines = [f"# Digits MLP in time: {results['study']} (T = {results['duration']:g} steps, {results['epochs']} epochs, "
-             f"seeds {', '.join(map(str, results['seeds']))})", "",
+             f"seeds {', '.join(map(str, results['seeds']))}{extra})", "",
              f"| rule | {head} | test top-1 % (mean, range) |" + (" share of the undelayed update: x→h1, h1→h2 |"
                                                                   if delay else ""),
              "| --- | --- | --- |" + (" --- |" if delay else "")]

@@ -42,8 +42,25 @@ def test_a_delay_sweep_trains_each_run_once_and_reports_the_learning_strength(tm
     (["delay", "--values", "x"], "expected numbers"),
     (["delay", "--values", "1", "--rules", "nope"], "unknown rules"),
     (["delay", "--values", "1", "--settle", "-1"], "--settle is a whole number"),
+    (["plasticity", "--values", "1", "--plasticity", "continuous"], "give --momentum 0"),
+    (["plasticity", "--values", "1", "--batch-size", "0"], "--batch-size at least 1"),
 ])
 def test_bad_settings_exit_2_before_anything_runs(tmp_path, args, message):
     done = study(*args, "--out", str(tmp_path / "s"), cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_study_directory_holding_runs_of_other_settings_is_refused_before_anything_trains(tmp_path):
+    """Finished runs are reused by name: one started with other settings would be reported as
+    this study's. The study names the setting that differs and trains nothing."""
+    out = tmp_path / "s"
+    (out / "fa-plasticity1-seed0").mkdir(parents=True)
+    (out / "fa-plasticity1-seed0" / "config.json").write_text(json.dumps({"plasticity": "presentation", "lr": 0.05}))
+    done = study("plasticity", "--rules", "fa", "--values", "1,3", "--plasticity", "continuous", "--momentum", "0",
+                 "--lr", "1", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"error: {out / 'fa-plasticity1-seed0'} holds a run with other settings "
+                                   f"(plasticity presentation there, continuous here, lr 0.05 there, 1.0 here); give the study "
+                                   f"another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["fa-plasticity1-seed0"]
