@@ -11,11 +11,13 @@ run together see exactly the batches one process with their summed batch would.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing
 import os
 import re
+import types
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -24,9 +26,7 @@ from contextlib import contextmanager
 import attrs
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from neurosim.common.errors import DataError
 from neurosim.data.batches import derive_seed
@@ -56,6 +56,17 @@ _PREFETCH = 2
 # File signatures of the formats torchvision decodes itself; anything else goes to Pillow.
 _TORCHVISION_MAGIC = (JPEG_MAGIC, b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a")
 _DECODE_MODES = ("auto", "cpu", "device")
+
+
+@functools.cache
+def _tv() -> types.SimpleNamespace:
+    """torchvision's decoding (``io``) and transforms (``TF``), imported at first use: importing
+    torchvision takes a second or more (its models import the compiler), which every command that
+    reads no image folder would otherwise pay as it starts."""
+    import torchvision.io as io
+    import torchvision.transforms.v2.functional as TF
+
+    return types.SimpleNamespace(io=io, TF=TF)
 
 
 # --- per-image transforms ------------------------------------------------------------------------
@@ -103,10 +114,10 @@ def _transform(img: torch.Tensor, train: bool, size: int, seed: int, epoch: int,
     """
     if train:
         top, left, h, w, flip = crop_box(seed, epoch, position, img.shape[-2], img.shape[-1])
-        out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-        return TF.horizontal_flip(out) if flip else out
-    out = TF.resize(img, [round(size / _EVAL_CROP_FRACTION)], antialias=True)
-    return TF.center_crop(out, [size, size])
+        out = _tv().TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+        return _tv().TF.horizontal_flip(out) if flip else out
+    out = _tv().TF.resize(img, [round(size / _EVAL_CROP_FRACTION)], antialias=True)
+    return _tv().TF.center_crop(out, [size, size])
 
 
 # --- reading and decoding ------------------------------------------------------------------------
@@ -187,7 +198,7 @@ def _decode_cpu(data: torch.Tensor, path: str, max_pixels: int | None = None) ->
     if head.startswith(_TORCHVISION_MAGIC):
         try:
             with _torchvision_decoders():
-                return _to_uint8_rgb(decode_image(data, mode=ImageReadMode.RGB))
+                return _to_uint8_rgb(_tv().io.decode_image(data, mode=_tv().io.ImageReadMode.RGB))
         except RuntimeError:
             pass  # e.g. a damaged file: Pillow tries it too, and gives a readable reason if it fails
     try:
@@ -600,12 +611,12 @@ class FolderStream:
         """
         with _torchvision_decoders():
             if self.device.type != "cuda":
-                return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                return list(_tv().io.decode_jpeg(data, mode=_tv().io.ImageReadMode.RGB, device=self.device))
             if self._decode_stream is None:
                 self._decode_stream = torch.cuda.Stream(self.device)
             training = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self._decode_stream):
-                images = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                images = list(_tv().io.decode_jpeg(data, mode=_tv().io.ImageReadMode.RGB, device=self.device))
             training.wait_stream(self._decode_stream)
             for img in images:
                 img.record_stream(training)
