@@ -186,15 +186,20 @@ def test_plot_html_bad_input_exits_2_with_one_line(runs, args, message, tmp_path
     assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in out.err
 
 
-def test_a_run_writes_its_dashboard_after_each_epoch_and_at_its_end(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failing, drawn", [
+    (1, [[0, 1], [0, 1, 2]]),  # the page of the last checkpoint is the finished run's: not drawn again
+    (2, [[0, 1], [0, 1, 2], None]),  # the last checkpoint's failed: drawn at the end
+])
+def test_a_run_writes_its_dashboard_after_each_epoch_and_at_its_end(tmp_path, monkeypatch, capsys, failing, drawn):
     """Through the command line, in this process: the page at each checkpoint holds the epoch just
-    finished; one that cannot be drawn is one line, and the run goes on and succeeds."""
+    finished; one that cannot be drawn is one line, and the run goes on and succeeds; at the end
+    the page is drawn unless the last checkpoint's is the finished run's."""
     calls = []
     real = dashboard.write_dashboard
 
     def spy(run_dirs, out=None, *, records=None, title=None):
         calls.append(None if records is None else [r["epoch"] for r in records])
-        if len(calls) == 1:
+        if len(calls) == failing:
             raise UserError("cannot write dashboard: disk full\nsecond line")
         path = real(run_dirs, out, records=records, title=title)
         if records is not None:  # the page holds the epoch just finished, before metrics.jsonl does
@@ -207,7 +212,8 @@ def test_a_run_writes_its_dashboard_after_each_epoch_and_at_its_end(tmp_path, mo
                            "--device", "cpu", "--out", str(out)])
     err = capsys.readouterr().err
     assert done.value.code in (0, None), err
-    assert calls == [[0, 1], [0, 1, 2], None]  # after epoch 1 (failed: said), after epoch 2, at the end
+    assert calls == drawn  # after epoch 1, after epoch 2, at the end where needed
+    assert f"wrote {out / FILE}" in err
     assert err.count("note: dashboard not written: cannot write dashboard: disk full") == 1
     assert "second line" not in err
     page = json.dumps(document((out / FILE).read_text(encoding="utf-8")), ensure_ascii=False)

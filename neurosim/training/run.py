@@ -67,7 +67,9 @@ def set_determinism(deterministic: bool, cuda: bool) -> None:
     """
     if deterministic and cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        # Only on a change: the call imports the compiler's configuration, a second or more.
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = cuda and not deterministic
 

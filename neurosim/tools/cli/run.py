@@ -117,7 +117,8 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     log = run.log
     if world.writer:
         record_start(run, argv)
-        run.callbacks.append(DashboardCallback(run, lambda line: draw_failed(log, line)))
+        board = DashboardCallback(run, lambda line: draw_failed(log, line))
+        run.callbacks.append(board)
     log.say(run_header(run))
     if request.verbose:
         log.say(str(run.circuit))
@@ -170,7 +171,10 @@ def _run(request: RunRequest, cfg, argv: list[str]) -> int:
     figures = plot_run(run.run_dir)
     if figures:
         log.say(f"wrote {len(figures)} figures into {run.run_dir}: {', '.join(p.name for p in figures)}")
-    page = draw_dashboard(run.run_dir, lambda line: draw_failed(log, line))
+    if board.current():  # written at the last checkpoint, from the same files
+        page = run.run_dir / "dashboard.html"
+    else:
+        page = draw_dashboard(run.run_dir, lambda line: draw_failed(log, line))
     if page is not None:
         log.say(f"wrote {page}")
     if m is not None:

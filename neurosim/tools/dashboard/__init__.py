@@ -104,7 +104,17 @@ class DashboardCallback(Callback):
 
     def __init__(self, run, say):
         self.run, self.say = run, say
+        self.drawn_at = None  # the run's (epoch, batch, step) when the page was last written
 
     def on_checkpoint(self, run_dir: Path) -> None:
         records = self.run.records
-        draw_dashboard(run_dir, self.say, records=list(records) if records else None)
+        page = draw_dashboard(run_dir, self.say, records=list(records) if records else None)
+        self.drawn_at = self.position() if page is not None else None
+
+    def position(self) -> tuple[int, int, int]:
+        return self.run.epoch, self.run.batch, self.run.step
+
+    def current(self) -> bool:
+        """Whether the page shows the run as it stands (written at its last checkpoint, nothing
+        trained since): drawing it again would write the same page."""
+        return self.drawn_at is not None and self.drawn_at == self.position()
