@@ -13,6 +13,12 @@ import torch
 # without it. It changes nothing on the CPU.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+# Under pytest-xdist the workers share the cores: one torch thread each, and in the processes
+# they start, or intra-op barriers wait on descheduled threads (up to 20× slower on 2 busy cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # The plain-PyTorch twin of the ResNets (benchmarks/native.py) serves the benchmarks and the tests
 # from outside the library: the tests import it as ``benchmarks.native``.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
