@@ -14,6 +14,10 @@ For each circuit and rule, in one process and on the same fixed batch:
   step is one compiled graph); its compile time is reported apart, from the warm-up;
 - ``literal``: ``neurosim.core.dynamics.time_backward``, the literal execution (``--literal-reps``
   repetitions: it is slow).
+- ``continuous_eager``, ``continuous_compiled``: ``time_eager`` and ``time_compiled`` with the
+  weights moving at every step (``plasticity="continuous"``, lr 1e-6, so that the repetitions
+  present nearly the same circuit): the feedback matrices formed again and the parameters moved
+  in place between the steps.
 
 The settings are ``TimeSettings(duration=T, tau=2)``: ordered updates, no delay, so a
 presentation is exactly ``T`` steps (no settle). Circuits (no batch norm: a circuit in time has
@@ -46,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.checkpoint_time import cpu_model  # noqa: E402  (the same machine line)
 
 CIRCUITS = ("mlp", "conv")
-VARIANTS = ("discrete", "time_eager", "time_compiled", "literal")
+CONTINUOUS_LR = 1e-6  # the continuous variants barely move the weights: every repetition presents the same circuit
+VARIANTS = ("discrete", "time_eager", "time_compiled", "literal", "continuous_eager", "continuous_compiled")
 
 
 def parse_args(argv=None):
@@ -114,6 +119,7 @@ def build(name: str, rule):
 def presentations(a, circuit, x, y, s):
     """The variants' calls, each from a clean ``.grad``; the compiled one's first call (its
     compilation) made here and timed."""
+    import attrs
     import torch
     import torch.nn.functional as F
 
@@ -127,9 +133,9 @@ def presentations(a, circuit, x, y, s):
         circuit.zero_grad(set_to_none=True)
         F.cross_entropy(circuit(x), y).backward()
 
-    def in_time(ex):
+    def in_time(ex, lr=None):
         circuit.zero_grad(set_to_none=True)
-        ex.backward(x, loss_fn)
+        ex.backward(x, loss_fn, lr=lr)
 
     def literal():
         circuit.zero_grad(set_to_none=True)
@@ -152,6 +158,14 @@ def presentations(a, circuit, x, y, s):
         run["time_compiled"] = lambda: in_time(compiled)
     if "literal" in a.variants:
         run["literal"] = literal
+    moving = attrs.evolve(s, plasticity="continuous")
+    if "continuous_eager" in a.variants:
+        eager_moving = TimeExecution(circuit, moving)
+        run["continuous_eager"] = lambda: in_time(eager_moving, CONTINUOUS_LR)
+    if "continuous_compiled" in a.variants:
+        compiled_moving = TimeExecution(circuit, moving, compile=True, backend=a.backend)
+        in_time(compiled_moving, CONTINUOUS_LR)  # its compilation, untimed
+        run["continuous_compiled"] = lambda: in_time(compiled_moving, CONTINUOUS_LR)
     return run, first
 
 

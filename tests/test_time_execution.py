@@ -253,7 +253,8 @@ def test_the_cost_benchmark_runs_small(tmp_path):
           "--backend", "eager", "--mlp-batch", "4", "--conv-batch", "2", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {(r["circuit"], r["variant"]) for r in rows} == {
-        (c, v) for c in ("mlp", "conv") for v in ("discrete", "time_eager", "time_compiled", "literal")}
+        (c, v) for c in ("mlp", "conv") for v in ("discrete", "time_eager", "time_compiled", "literal",
+                                                   "continuous_eager", "continuous_compiled")}
     for r in rows:
         assert r["T"] == 2 and r["ms"] > 0 and r["cpu_ms"] >= 0
         if r["variant"] == "discrete":
