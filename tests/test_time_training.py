@@ -138,7 +138,7 @@ def test_every_time_option_refuses_bad_values(cli, tmp_path):  # noqa: F811  (th
     parser = build_parser(name="fa_mlp_digits")
     group = next(g for g in parser._action_groups if g.title.startswith("dynamics"))
     options = [a.option_strings[0] for a in group._group_actions if a.option_strings[0] != "--dynamics"]
-    assert len(options) == 11
+    assert len(options) == 12
     accepted = fuzz(cli, tmp_path, "fa_mlp_digits", BAD, fixed=("--dynamics", "time"))
     accepted = {(o, v) for o, v in accepted if o in options}
     assert accepted == {("--delay", "0"), ("--noise", "0"), ("--settle", "0")}, accepted
