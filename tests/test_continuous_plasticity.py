@@ -179,7 +179,8 @@ def test_a_run_with_momentum_or_weight_decay_is_refused(tmp_path):
 @pytest.mark.slow
 def test_a_run_trains_with_continuous_plasticity_and_resumes_bit_for_bit(tmp_path):
     args = ["fa_mlp_digits", "--dynamics", "time", "--duration", "4", "--plasticity", "continuous", "--momentum", "0",
-            "--weight-decay", "0", "--lr", "0.2", "--train-limit", "512", "--device", "cpu", "--quiet"]
+            "--weight-decay", "0", "--lr", "1", "--train-limit", "256", "--monitor-every", "0", "--device", "cpu",
+            "--quiet"]
     whole = run_cli(*args, "--epochs", "2", "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     part = run_cli(*args, "--epochs", "1", "--out", str(tmp_path / "part"))
@@ -189,7 +190,7 @@ def test_a_run_trains_with_continuous_plasticity_and_resumes_bit_for_bit(tmp_pat
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["plasticity"] == "continuous"
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["test_acc"] > 50  # it learns (10 classes: chance is 10 %)
+    assert records[-1]["test_acc"] > records[0]["test_acc"] + 20  # it learns (epoch 0: before training)
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
     for n, t in a["circuit"].items():
