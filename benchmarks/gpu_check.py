@@ -641,8 +641,10 @@ class Check:
         junit = self.work / "junit.xml"
         log = self.work / "logs" / f"{name}.log"
         files = cuda_test_files()
-        cmd = [sys.executable, "-m", "pytest", "-m", "cuda", *files, "-v", "-rfEs", "-p", "no:cacheprovider",
-               f"--junitxml={junit}"]
+        # One process (``-o addopts=``: not the suite's pytest-xdist workers), so the log reads one
+        # test a line, and the GPU's tests do not share it with each other.
+        cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-m", "cuda", *files, "-v", "-rfEs", "-p",
+               "no:cacheprovider", f"--junitxml={junit}"]
         display = shlex.join(["python3", "-m", "pytest", "-m", "cuda", *files, "-v", "-rfEs"])
 
         def collect(rec, final):

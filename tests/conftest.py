@@ -34,6 +34,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores; "
                                        "run only with --runslow")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkersSay(), "neurosim-workers-say")
+
+
+class _WorkersSay:
+    """Under pytest-xdist the workers collect: each hands the count of slow tests it left out to
+    the controller, which says it once."""
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error):
+        left_out = getattr(node, "workeroutput", {}).get("slow_left_out", 0)
+        if left_out:
+            node.config.stash[_SLOW_LEFT_OUT] = left_out
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,6 +56,8 @@ def pytest_collection_modifyitems(config, items):
             config.hook.pytest_deselected(items=slow)
             items[:] = [item for item in items if "slow" not in item.keywords]
             config.stash[_SLOW_LEFT_OUT] = len(slow)
+            if hasattr(config, "workeroutput"):  # an xdist worker: for the controller's summary
+                config.workeroutput["slow_left_out"] = len(slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU")
