@@ -2,6 +2,7 @@
 ``slow`` marker: ``pytest`` runs the quick suite, ``pytest --runslow`` every test."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,9 +16,12 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # Under pytest-xdist the workers share the cores: one torch thread each, and in the processes
 # they start, or intra-op barriers wait on descheduled threads (up to 20× slower on 2 busy cores).
+# And a worker starts with SIGINT ignored (execnet's doing), which every process it starts would
+# inherit: the tests of Ctrl-C need it as a terminal gives it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The plain-PyTorch twin of the ResNets (benchmarks/native.py) serves the benchmarks and the tests
 # from outside the library: the tests import it as ``benchmarks.native``.
