@@ -514,6 +514,25 @@ def _check_overrides(name: str, overrides: dict) -> None:
                         f"cannot change it (the run would be named {name}); {instead}")
 
 
+def refuse_unsupported(cfg: RunConfig, several_processes: bool) -> None:
+    """The combinations of settings a run cannot train, each a ``UserError`` saying what to change
+    (``several_processes``: the run is one of several under torchrun)."""
+    if several_processes and (cfg.execution == "reference" or cfg.dynamics == "time"):
+        raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
+                        "the compiled execution (the default) with instant dynamics")
+    timed = cfg.dynamics == "time"
+    if cfg.make_rule().needs_time and (not timed or not cfg.noise):
+        raise UserError(f"the {cfg.rule} rule learns its feedback weights in time, from intrinsic noise: run it with "
+                        f"--dynamics time and --noise above 0 (an MLP; its preset {cfg.rule}_mlp_digits has both)")
+    if timed and cfg.amp == "bf16":
+        raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
+                        "leave --amp out")
+    if timed and cfg.plasticity == "continuous" and (cfg.momentum or cfg.weight_decay):
+        raise UserError(f"--plasticity continuous moves the weights by the synapses' own dynamics at every step, "
+                        f"which have no momentum and no weight decay (--momentum {cfg.momentum:g}, --weight-decay "
+                        f"{cfg.weight_decay:g}): give --momentum 0 --weight-decay 0 (decay in time is --tau-decay)")
+
+
 def check_rule_settings(name: str, overrides: dict) -> None:
     """Refuse hyper-parameters of another rule than the preset's (they would change nothing)."""
     if name not in PRESETS:

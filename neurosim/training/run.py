@@ -23,7 +23,7 @@ from neurosim.observe.monitors import Monitor, MonitorConfig, probe_batch
 from neurosim.training import distributed
 from neurosim.training.callbacks import Callback, MonitorCallback
 from neurosim.training.checkpoint import CheckpointWriter, load_checkpoint, write_checkpoint
-from neurosim.training.config import RunConfig
+from neurosim.training.config import RunConfig, refuse_unsupported
 from neurosim.training.evaluation import evaluate_stream, evaluation_result, evaluation_totals
 from neurosim.training.run_log import RunLog, epoch_list, merged_records, metrics_line, metrics_records, without_timing
 from neurosim.training.step import batch_at, engaged_step, loss_function, sleep_plan, sleep_steps, time_execution
@@ -95,24 +95,6 @@ def compiled_with_dynamic_batch(module, backend: str = "inductor"):
     return call
 
 
-def refuse_unsupported(cfg: RunConfig, world: distributed.World) -> None:
-    """The combinations of settings a run cannot train, each a ``UserError`` saying what to change."""
-    if world.distributed and (cfg.execution == "reference" or cfg.dynamics == "time"):
-        raise UserError("--execution reference and --dynamics time run in one process; under torchrun use "
-                        "the compiled execution (the default) with instant dynamics")
-    timed = cfg.dynamics == "time"
-    if cfg.make_rule().needs_time and (not timed or not cfg.noise):
-        raise UserError(f"the {cfg.rule} rule learns its feedback weights in time, from intrinsic noise: run it with "
-                        f"--dynamics time and --noise above 0 (an MLP; its preset {cfg.rule}_mlp_digits has both)")
-    if timed and cfg.amp == "bf16":
-        raise UserError("--amp bf16 applies to instant dynamics; a circuit in time computes in float32: "
-                        "leave --amp out")
-    if timed and cfg.plasticity == "continuous" and (cfg.momentum or cfg.weight_decay):
-        raise UserError(f"--plasticity continuous moves the weights by the synapses' own dynamics at every step, "
-                        f"which have no momentum and no weight decay (--momentum {cfg.momentum:g}, --weight-decay "
-                        f"{cfg.weight_decay:g}): give --momentum 0 --weight-decay 0 (decay in time is --tau-decay)")
-
-
 class Run:
     """One training run of a circuit on a dataset, resumable bit for bit from its checkpoint.
 
@@ -133,7 +115,7 @@ class Run:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the local rank's GPU
         # Refusals every rank meets alike: under torchrun rank 0 says them and the others stop with
         # it (a collective, not a wait for its word, which a loaded machine can outlast).
-        distributed.decided_by_rank0(lambda: refuse_unsupported(cfg, self.world))
+        distributed.decided_by_rank0(lambda: refuse_unsupported(cfg, self.world.distributed))
         cuda, timed = self.device.type == "cuda", cfg.dynamics == "time"
         self.amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and cuda and not timed)) else None
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda and not MODELS[cfg.model].is_mlp)
