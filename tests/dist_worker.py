@@ -232,7 +232,7 @@ def main() -> None:
     world, _ = distributed.init("cpu")
     result = globals()[mode](out, world)
     torch.save(result, out / f"{mode}-{world.size}-rank{world.rank}.pt")
-    distributed.finish()
+    distributed.finish(together=True)
 
 
 

@@ -117,9 +117,15 @@ def init(device_spec: str, timeout_s: float = 1800) -> tuple[World, str]:
     return world(), device_spec
 
 
-def finish() -> None:
-    """Leave the process group (after the last collective)."""
+def finish(together: bool = False) -> None:
+    """Leave the process group (after the last collective). ``together``: every rank ends here
+    after the same collectives (a run that finished everywhere), so they meet at a barrier first
+    and none tears its connections down while another's gloo threads still use them (a rank then
+    aborted at exit now and then: "terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if together:
+            with contextlib.suppress(RuntimeError):  # a rank already gone: leave all the same
+                dist.barrier()
         dist.destroy_process_group()
 
 

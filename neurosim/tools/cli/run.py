@@ -41,10 +41,12 @@ def run_circuit(argv: list[str], prog: str = "run_circuit.py") -> int:
     cfg = configure(request)
     with loading():
         from neurosim.training import distributed
+    code = None
     try:
-        return _run(request, cfg, argv)
+        code = _run(request, cfg, argv)
+        return code
     finally:
-        distributed.finish()
+        distributed.finish(together=code == 0)
 
 
 def configure(request: RunRequest):
