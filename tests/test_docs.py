@@ -260,9 +260,14 @@ def _study_rules(words: list[str]) -> list[str]:
     return words[words.index("--rules") + 1].split(",") if "--rules" in words else list(RULE_NAMES)
 
 
-def _run_params():
+# docs/results.md's blocks run in a file of their own (tests/test_docs_results.py): pytest-xdist
+# gives a file to one worker, and together the blocks are minutes of it.
+RESULTS = ROOT / "docs" / "results.md"
+
+
+def _run_params(results: bool = False):
     for b in ALL:
-        if b.illustration is not None:
+        if b.illustration is not None or (b.path == RESULTS) != results:
             continue
         # Shell commands start processes that train and draw: seconds each, minutes together.
         marks = [pytest.mark.slow] if b.info != "python" or b.needs_data else []
@@ -271,6 +276,11 @@ def _run_params():
 
 @pytest.mark.parametrize("block", list(_run_params()))
 def test_block_runs(block, tmp_path, tmp_path_factory, placeholder_runs, monkeypatch):
+    run_block(block, tmp_path, tmp_path_factory, placeholder_runs, monkeypatch)
+
+
+def run_block(block, tmp_path, tmp_path_factory, placeholder_runs, monkeypatch):
+    """Run ``block`` as the module docstring says, from ``tmp_path``."""
     if block.needs_data and not SHARED_DATA.is_dir():
         pytest.skip(f"needs {SHARED_DATA}")
     monkeypatch.chdir(tmp_path)
