@@ -319,7 +319,9 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
                          "update": {n: grads.get(id(sy), [None, None])[1] for n, sy in circuit.synapses.items()},
                          "feedback_update": {n: grads.get(id(sy), [None] * 4)[3]
                                              for n, sy in circuit.synapses.items()}})
-    for syn, gw, gb, gfb in ([] if moving else grads.values()):
+    if moving:  # the weights took every step's update already
+        return last_loss if last_loss is not None else torch.tensor(math.nan)
+    for syn, gw, gb, gfb in grads.values():
         for p, g in ((syn.weight, gw), (syn.bias, gb), (syn.feedback, gfb)):
             if p is None or g is None or not p.requires_grad:
                 continue
@@ -330,16 +332,14 @@ def time_backward(circuit, x: torch.Tensor, loss_fn, settings: TimeSettings, tra
 def _sent_back(circuit, name: str, drive_errors: dict, shape) -> torch.Tensor | None:
     """The error population ``name`` receives from its consumers: each synapse's feedback matrix
     on the error at its postsynaptic drive, an identity's error as it is (None: none sends)."""
-    back = {}
+    parts = []
     with torch.no_grad():
         for syn in circuit.synapses.values():
             g = drive_errors.get(syn.post)
             if syn.pre == name and g is not None and syn.feedback_matrix() is not None:
-                _add(back, name, syn.ref_feedback(g, shape))
-    for pre, post in circuit.identities:
-        if pre == name:
-            _add(back, name, drive_errors.get(post))
-    return back.get(name)
+                parts.append(syn.ref_feedback(g, shape))
+    parts += [drive_errors[post] for pre, post in circuit.identities if pre == name and post in drive_errors]
+    return sum(parts[1:], parts[0]) if parts else None
 
 
 def _noise_step(old, like: torch.Tensor, std: float, a: float, generator) -> torch.Tensor:

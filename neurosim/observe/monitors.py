@@ -359,7 +359,7 @@ class Monitor:
         self.has_sleep = bool(sleeping)
         if time_settings is not None:
             check_time_settings(circuit, time_settings, bool(cfg.probe and probe is not None and loss_fn is not None))
-            if getattr(time_settings, "plasticity", None) == "continuous" and learning_rate is None:
+            if time_settings.plasticity == "continuous" and learning_rate is None:
                 raise ValueError("continuous plasticity moves the presented copy's weights at the run's rate: "
                                  "give learning_rate (a callable returning it)")
         self.time_steps = 0 if time_settings is None or not cfg.snapshots else presentation_steps(circuit, time_settings)

@@ -173,7 +173,7 @@ class TimeTraces:
                     updb_t[i, :n, step] = running_b[i]
             seen[0] = step + 1
 
-        kwargs = {"lr": lr} if getattr(s, "plasticity", "presentation") == "continuous" else {}
+        kwargs = {"lr": lr} if s.plasticity == "continuous" else {}
         if getattr(s, "noise", 0) and "generator" in inspect.signature(time_backward).parameters:
             # Intrinsic noise from the monitor's own stream, seeded per snapshot: the same on a resume.
             kwargs["generator"] = torch.Generator(x.device).manual_seed(noise_seed(self.seed, slot))
