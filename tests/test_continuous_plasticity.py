@@ -100,7 +100,7 @@ def test_the_batched_execution_moves_the_weights_as_the_literal_one(rule_name, k
     want, got = moved(literal, before), moved(batched, before)
     assert want and want.keys() == got.keys()
     for n in want:
-        change = (want[n] - dict(before.named_parameters())[n]).norm()
+        change = (want[n] - dict(before.named_parameters())[n].detach()).norm()
         assert float((got[n] - want[n]).norm() / change) <= 1e-12, n
     assert not _grads(batched)
     assert abs(float(loss - expected)) <= 1e-12 * abs(float(expected))
@@ -141,7 +141,8 @@ def test_a_small_rate_gives_the_presentations_integrated_update():
     for lr in (1e-2, 1e-3):
         c = copy.deepcopy(base)
         time_backward(c, x, lambda o: F.cross_entropy(o, y), attrs.evolve(s, plasticity="continuous"), lr=lr)
-        now, start = dict(c.named_parameters()), dict(base.named_parameters())
+        now = {n: q.detach() for n, q in c.named_parameters()}
+        start = {n: q.detach() for n, q in base.named_parameters()}
         errors.append(max(float(((start[n] - now[n]) / lr - g).norm() / g.norm()) for n, g in integrated.items()))
     assert errors[1] < 1e-3
     assert 5 < errors[0] / errors[1] < 20  # first order: ten times the rate, about ten times the difference
