@@ -156,7 +156,7 @@ def _check_options(words: list[str], monkeypatch) -> None:
         assert not isinstance(request, int), f"{shlex.join(words)} asks for help or gives nothing"
         if not {"--resume", "--config"} & set(args):  # those read a run an earlier command made
             configure(request)
-    elif script.endswith("compare_rules.py"):
+    elif script.endswith("compare_rules.py") and "--combine" not in args:  # that one reads studies made before
         from neurosim.training.config import RULE_NAMES
 
         request = parse_request(args)
@@ -220,7 +220,7 @@ def _substitute(text: str, placeholder_runs) -> str:
 def _with_budget(words: list[str], folder_cache: Path) -> list[str]:
     script = next((w for w in words if w.startswith(SCRIPTS)), None)
     program = Path(script).name if script else ""
-    if program not in BUDGET or "--resume" in words:
+    if program not in BUDGET or "--resume" in words or "--combine" in words:
         return words
     extra = list(BUDGET[program])
     if program == "compare_rules.py":

@@ -36,6 +36,7 @@ def usage(prog: str = "compare_rules.py") -> str:
         f"usage: {prog} MODEL [--rules RULE,RULE,...] [--out STUDY_DIR] [--quiet] [--in-process]",
         f"{pad}[--field-name VALUE ...]",
         f"       {prog} --resume STUDY_DIR [--rules RULE,...] [--quiet] [--in-process] [--field-name VALUE ...]",
+        f"       {prog} --combine STUDY_DIR STUDY_DIR [...] [--out FILE.md]",
         "",
         *textwrap.wrap(
             "Train every registered rule (or those of --rules) on the same model, seed, data and budget, "
@@ -74,6 +75,11 @@ def usage(prog: str = "compare_rules.py") -> str:
         "",
         "Writes STUDY_DIR/study.json (the state and the exact command of every run), report.md (results",
         "per rule, per-synapse W–Bᵀ and delta angles, figures, commands), figures/*.png and logs/<rule>.log.",
+        *textwrap.wrap(
+            "Seeds: --combine reads studies that differ only in --seed (one study per seed) and writes one report "
+            "of them: per rule the mean over the seeds and their range, the gap to bp paired seed by seed, the "
+            "angles per synapse averaged over the seeds (--combine --help).", 100),
+        "",
         "Exit status: 0 every rule trained; 1 some run failed (see the report); 2 bad input; 130 interrupted.",
         "",
     ])

@@ -263,6 +263,10 @@ def compare_rules(argv: list[str], prog: str = "compare_rules.py") -> int:
     ``prog`` is the name its help and its option errors give it (``neurosim compare`` there)."""
     from neurosim.tools.cli import unique_run_dir, wants_help
 
+    if "--combine" in argv:
+        from neurosim.tools.study.seeds import combine
+
+        return combine([a for a in argv if a != "--combine"], prog)
     if not argv or wants_help(argv):
         print(usage(prog), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
