@@ -151,6 +151,16 @@ def test_studies_that_differ_in_more_than_the_seed_are_refused(seeds, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+def test_a_machine_setting_may_differ_and_is_not_said_to_be_shared(seeds, tmp_path, capsys):
+    elsewhere = study_with(seeds, tmp_path / "elsewhere", ("seed", "7"), ("device", "auto"))
+    code, out, err = run("--combine", str(seeds / "s0"), str(elsewhere), capsys=capsys)
+    assert code == 0, err
+    header = out.split("## Results", 1)[0]
+    assert "Seeds 0, 7" in header and "--hidden 16" in header
+    assert "--device" not in header and "--seed" not in header
+    assert "bp seed 7 (pending, 0/2)" in out  # a study whose runs have not started: counted out
+
+
 def test_two_studies_of_one_seed_are_refused(seeds, tmp_path, capsys):
     again = tmp_path / "again"
     assert compare_rules(["mlp_digits", *TINY, "--seed", "2", "--rules", "bp", "--out", str(again), "--quiet",

@@ -115,8 +115,8 @@ def _same(path: Path) -> Path:
 
 
 def read_studies(dirs: list[Path]) -> tuple[str, dict, list[Seeded]]:
-    """The model, the options the studies share (the seed left out) and each study, checked to be
-    seeds of one study."""
+    """The model, the options every study was given alike (the seed left out; a machine setting
+    such as --data-dir may differ) and each study, checked to be seeds of one study."""
     from neurosim.tools.study.plan import MACHINE_SETTINGS, _in_order, effective_settings
 
     stored = []
@@ -157,7 +157,9 @@ def read_studies(dirs: list[Path]) -> tuple[str, dict, list[Seeded]]:
     if twice:
         raise UserError(f"the studies share seed {', '.join(map(str, twice))} (" + ", ".join(
             f"{s.path}: {s.seed}" for s in studies) + "); a spread over seeds needs studies of different --seed")
-    return model, stored[0]["options"], studies
+    shared = {k: v for k, v in stored[0]["options"].items()
+              if k != "seed" and all(data["options"].get(k) == v for data in stored[1:])}
+    return model, shared, studies
 
 
 def _shown(value) -> str:
@@ -221,13 +223,13 @@ def combined_markdown(model: str, options: dict, studies: list[Seeded], figure: 
     from neurosim.tools.study.plan import _flag, _in_order
 
     rules = _in_order([r for s in studies for r in s.results])
-    shared = " ".join(f"{_flag(k)} {v}" for k, v in options.items() if k != "seed") or "none"
+    shared = " ".join(f"{_flag(k)} {v}" for k, v in options.items()) or "none"
     seeds = ", ".join(str(s.seed) for s in studies)
     lines = [
         f"# Plasticity rules compared on `{model}` over {len(studies)} seeds",
         "",
         f"Seeds {seeds}, each a study of its own (" + ", ".join(f"seed {s.seed}: `{s.path}`" for s in studies)
-        + f"); the options they share: `{_md_inline(shared)}`. Written {_now()}.",
+        + f"); the options they were all given: `{_md_inline(shared)}`. Written {_now()}.",
         "",
         "## Results over the seeds",
         "",
