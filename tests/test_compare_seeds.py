@@ -159,6 +159,11 @@ def test_a_machine_setting_may_differ_and_is_not_said_to_be_shared(seeds, tmp_pa
     assert "Seeds 0, 7" in header and "--hidden 16" in header
     assert "--device" not in header and "--seed" not in header
     assert "bp seed 7 (pending, 0/2)" in out  # a study whose runs have not started: counted out
+    from neurosim.tools.study.seeds import draw_accuracy, read_studies
+
+    other = study_with(seeds, tmp_path / "other", ("seed", "8"))
+    model, _, studies = read_studies([elsewhere, other])
+    assert not draw_accuracy(tmp_path / "a.png", model, studies) and not (tmp_path / "a.png").exists()
 
 
 def test_two_studies_of_one_seed_are_refused(seeds, tmp_path, capsys):

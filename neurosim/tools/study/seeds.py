@@ -61,6 +61,9 @@ class Seeded:
 
 def combine(argv: list[str], prog: str = "compare_rules.py") -> int:
     """``--combine STUDY_DIR ... [--out FILE]`` (argv without ``--combine``); returns the exit status."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(prog=prog), end="")
+        return 0
     dirs, out = _parse(argv, prog)
     model, options, studies = read_studies(dirs)
     if out is None:
@@ -78,9 +81,6 @@ def _parse(argv: list[str], prog: str) -> tuple[list[Path], Path | None]:
     dirs, out, rest = [], None, list(argv)
     while rest:
         token = rest.pop(0)
-        if token in ("-h", "--help"):
-            print(USAGE.format(prog=prog), end="")
-            raise SystemExit(0)
         if token == "--out":
             if out is not None:
                 raise UserError("option --out is given twice; give it once")
@@ -302,8 +302,8 @@ def combined_markdown(model: str, options: dict, studies: list[Seeded], figure: 
 
 
 def draw_accuracy(path: Path, model: str, studies: list[Seeded]) -> bool:
-    """Test top-1 by epoch per rule: the mean over the seeds (line) and their range (band), over the
-    epochs every seed's run has recorded. False when no run has finished an epoch."""
+    """Test top-1 by epoch per rule: the mean over the seeds (line) and their range (band), of the
+    runs the report counts (those that finished). False when none has."""
     from neurosim.tools.figures import save_figure
     from neurosim.tools.study.figures import _pyplot
     from neurosim.tools.study.plan import _in_order
@@ -311,12 +311,11 @@ def draw_accuracy(path: Path, model: str, studies: list[Seeded]) -> bool:
     rules = _in_order([r for s in studies for r in s.results])
     curves = []
     for rule in rules:
-        runs = [s.results[rule].trained for s in studies if rule in s.results and s.results[rule].trained]
+        runs = [r.trained for r in (finished(s, rule) for s in studies) if r is not None]
         if not runs:
             continue
-        epochs = min(len(t) for t in runs)
-        xs = [t["epoch"] for t in runs[0][:epochs]]
-        ys = [[t[i]["test_acc"] for t in runs] for i in range(epochs)]
+        xs = [t["epoch"] for t in runs[0]]
+        ys = [[t[i]["test_acc"] for t in runs] for i in range(len(xs))]
         curves.append((rule, len(runs), xs, ys))
     if not curves:
         return False
