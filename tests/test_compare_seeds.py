@@ -4,6 +4,11 @@ that differ in more than the seed are refused with one message."""
 
 import json
 import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,6 +169,28 @@ def test_a_machine_setting_may_differ_and_is_not_said_to_be_shared(seeds, tmp_pa
     other = study_with(seeds, tmp_path / "other", ("seed", "8"))
     model, _, studies = read_studies([elsewhere, other])
     assert not draw_accuracy(tmp_path / "a.png", model, studies) and not (tmp_path / "a.png").exists()
+
+
+def test_a_run_training_now_is_said_to_be_running_and_one_whose_process_died_interrupted(seeds, tmp_path, capsys):
+    """Studies may be combined while they train: a run whose study says it is running is running while
+    the process its lock file names lives on this host, and interrupted once that process is gone."""
+    study = tmp_path / "s0"
+    shutil.copytree(seeds / "s0", study)
+    data = json.loads((study / "study.json").read_text())
+    data["runs"]["kp"]["state"] = "running"
+    (study / "study.json").write_text(json.dumps(data))
+    metrics = (study / "kp" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (study / "kp" / "metrics.jsonl").write_text("".join(metrics[:-1]))  # epoch 1 of 2 written
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for pid, said in ((os.getpid(), "running"), (gone.pid, "interrupted")):
+        (study / "kp" / ".lock").write_text(f"process {pid} on {socket.gethostname()}\n")
+        code, out, err = run("--combine", str(study), str(seeds / "s1"), capsys=capsys)
+        assert code == 0 and f"kp seed 0 ({said}, 1/2)" in out, (said, out)
+        assert table(out, "Results over the seeds")["kp"]["seeds finished"] == "1/2"
+    (study / "kp" / ".lock").write_text(f"process {os.getpid()} on another-host\n")
+    code, out, _ = run("--combine", str(study), str(seeds / "s1"), capsys=capsys)
+    assert "kp seed 0 (interrupted, 1/2)" in out  # cannot be told from here
 
 
 def test_two_studies_of_one_seed_are_refused(seeds, tmp_path, capsys):

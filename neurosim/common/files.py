@@ -102,6 +102,29 @@ class DirectoryLock:
             return "was moved or deleted"
         return f"was moved to {moved}"
 
+    @staticmethod
+    def holder_alive(directory: Path) -> bool:
+        """Whether the process ``DIR/.lock`` names is alive on this host, read without taking the
+        lock (a reader must never make a writer's start fail). The file outlives its holder, so a
+        name alone says nothing; a holder on another host cannot be told from here: False."""
+        import socket
+
+        try:
+            words = (Path(directory) / ".lock").read_text(errors="replace").split()
+        except OSError:
+            return False
+        if len(words) != 4 or words[0] != "process" or words[2] != "on" or not words[1].isdigit():
+            return False
+        if words[3] != socket.gethostname():
+            return False
+        try:
+            os.kill(int(words[1]), 0)
+        except PermissionError:
+            return True  # alive, another user's
+        except (OSError, OverflowError):
+            return False
+        return True
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock

@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 
 from neurosim.common.errors import UserError
-from neurosim.common.files import describe_os_error, write_atomic
+from neurosim.common.files import DirectoryLock, describe_os_error, write_atomic
 from neurosim.tools.study.figures import _finite, draw_figures
 
 FORMAT = 1
@@ -197,6 +197,8 @@ def collect(study_dir: Path, data: dict) -> list[RuleResult]:
         state, files = entry.get("state", "pending"), run_state(run_dir, epochs)
         if files == "done":
             state = "done"
+        elif state == "running" and files != "new" and DirectoryLock.holder_alive(run_dir):
+            pass  # training now (another process reads the study: --combine)
         elif state in ("done", "running"):  # its files say otherwise now / a study that was killed
             state = "pending" if files == "new" else "interrupted"
         r = RuleResult(rule=rule, state=state, epochs=epochs, records=records, wall_s=entry.get("wall_s"),
