@@ -186,11 +186,12 @@ def test_a_run_training_now_is_said_to_be_running_and_one_whose_process_died_int
     for pid, said in ((os.getpid(), "running"), (gone.pid, "interrupted")):
         (study / "kp" / ".lock").write_text(f"process {pid} on {socket.gethostname()}\n")
         code, out, err = run("--combine", str(study), str(seeds / "s1"), capsys=capsys)
-        assert code == 0 and f"kp seed 0 ({said}, 1/2)" in out, (said, out)
+        epoch1 = json.loads(metrics[-2])["test_acc"]  # where the unfinished run stands: its last epoch
+        assert code == 0 and f"kp seed 0 ({said}, 1/2; at its last epoch top-1 {epoch1:.2f}," in out, (said, out)
         assert table(out, "Results over the seeds")["kp"]["seeds finished"] == "1/2"
     (study / "kp" / ".lock").write_text(f"process {os.getpid()} on another-host\n")
     code, out, _ = run("--combine", str(study), str(seeds / "s1"), capsys=capsys)
-    assert "kp seed 0 (interrupted, 1/2)" in out  # cannot be told from here
+    assert "kp seed 0 (interrupted, 1/2;" in out  # cannot be told from here
 
 
 def test_two_studies_of_one_seed_are_refused(seeds, tmp_path, capsys):

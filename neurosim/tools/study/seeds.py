@@ -26,6 +26,7 @@ from neurosim.tools.study.report import (
     STUDY_FILE,
     RuleResult,
     _degrees,
+    _flag,
     _md_inline,
     _now,
     _points,
@@ -95,7 +96,7 @@ def _parse(argv: list[str], prog: str) -> tuple[list[Path], Path | None]:
     if len(dirs) < 2:
         raise UserError(f"--combine needs two or more study directories, one per seed (e.g. {prog} --combine "
                         f"studies/seed0 studies/seed1); got {len(dirs)}")
-    if len(set(map(_same, dirs))) < len(dirs):
+    if len({d.resolve() for d in dirs}) < len(dirs):
         raise UserError("--combine names one study directory twice; name each seed's study once")
     if out is not None:
         if out.is_dir():
@@ -105,13 +106,6 @@ def _parse(argv: list[str], prog: str) -> tuple[list[Path], Path | None]:
         if out.suffix != ".md":
             raise UserError(f"--out {out}: the report is markdown; give a file ending in .md")
     return dirs, out
-
-
-def _same(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except OSError:
-        return path
 
 
 def read_studies(dirs: list[Path]) -> tuple[str, dict, list[Seeded]]:
@@ -143,7 +137,7 @@ def read_studies(dirs: list[Path]) -> tuple[str, dict, list[Seeded]]:
         other = settings(data)
         if other != first:
             keys = [k for k in dict.fromkeys([*first, *other]) if first.get(k) != other.get(k)]
-            said = "; ".join(f"--{k.replace('_', '-')} {_shown(first.get(k))} in {dirs[0]}, {_shown(other.get(k))} "
+            said = "; ".join(f"{_flag(k)} {_shown(first.get(k))} in {dirs[0]}, {_shown(other.get(k))} "
                              f"in {d}" for k in keys)
             raise UserError(f"the studies differ in more than the seed ({said}); combine studies made with the same "
                             f"options and another --seed")
@@ -183,23 +177,17 @@ def _seed(study_dir: Path, data: dict) -> int:
 
 # -- the report ------------------------------------------------------------------------------------
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], show=lambda v: f"{v:.2f}", between: str = "–") -> str:
     """``mean (min–max)`` over the seeds; the value alone for one seed."""
     if not values:
         return "—"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ({min(values):.2f}–{max(values):.2f})"
+    mean = show(sum(values) / len(values))
+    return mean if len(values) == 1 else f"{mean} ({show(min(values))}{between}{show(max(values))})"
 
 
 def _gap(values: list[float]) -> str:
-    if not values:
-        return "—"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return _points(mean)
-    return f"{_points(mean)} ({_points(min(values))} to {_points(max(values))})"
+    """A gap in points, signed: ``mean (min to max)``."""
+    return _spread(values, show=_points, between=" to ")
 
 
 def _mean_angles(per_seed: list[dict]) -> dict:
@@ -220,7 +208,7 @@ def finished(study: Seeded, rule: str) -> RuleResult | None:
 
 def combined_markdown(model: str, options: dict, studies: list[Seeded], figure: str | None = None) -> str:
     """The report; ``figure``: the accuracy figure's file name beside it, where one was drawn."""
-    from neurosim.tools.study.plan import _flag, _in_order
+    from neurosim.tools.study.plan import _in_order
 
     rules = _in_order([r for s in studies for r in s.results])
     shared = " ".join(f"{_flag(k)} {v}" for k, v in options.items()) or "none"
@@ -250,6 +238,9 @@ def combined_markdown(model: str, options: dict, studies: list[Seeded], figure: 
             r = s.results.get(rule)
             if r is None or finished(s, rule) is None:
                 state = "not in the study" if r is None else f"{r.state}, {r.final['epoch'] if r.final else 0}/{r.epochs}"
+                if r is not None and r.final is not None:  # where it stands now
+                    state += (f"; at its last epoch top-1 {r.final['test_acc']:.2f}, mean W–Bᵀ angle "
+                              f"{_degrees(r.final.get('mean_angle'))}°")
                 unfinished.append(f"{rule} seed {s.seed} ({state})")
         cells = [f"**{rule}**", f"{len(done)}/{len(studies)}"]
         finals = [r.final for _, r in done]
