@@ -110,6 +110,36 @@ def test_kolen_pollack_is_decay_with_the_tied_update(kind_name):
                                rtol=1e-12, atol=1e-12)
 
 
+def _degrees(a, b):
+    return float(torch.rad2deg(torch.arccos((a * b).sum() / (a.norm() * b.norm()))))
+
+
+def test_information_alignments_fixed_point_is_not_w():
+    """IA's update vanishes at ``B* = α(2βWΣWᵀ + 2γ)⁻¹WΣ`` (its docstring, docs/results.md): a
+    pseudo-inverse-like target, W's direction only with white inputs and no null term."""
+    rule, kind = InformationAlignment(alpha=0.8, beta=0.3, gamma=0.2), Dense(7, 5)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    x = torch.randn(400, 7, dtype=torch.float64, generator=g) @ torch.diag(torch.linspace(0.2, 3.0, 7,
+                                                                                       dtype=torch.float64))
+    ident = torch.eye(5, dtype=torch.float64)
+
+    def fixed(x, beta):
+        sigma = x.T @ x / len(x)
+        return torch.linalg.solve(2 * beta * w @ sigma @ w.T + 2 * rule.gamma * ident, rule.alpha * w @ sigma)
+
+    for literal in (False, True):
+        b = fixed(x, rule.beta)
+        zero = rule.feedback_update(_signals(kind, x, w, b, literal))
+        assert float(zero.abs().max()) < 1e-10
+        moved = rule.feedback_update(_signals(kind, x, w, b * 1.01, literal))
+        assert float(moved.abs().max()) > 1e-4  # the check can fail: 1 % off B* is not a zero
+    white = torch.linalg.qr(torch.randn(400, 7, dtype=torch.float64, generator=g))[0] * 20  # Σ = I exactly
+    assert _degrees(w, fixed(x, rule.beta)) > 10  # non-white inputs and the null term: far from W
+    assert _degrees(w, fixed(white, rule.beta)) > 5  # white inputs, but the null term reweighs W's singular values
+    assert _degrees(w, fixed(white, 0.0)) < 1e-5  # white inputs, no null term: the weight mirror's W
+
+
 def test_what_each_rule_reads_at_the_feedback_synapse():
     assert RULES["sa"].feedback_reads == ("weight",)  # self: W itself, weight transport
     assert RULES["aa"].feedback_reads == ("drive",) and RULES["ia"].feedback_reads == ("drive",)

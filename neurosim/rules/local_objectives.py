@@ -263,7 +263,14 @@ class InformationAlignment(LocalObjectives):
 
     Local: every signal is present at the feedback synapse — the input ``x`` of the neurons it
     ends at, the drive ``Wx`` of those it starts at, and its own output ``Bᵀ(Wx)`` when that drive
-    is sent through it. Kunin et al. find it robust to its settings across ResNet depths."""
+    is sent through it. Kunin et al. find it robust to its settings across ResNet depths.
+
+    Its fixed point at a dense synapse is ``B* = α(2βWΣWᵀ + 2γ)⁻¹WΣ`` (``Σ`` the inputs' second
+    moment), ``W``'s direction only for white inputs without the null term: for ``Σ = cI`` it gives
+    a singular direction of ``W`` (value ``s``) the gain ``αcs/(2βcs² + 2γ)``, not one proportional
+    to ``s``, and a ``Σ`` far from white bends the target toward ``WΣ``. On the width-0.125 CIFAR-100 ResNet-18 the classifier's
+    ``B`` ends within 7° of ``B*`` and 47–49° from ``W``, and the rule trails every other
+    learned-feedback rule (docs/results.md)."""
 
     name: ClassVar[str] = "ia"
     feedback_reads: ClassVar[tuple[str, ...]] = ("drive",)
