@@ -4,6 +4,7 @@ weight mirror and Kolen-Pollack are sums of primitives, and SA/AA/IA train and a
 import pytest
 import torch
 
+from neurosim.core.analysis import angle_deg
 from neurosim.core.kinds import Conv2d, Dense
 from neurosim.rules import RULES, KolenPollack, LocalSignals, WeightMirror
 from neurosim.rules.local_objectives import (
@@ -110,10 +111,6 @@ def test_kolen_pollack_is_decay_with_the_tied_update(kind_name):
                                rtol=1e-12, atol=1e-12)
 
 
-def _degrees(a, b):
-    return float(torch.rad2deg(torch.arccos((a * b).sum() / (a.norm() * b.norm()))))
-
-
 def test_information_alignments_fixed_point_is_not_w():
     """IA's update vanishes at ``B* = α(2βWΣWᵀ + 2γ)⁻¹WΣ`` (its docstring, docs/results.md): a
     pseudo-inverse-like target, W's direction only with white inputs and no null term."""
@@ -135,9 +132,9 @@ def test_information_alignments_fixed_point_is_not_w():
         moved = rule.feedback_update(_signals(kind, x, w, b * 1.01, literal))
         assert float(moved.abs().max()) > 1e-4  # the check can fail: 1 % off B* is not a zero
     white = torch.linalg.qr(torch.randn(400, 7, dtype=torch.float64, generator=g))[0] * 20  # Σ = I exactly
-    assert _degrees(w, fixed(x, rule.beta)) > 10  # non-white inputs and the null term: far from W
-    assert _degrees(w, fixed(white, rule.beta)) > 5  # white inputs, but the null term reweighs W's singular values
-    assert _degrees(w, fixed(white, 0.0)) < 1e-5  # white inputs, no null term: the weight mirror's W
+    assert angle_deg(w, fixed(x, rule.beta)) > 10  # non-white inputs and the null term: far from W
+    assert angle_deg(w, fixed(white, rule.beta)) > 5  # white inputs, but the null term reweighs W's singular values
+    assert angle_deg(w, fixed(white, 0.0)) < 1e-5  # white inputs, no null term: the weight mirror's W
 
 
 def test_what_each_rule_reads_at_the_feedback_synapse():

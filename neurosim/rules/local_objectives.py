@@ -268,9 +268,9 @@ class InformationAlignment(LocalObjectives):
     Its fixed point at a dense synapse is ``B* = α(2βWΣWᵀ + 2γ)⁻¹WΣ`` (``Σ`` the inputs' second
     moment), ``W``'s direction only for white inputs without the null term: for ``Σ = cI`` it gives
     a singular direction of ``W`` (value ``s``) the gain ``αcs/(2βcs² + 2γ)``, not one proportional
-    to ``s``, and a ``Σ`` far from white bends the target toward ``WΣ``. On the width-0.125 CIFAR-100 ResNet-18 the classifier's
-    ``B`` ends within 7° of ``B*`` and 47–49° from ``W``, and the rule trails KP, WM and SA by 36–43
-    points (docs/results.md)."""
+    to ``s``, and a ``Σ`` far from white bends the target toward ``WΣ``. On the width-0.125
+    CIFAR-100 ResNet-18 the classifier's ``B`` ends within 7° of ``B*`` and 47–49° from ``W``, and
+    the rule trails KP, WM and SA by 36–43 points (docs/results.md)."""
 
     name: ClassVar[str] = "ia"
     feedback_reads: ClassVar[tuple[str, ...]] = ("drive",)
